@@ -1,0 +1,105 @@
+"""Noise schedules and the DDPM/DDIM steps, as pure functions (epsilon parameterisation).
+
+Notation of Ho et al. (2020): beta_t, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, with
+t = 0 .. T-1 indexing the T training noise levels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+  """A discrete schedule; arrays are float32 [T]."""
+
+  betas: jax.Array
+  abar: jax.Array
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.betas.shape[0])
+
+
+jax.tree_util.register_dataclass(NoiseSchedule, data_fields=["betas", "abar"], meta_fields=[])
+
+
+def make_schedule(kind: str = "cosine", num_steps: int = 1000) -> NoiseSchedule:
+  """Cosine (Nichol & Dhariwal 2021) or linear (Ho et al. 2020, scaled to T) schedule."""
+  if kind == "cosine":
+    s = 0.008
+    f = lambda t: math.cos((t / num_steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = np.array([min(1 - f(t + 1) / f(t), 0.999) for t in range(num_steps)], np.float64)
+  elif kind == "linear":
+    scale = 1000 / num_steps
+    betas = np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+  else:
+    raise ValueError(f"schedule must be 'cosine' or 'linear', got {kind!r}")
+  abar = np.cumprod(1.0 - betas)
+  return NoiseSchedule(jnp.asarray(betas, jnp.float32), jnp.asarray(abar, jnp.float32))
+
+
+def _bcast(v, x):
+  return jnp.reshape(v, jnp.shape(v) + (1,) * (x.ndim - jnp.ndim(v)))
+
+
+def q_sample(sched: NoiseSchedule, x0, t, eps):
+  """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; t may be a scalar or [B]."""
+  abar_t = _bcast(sched.abar[t], x0)
+  return jnp.sqrt(abar_t) * x0 + jnp.sqrt(1.0 - abar_t) * eps
+
+
+def abar_at(sched: NoiseSchedule, t):
+  """abar_t with the convention abar_{-1} = 1 (the clean image)."""
+  return jnp.where(t >= 0, sched.abar[jnp.maximum(t, 0)], 1.0)
+
+
+def predict_x0(sched: NoiseSchedule, x_t, t, eps_hat, clip: bool = True):
+  abar_t = _bcast(abar_at(sched, t), x_t)
+  x0 = (x_t - jnp.sqrt(1.0 - abar_t) * eps_hat) / jnp.sqrt(abar_t)
+  return jnp.clip(x0, -1.0, 1.0) if clip else x0
+
+
+def ddim_step(sched: NoiseSchedule, x_t, t, t_prev, eps_hat, noise, eta: float = 0.0):
+  """One DDIM step from noise level t to t_prev < t (t_prev = -1 means the clean image).
+
+  eta = 1 gives the DDPM posterior variance on the strided sequence.
+  """
+  abar_t = _bcast(abar_at(sched, t), x_t)
+  abar_prev = _bcast(abar_at(sched, t_prev), x_t)
+  x0 = predict_x0(sched, x_t, t, eps_hat)
+  eps = (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)  # consistent with the clipped x0
+  sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+  dir_xt = jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0)) * eps
+  return jnp.sqrt(abar_prev) * x0 + dir_xt + sigma * noise
+
+
+def ddpm_step(sched: NoiseSchedule, x_t, t, t_prev, eps_hat, noise):
+  """Ancestral DDPM step t -> t_prev (strided: betas taken between the two levels)."""
+  abar_t = _bcast(abar_at(sched, t), x_t)
+  abar_prev = _bcast(abar_at(sched, t_prev), x_t)
+  beta = 1.0 - abar_t / abar_prev
+  x0 = predict_x0(sched, x_t, t, eps_hat)
+  coef_x0 = jnp.sqrt(abar_prev) * beta / (1.0 - abar_t)
+  coef_xt = jnp.sqrt(abar_t / abar_prev) * (1.0 - abar_prev) / (1.0 - abar_t)
+  var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
+  return coef_x0 * x0 + coef_xt * x_t + jnp.sqrt(var) * noise
+
+
+def forward_jump(sched: NoiseSchedule, x_t, t, t_next, noise):
+  """q(x_{t_next} | x_t) for t_next > t: RePaint's jump back to a noisier level."""
+  ratio = _bcast(abar_at(sched, t_next) / abar_at(sched, t), x_t)
+  return jnp.sqrt(ratio) * x_t + jnp.sqrt(1.0 - ratio) * noise
+
+
+def sampling_timesteps(num_train_steps: int, num_sample_steps: int) -> np.ndarray:
+  """Descending noise levels t_S > ... > t_1 evenly spaced over [0, T-1], int32 [S]."""
+  if not 1 <= num_sample_steps <= num_train_steps:
+    raise ValueError(f"sampling steps must be in [1, {num_train_steps}], got {num_sample_steps}")
+  ts = np.round(np.linspace(0, num_train_steps - 1, num_sample_steps)).astype(np.int32)
+  return ts[::-1].copy()

@@ -1,0 +1,25 @@
+"""The one place that imports diffusers' Flax classes (diffusers < 0.40 still has them).
+
+diffusers 0.39 logs a deprecation message on every Flax module call; it is silenced here once.
+"""
+
+import logging
+import warnings
+
+try:
+  import diffusers
+  from diffusers.utils import logging as _dlogging
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+  raise ImportError("solidmark_jax needs diffusers>=0.30,<0.40 (the last releases with Flax models)") from e
+
+_dlogging.set_verbosity_error()
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
+
+try:
+  from diffusers import FlaxUNet2DConditionModel
+except ImportError as e:  # pragma: no cover
+  raise ImportError(
+      f"diffusers {diffusers.__version__} has no FlaxUNet2DConditionModel; install diffusers<0.40") from e
+
+__all__ = ["FlaxUNet2DConditionModel"]

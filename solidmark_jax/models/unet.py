@@ -1,0 +1,125 @@
+"""A thin adapter over diffusers' `FlaxUNet2DConditionModel` for pixel-space SolidMark models.
+
+The adapter owns the condition: a learned table of `num_conditions + 1` embeddings whose last row
+is the null condition, fed to the UNet as a length-1 `encoder_hidden_states` sequence. Conditions:
+
+- "class": the class label (paper's class-conditional DDPMs);
+- "image": one id per distinct training image, a stand-in for a unique caption;
+- "none": always the null id (unconditional models).
+
+Images are channels-last [B, H, W, C] in model space at our boundary; diffusers' UNet takes NCHW.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
+
+CONDITIONS = ("class", "image", "none")
+GROUPNORM_GROUPS = 32  # diffusers' Flax UNet hard-codes 32 groups in every GroupNorm
+
+Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class ConditionedUNet(nn.Module):
+  """eps_hat = UNet(x_t, t, embed(condition))."""
+
+  unet_kwargs: dict
+  num_conditions: int
+  cross_attention_dim: int
+
+  @property
+  def null_id(self) -> int:
+    return self.num_conditions
+
+  def setup(self):
+    self.embed = nn.Embed(self.num_conditions + 1, self.cross_attention_dim, name="condition_embedding")
+    self.unet = FlaxUNet2DConditionModel(cross_attention_dim=self.cross_attention_dim, **self.unet_kwargs)
+
+  def __call__(self, x_t, t, condition):
+    """x_t [B, H, W, C], t [B] int, condition [B] int -> eps_hat [B, H, W, C]."""
+    context = self.embed(condition)[:, None, :]  # [B, 1, D]
+    sample = jnp.transpose(x_t, (0, 3, 1, 2))  # [B, C, H, W]
+    out = self.unet(sample, t, context, train=False).sample
+    return jnp.transpose(out, (0, 2, 3, 1))  # [B, H, W, C]
+
+
+def num_downsamplings(model_cfg) -> int:
+  return len(model_cfg.block_out_channels) - 1
+
+
+def validate(model_cfg, image_size: int, channels: int) -> None:
+  """Raises a clear ValueError for a config the UNet cannot take."""
+  blocks = tuple(model_cfg.block_out_channels)
+  if len(model_cfg.down_block_types) != len(blocks) or len(model_cfg.up_block_types) != len(blocks):
+    raise ValueError(
+        f"model.down_block_types ({len(model_cfg.down_block_types)}) and model.up_block_types "
+        f"({len(model_cfg.up_block_types)}) must each have one entry per block_out_channels ({len(blocks)})")
+  bad = [c for c in blocks if c % GROUPNORM_GROUPS]
+  if bad:
+    raise ValueError(
+        f"model.block_out_channels={blocks}: every width must be a multiple of {GROUPNORM_GROUPS} "
+        f"(diffusers' Flax UNet uses {GROUPNORM_GROUPS} GroupNorm groups); not: {bad}")
+  if model_cfg.condition not in CONDITIONS:
+    raise ValueError(f"model.condition must be one of {CONDITIONS}, got {model_cfg.condition!r}")
+  factor = 2 ** num_downsamplings(model_cfg)
+  if image_size % factor:
+    lo = image_size - image_size % factor
+    raise ValueError(
+        f"image size {image_size} (data.image_size + 2 * marks.pad for a border) is not divisible by "
+        f"{factor} = 2^{num_downsamplings(model_cfg)} down-samplings of model.block_out_channels={blocks}; "
+        f"sizes that work include {lo} and {lo + factor}: change data.image_size or marks.pad, "
+        "or use fewer blocks")
+  if channels not in (1, 3):
+    raise ValueError(f"data.channels must be 1 or 3, got {channels}")
+
+
+def build(model_cfg, image_size: int, channels: int, num_conditions: int) -> ConditionedUNet:
+  """Validates the config and builds the model.
+
+  Args:
+    model_cfg: the config's `model` section.
+    image_size: side of the (marked) square images the model sees.
+    channels: image channels.
+    num_conditions: class count ("class"), distinct images ("image"); ignored for "none".
+  """
+  validate(model_cfg, image_size, channels)
+  if model_cfg.condition == "none":
+    num_conditions = 0
+  kwargs = dict(
+      sample_size=image_size,
+      in_channels=channels,
+      out_channels=channels,
+      down_block_types=tuple(model_cfg.down_block_types),
+      up_block_types=tuple(model_cfg.up_block_types),
+      block_out_channels=tuple(model_cfg.block_out_channels),
+      layers_per_block=int(model_cfg.layers_per_block),
+      attention_head_dim=model_cfg.attention_head_dim,
+  )
+  return ConditionedUNet(kwargs, int(num_conditions), int(model_cfg.cross_attention_dim))
+
+
+def init_params(model: ConditionedUNet, rng, image_size: int, channels: int):
+  x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  c = jnp.zeros((1,), jnp.int32)
+  return model.init(rng, x, t, c)["params"]
+
+
+def abstract_params(model: ConditionedUNet, image_size: int, channels: int):
+  """Parameter shapes without allocating them."""
+  return jax.eval_shape(lambda r: init_params(model, r, image_size, channels), jax.random.key(0))
+
+
+def as_denoiser(model: ConditionedUNet) -> Denoiser:
+  """The model as a plain function (params, x_t, t, condition) -> eps_hat for the samplers."""
+
+  def denoiser(params, x_t, t, condition):
+    return model.apply({"params": params}, x_t, t, condition)
+
+  return denoiser

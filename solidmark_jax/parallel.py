@@ -1,0 +1,93 @@
+"""One device mesh with named axes, the shardings that go with it, and multi-host helpers.
+
+Axes: "data" (pure data parallelism: parameters replicated) and "fsdp" (data parallel too, but
+parameters and optimizer state are sharded over it, ZeRO-3 style). The batch is split over both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """A ("data", "fsdp") mesh over all (global) devices; -1 takes what the other axis leaves.
+
+  Devices stay in `jax.devices()` order, so each process owns a contiguous block of the batch.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh: at most one of mesh.data and mesh.fsdp may be -1")
+  if data == -1:
+    data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+  if fsdp == -1:
+    fsdp = n // data if data > 0 and n % data == 0 else 0
+  if data * fsdp != n:
+    raise ValueError(f"mesh: mesh.data x mesh.fsdp must equal the {n} devices, got {data} x {fsdp}")
+  return Mesh(np.array(devices).reshape(data, fsdp), ("data", "fsdp"))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(DATA_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape, fsdp_size: int, min_size: int = 2**12) -> P:
+  """Shards the largest axis divisible by the fsdp size; small or indivisible arrays replicate."""
+  if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  for axis in np.argsort(shape)[::-1]:
+    if shape[axis] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(mesh: Mesh, abstract_tree):
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs): FSDP over "fsdp", else replicated."""
+  size = mesh.shape["fsdp"]
+
+  def one(x):
+    shape = getattr(x, "shape", ())
+    return NamedSharding(mesh, fsdp_spec(shape, size) if len(shape) else P())
+
+  return jax.tree.map(one, abstract_tree)
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+  n = mesh.size
+  if global_batch % n:
+    raise ValueError(f"{what}={global_batch} must be divisible by the {n} devices of the mesh")
+  if global_batch % jax.process_count():
+    raise ValueError(f"{what}={global_batch} must be divisible by the {jax.process_count()} processes")
+
+
+def process_slice(global_batch: int) -> slice:
+  """Rows of a global batch that this process loads (contiguous, in process order)."""
+  per = global_batch // jax.process_count()
+  i = jax.process_index()
+  return slice(i * per, (i + 1) * per)
+
+
+def global_batch(mesh: Mesh, local_tree):
+  """Assembles process-local batch rows into global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_tree)
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host, sharded) array gathered to every host as numpy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
