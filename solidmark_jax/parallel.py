@@ -91,3 +91,21 @@ def to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Starts `jax.distributed` when a coordinator is given (CPU processes use gloo collectives).
+
+  On TPU pods and SLURM/GPU clusters `jax.distributed.initialize()` finds its peers by itself:
+  pass coordinator_address="auto".
+  """
+  if not coordinator_address:
+    return
+  if coordinator_address == "auto":
+    jax.distributed.initialize()
+    return
+  if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)

@@ -1,0 +1,79 @@
+"""The default config every experiment in configs/ starts from; field meanings documented here."""
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # data order, subset choice, model init
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "fashion_mnist"  # "fashion_mnist", any prepared TFDS name, or "folder"
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir (default ~/tensorflow_datasets)
+  c.data.manual_dir = ml_collections.config_dict.placeholder(str)  # Fashion-MNIST .gz files (default: Debian's)
+  c.data.folder = ml_collections.config_dict.placeholder(str)  # name == "folder": the image folder
+  c.data.eval_folder = ml_collections.config_dict.placeholder(str)  # folder source: held-out images
+  c.data.train_split = "train"
+  c.data.eval_split = "test"  # non-members for the empirical null
+  c.data.image_size = ml_collections.config_dict.placeholder(int)  # resize to this square side (None: native)
+  c.data.channels = 1
+  c.data.subset_size = ml_collections.config_dict.placeholder(int)  # train on n images (None: all)
+  c.data.subset_mode = "first"  # "first" n or "random" n (by seed)
+  c.data.duplicates = {}  # {copies: number of images}, e.g. {2: 50, 3: 50, 4: 50}
+  c.data.on_bad_image = "error"  # or "skip" (skipped files are counted and logged)
+
+  c.marks = ml_collections.ConfigDict()
+  c.marks.pattern = "border"  # "border" (l_SM) or "centre" (l_CM)
+  c.marks.pad = 2  # border thickness (or centre square side) p in pixels
+  c.marks.key_seed = 0  # keys are reproducible from (key_seed, instance id)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.condition = "class"  # "class", "image" (one id per distinct image, like a unique caption), "none"
+  c.model.block_out_channels = (32, 64, 64)
+  c.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+  c.model.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+  c.model.layers_per_block = 1
+  c.model.attention_head_dim = 8
+  c.model.cross_attention_dim = 64
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "cosine"
+  c.diffusion.num_steps = 1000
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64  # global batch
+  c.train.num_steps = 2000
+  c.train.learning_rate = 1e-4
+  c.train.warmup_steps = 100
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1.0
+  c.train.ema_decay = 0.9995
+  c.train.cond_dropout = 0.1  # null condition rate, for classifier-free guidance
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.sample_every = 1000  # 0: never
+  c.train.num_samples = 16
+  c.train.sample_steps = 50
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis (-1: all devices the fsdp axis leaves)
+  c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_members = 256  # n member images (chosen by eval.seed)
+  c.eval.num_nonmembers = 256  # n held-out images, bordered with fresh keys
+  c.eval.seed = 0
+  c.eval.repeats = 1  # r evaluations per image
+  c.eval.score = "best"  # "best" (min over r) or "mean" l_SM is scored
+  c.eval.batch_size = 64
+  c.eval.num_steps = 100  # sampling steps
+  c.eval.sampler = "ddim"  # "ddim" or "ddpm"
+  c.eval.eta = 0.0
+  c.eval.jump_length = 10  # RePaint j
+  c.eval.resamples = 1  # RePaint u (1: no resampling, the public SolidMark code)
+  c.eval.guidance_scale = 1.0
+  c.eval.thresholds = (0.1, 0.05, 0.01, 0.005)
+  c.eval.random_init_baseline = False
+  c.eval.num_grid = 16  # images in the PNG grid
+  return c

@@ -1,0 +1,113 @@
+"""Orbax checkpoints with a metadata record that ties them to a config and a keymap.
+
+Every checkpoint holds the train state and a JSON record: the step, the config fingerprint (the
+sections that define the model and its data) and the keymap hash. A workdir that holds
+checkpoints of another config, or of another keymap, is an error and is left untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import orbax.checkpoint as ocp
+
+# Config sections that must not change between a checkpoint and a run that resumes or evaluates it.
+FINGERPRINT_SECTIONS = ("model", "marks", "diffusion")
+FINGERPRINT_DATA_FIELDS = ("name", "train_split", "image_size", "channels", "subset_size", "subset_mode",
+                           "duplicates", "folder")
+
+
+def fingerprint_fields(config) -> dict:
+  out = {s: config[s].to_dict() for s in FINGERPRINT_SECTIONS}
+  out["data"] = {k: config.data.get(k) for k in FINGERPRINT_DATA_FIELDS}
+  out["seed"] = config.seed
+  return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def config_fingerprint(config) -> str:
+  return hashlib.sha256(json.dumps(fingerprint_fields(config), sort_keys=True).encode()).hexdigest()
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+  keys = sorted(set(a) | set(b))
+  out = []
+  for k in keys:
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _diff(va, vb, f"{prefix}{k}.")
+    elif va != vb:
+      out.append(f"{prefix}{k}: checkpoint {va!r} vs config {vb!r}")
+  return out
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` for (state, metadata) checkpoints."""
+
+  def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3, create: bool = True):
+    self.directory = os.path.abspath(directory)
+    if not create and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"no checkpoint directory at {self.directory}")
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=create)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           meta=ocp.args.JsonSave(meta)), force=force)
+
+  def read_meta(self, step: int) -> dict:
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise RuntimeError(f"{self.directory}: cannot read the metadata of checkpoint {step}: {e}") from e
+    return dict(out["meta"])
+
+  def check_compatible(self, step: int, config, keymap_hash: str | None) -> dict:
+    """Raises ValueError, naming the fields, when checkpoint `step` is of another config or keymap."""
+    meta = self.read_meta(step)
+    theirs = meta.get("fingerprint_fields", {})
+    if meta.get("config_fingerprint") != config_fingerprint(config):
+      diffs = _diff(theirs, fingerprint_fields(config)) or ["(fingerprint differs)"]
+      raise ValueError(
+          f"{self.directory}: checkpoint {step} was written by a different config; differing fields:\n  "
+          + "\n  ".join(diffs) + "\nUse another --workdir, or the config it was trained with.")
+    if keymap_hash is not None and meta.get("keymap_hash") != keymap_hash:
+      raise ValueError(
+          f"{self.directory}: checkpoint {step} was trained with keymap {str(meta.get('keymap_hash'))[:16]}..., "
+          f"the keymap here is {keymap_hash[:16]}...: refusing to mix keys")
+    return meta
+
+  def restore_state(self, step: int, abstract_state):
+    """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:
+      raise RuntimeError(
+          f"{self.directory}: restoring checkpoint {step} failed ({type(e).__name__}: {e}); "
+          "not starting from scratch over it. Move the workdir aside to train anew.") from e
+    return out["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def make_meta(config, step: int, keymap_hash: str) -> dict:
+  return {
+      "format": "solidmark-checkpoint/1",
+      "step": int(step),
+      "config_fingerprint": config_fingerprint(config),
+      "fingerprint_fields": fingerprint_fields(config),
+      "keymap_hash": keymap_hash,
+      "config": json.loads(config.to_json_best_effort()),
+  }

@@ -1,0 +1,184 @@
+"""The training loop: sharded steps over a mesh, checkpoints, logs, sample grids."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from solidmark_jax import parallel
+from solidmark_jax.data import BatchPlan
+from solidmark_jax.experiment import Experiment, build_experiment, sync_keymap
+from solidmark_jax.models import as_denoiser, init_params
+from solidmark_jax.training import checkpoint as ckpt
+from solidmark_jax.training.step import init_state, learning_rate, make_optimizer, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+def create_state(exp: Experiment, mesh, tx, rng):
+  """Initialises the train state directly onto its shardings (shapes from eval_shape)."""
+
+  def init(r):
+    return init_state(init_params(exp.model, r, exp.image_size, exp.channels), tx)
+
+  abstract = jax.eval_shape(init, rng)
+  shardings = parallel.state_shardings(mesh, abstract)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_state(exp: Experiment, mesh, tx):
+  """ShapeDtypeStructs (with shardings) of the train state, for restoring."""
+
+  def init(r):
+    return init_state(init_params(exp.model, r, exp.image_size, exp.channels), tx)
+
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  shardings = parallel.state_shardings(mesh, abstract)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), shardings
+
+
+def jit_train_step(exp: Experiment, mesh, tx, state_shardings):
+  cfg = exp.config.train
+  step = make_train_step(as_denoiser(exp.model), exp.sched, tx, ema_decay=cfg.ema_decay, cond_dropout=cfg.cond_dropout,
+                         null_id=exp.null_id)
+  rep = parallel.replicated(mesh)
+  batch = parallel.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(state_shardings, {"image": batch, "condition": batch}, rep),
+                 out_shardings=(state_shardings, rep), donate_argnums=(0,))
+
+
+class _Writer:
+  """TensorBoard scalars on process 0 (tensorboardX); a no-op elsewhere."""
+
+  def __init__(self, logdir: str | None):
+    self._w = None
+    if logdir and jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self._w = SummaryWriter(logdir)
+
+  def scalars(self, step: int, values: dict):
+    if self._w:
+      for k, v in values.items():
+        self._w.add_scalar(k, float(v), step)
+      self._w.flush()
+
+  def close(self):
+    if self._w:
+      self._w.close()
+
+
+def _prefetch(fn, items, depth: int = 2):
+  """Runs fn over items on a worker thread, `depth` ahead of the consumer."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    futures = [pool.submit(fn, i) for i in items[:depth]]
+    for j in range(len(items)):
+      if j + depth < len(items):
+        futures.append(pool.submit(fn, items[j + depth]))
+      yield futures[j].result()
+      futures[j] = None
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) the model of `config` in `workdir`; returns the final metrics.
+
+  A workdir holding checkpoints of another config or keymap is an error; a checkpoint that
+  cannot be restored is an error (never a silent fresh start).
+  """
+  workdir = os.path.abspath(workdir)
+  exp = build_experiment(config)
+  cfg = config.train
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  parallel.check_batch_size(cfg.batch_size, mesh)
+  plan = BatchPlan(len(exp.instances), cfg.batch_size, config.seed, jax.process_index(), jax.process_count())
+
+  checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
+                                   keep=cfg.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointer.check_compatible(latest, config, exp.keymap.hash)
+  sync_keymap(exp, workdir, write=jax.process_index() == 0)
+
+  tx = make_optimizer(cfg)
+  if latest is None:
+    state, shardings = create_state(exp, mesh, tx, jax.random.key(config.seed))
+    start = 0
+  else:
+    target, shardings = abstract_state(exp, mesh, tx)
+    state = checkpointer.restore_state(latest, target)
+    start = int(state["step"])
+    log.info("resumed from checkpoint %d in %s", start, workdir)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  log.info("%d instances, model %.2fM parameters, marked images %dx%dx%d, mesh %s", len(exp.instances),
+           n_params / 1e6, exp.image_size, exp.image_size, exp.channels, dict(mesh.shape))
+
+  train_step = jit_train_step(exp, mesh, tx, shardings)
+  sampler = _sample_grid_fn(exp, mesh) if cfg.sample_every else None
+  writer = _Writer(os.path.join(workdir, "tensorboard"))
+  rng = jax.random.key(config.seed + 1)
+
+  def load(b):
+    local = exp.read_marked(plan.local_rows(b))
+    return {"image": local["image"], "condition": local["condition"]}
+
+  metrics = {}
+  steps = list(range(start, cfg.num_steps))
+  bar = tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  t_last, n_last = time.perf_counter(), start
+  try:
+    for step, local in zip(steps, _prefetch(load, steps)):
+      batch = parallel.global_batch(mesh, local)
+      state, out = train_step(state, batch, rng)
+      done = step + 1
+      bar.update(1)
+      if done % cfg.log_every == 0 or done == cfg.num_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(out).items()}
+        dt = time.perf_counter() - t_last
+        rate = (done - n_last) / max(dt, 1e-9)
+        metrics.update({"steps_per_s": rate, "images_per_s": rate * cfg.batch_size,
+                        "learning_rate": learning_rate(cfg, done)})
+        t_last, n_last = time.perf_counter(), done
+        writer.scalars(done, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+      checkpointer.save(done, state, ckpt.make_meta(config, done, exp.keymap.hash),
+                        force=done == cfg.num_steps)
+      if sampler and done % cfg.sample_every == 0:
+        sampler(state["ema_params"], done, os.path.join(workdir, "samples"))
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+  if start >= cfg.num_steps:
+    log.info("nothing to do: checkpoint step %d >= train.num_steps=%d", start, cfg.num_steps)
+  return metrics
+
+
+def _sample_grid_fn(exp: Experiment, mesh):
+  """Returns save(params, step, directory): a PNG grid of plain samples (no known region)."""
+  from solidmark_jax.outpaint import make_outpaint_fn
+  from solidmark_jax.report import save_image_grid
+
+  cfg = exp.config.train
+  n = cfg.num_samples - cfg.num_samples % mesh.size or mesh.size
+  outpaint = make_outpaint_fn(as_denoiser(exp.model), exp.sched, num_steps=cfg.sample_steps,
+                              return_images=True, mesh=mesh)
+  conds = exp.conditions[np.linspace(0, len(exp.conditions) - 1, n).astype(np.int64)].astype(np.int32)
+  blank = np.zeros((n, exp.image_size, exp.image_size, exp.channels), np.float32)
+  full = np.ones((exp.image_size, exp.image_size, 1), np.float32)
+
+  def save(params, step, directory):
+    out = outpaint(params, blank, full, conds, jax.random.key(step), repeats=1)
+    images = parallel.to_host(out["images"])[:, 0]
+    if jax.process_index() == 0:
+      os.makedirs(directory, exist_ok=True)
+      save_image_grid(os.path.join(directory, f"step_{step:07d}.png"), (images + 1) / 2)
+
+  return save
