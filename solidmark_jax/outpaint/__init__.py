@@ -1,0 +1,12 @@
+"""RePaint outpainting (pixel space): one jitted, vmapped reverse process per evaluation batch."""
+
+from solidmark_jax.outpaint.repaint import (
+    SAMPLERS,
+    Denoiser,
+    Outpainter,
+    make_outpaint_fn,
+    num_denoiser_calls,
+    repaint_levels,
+    repaint_steps,
+    sample,
+)

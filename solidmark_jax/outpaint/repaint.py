@@ -1,0 +1,323 @@
+"""RePaint outpainting for pixel-space models: one jitted function, vmapped over images and repeats.
+
+Per denoising step at noise level t (SPEC section 5, Lugmayr et al. 2022), with known image x0_known
+and mask m (1 = unknown / marked region):
+
+1. x_known_t = sqrt(abar_t) x0_known + sqrt(1 - abar_t) eps
+2. x_t = m * x_t + (1 - m) * x_known_t
+3. one reverse step x_t -> x_{t_prev} (DDIM or DDPM, from `diffusion.schedule`)
+4. resampling: after every j steps, jump back j steps by forward noising and redo them, u - 1 extra
+   times (u = 1: no resampling, as in the public SolidMark code).
+
+The time-pair schedule is built on the host (`repaint_levels`, RePaint's `get_schedule_jump`) over
+the strided sampling timesteps and compressed into one row per denoiser call (`repaint_steps`): a
+row (t_from, t, t_prev) first jumps forward t_from -> t when t_from < t (a chain of RePaint's
+single-level "undo" steps composes to one jump), then denoises t -> t_prev. The reverse process is a
+`lax.scan` over those rows, so the denoiser runs exactly once per row, with no wasted branch.
+
+The function takes any denoiser `(params, x_t [B, H, W, C], t [B] int32, condition [B] int32) ->
+eps_hat [B, H, W, C]` in model space, so anyone's JAX model plugs in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from solidmark_jax import marks, parallel
+from solidmark_jax.diffusion import schedule as schedule_lib
+from solidmark_jax.diffusion.schedule import NoiseSchedule
+
+Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+Sampler = Literal["ddim", "ddpm"]
+SAMPLERS = ("ddim", "ddpm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side schedule.
+
+
+def _check_jump(num_steps: int, jump_length: int, resamples: int) -> None:
+  if num_steps < 1:
+    raise ValueError(f"outpaint: num_steps must be >= 1, got {num_steps}")
+  if jump_length < 1:
+    raise ValueError(f"outpaint: jump_length must be >= 1, got {jump_length}")
+  if resamples < 1:
+    raise ValueError(f"outpaint: resamples must be >= 1 (1 = no resampling), got {resamples}")
+
+
+def repaint_levels(num_steps: int, jump_length: int = 10, resamples: int = 1) -> np.ndarray:
+  """RePaint's `get_schedule_jump` over level indices of the strided sampling sequence.
+
+  Level i in 0 .. S-1 is the i-th smallest sampling timestep; -1 is the clean image. The list
+  starts at the noisiest level S-1 and ends at -1. A step to a lower level is a denoiser call, a
+  step to a higher level is forward noising. Jumps start at levels 0, j, 2j, ... below S - j.
+
+  Args:
+    num_steps: S, the number of sampling timesteps.
+    jump_length: j, levels per jump.
+    resamples: u, passes over each jumped segment (u - 1 extra); 1 means no resampling.
+
+  Returns:
+    int32 [L] levels, e.g. [S-1, S-2, ..., 0, -1] for u = 1.
+  """
+  _check_jump(num_steps, jump_length, resamples)
+  jumps = {j: resamples - 1 for j in range(0, num_steps - jump_length, jump_length)}
+  t = num_steps
+  levels = []
+  while t >= 1:
+    t -= 1
+    levels.append(t)
+    if jumps.get(t, 0) > 0:
+      jumps[t] -= 1
+      for _ in range(jump_length):
+        t += 1
+        levels.append(t)
+  levels.append(-1)
+  return np.asarray(levels, np.int32)
+
+
+def num_denoiser_calls(num_steps: int, jump_length: int = 10, resamples: int = 1) -> int:
+  """Denoiser calls per image and repeat: S + (number of jump points) (u - 1) j."""
+  _check_jump(num_steps, jump_length, resamples)
+  jump_points = len(range(0, num_steps - jump_length, jump_length))
+  return num_steps + jump_points * (resamples - 1) * jump_length
+
+
+def repaint_steps(num_train_steps: int, num_steps: int, jump_length: int = 10,
+                  resamples: int = 1) -> np.ndarray:
+  """One row (t_from, t, t_prev) per denoiser call, in training timesteps (-1 = clean).
+
+  A row forward-noises t_from -> t if t_from < t (t_from == t: no jump), then denoises t -> t_prev.
+
+  Args:
+    num_train_steps: T of the noise schedule.
+    num_steps: S strided sampling timesteps (`schedule.sampling_timesteps`).
+    jump_length: j.
+    resamples: u.
+
+  Returns:
+    int32 [K, 3] with K = `num_denoiser_calls(num_steps, jump_length, resamples)`; the last row
+    ends at t_prev = -1.
+  """
+  levels = repaint_levels(num_steps, jump_length, resamples)
+  ascending = schedule_lib.sampling_timesteps(num_train_steps, num_steps)[::-1]  # [S], level -> t
+  to_t = lambda level: int(ascending[level]) if level >= 0 else -1
+  rows, jump_from = [], None
+  for a, b in zip(levels[:-1], levels[1:]):
+    if b > a:  # forward noising; consecutive single-level jumps compose into one
+      jump_from = a if jump_from is None else jump_from
+      continue
+    start = a if jump_from is None else jump_from
+    rows.append((to_t(start), to_t(a), to_t(b)))
+    jump_from = None
+  return np.asarray(rows, np.int32).reshape(-1, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted outpainting function.
+
+
+class Outpainter:
+  """A compiled RePaint outpainting function; build it with `make_outpaint_fn`.
+
+  Call it as `fn(params, known, mask, conditions, rng, repeats, ids=None)`:
+
+  Args (of a call):
+    params: the denoiser's parameters (any pytree; their sharding is kept).
+    known: [N, H, W, C] model-space images; only the region where mask == 0 is read.
+    mask: [H, W, 1], 1 on the unknown (marked) region; all ones for plain sampling.
+    conditions: [N] int condition ids.
+    rng: a JAX PRNG key.
+    repeats: r (static), independent outpaintings per image.
+    ids: [N] int ids (e.g. instance ids) that seed each image's noise, fold_in(rng, id); default
+      the row index. Seeding by instance id makes results independent of batching, so a resumed
+      evaluation reproduces an uninterrupted one.
+    return_images: overrides the factory's `return_images` for this call (static).
+
+  Returns:
+    dict with "k_pred" [N, r] float32 and, when images are requested, "images" [N, r, H, W, C]
+    (model space, known region pasted back). Sharded over the mesh's batch axes if a mesh was given.
+
+  Attributes:
+    trace_count: how many times the function was traced (one per distinct shape / static args).
+    steps: int32 [K, 3] the (t_from, t, t_prev) rows of the reverse process.
+    num_denoiser_calls: K, denoiser calls per image and repeat (x2 batch rows with guidance).
+  """
+
+  def __init__(self, denoiser: Denoiser, sched: NoiseSchedule, steps: np.ndarray, *, sampler: str,
+               eta: float, guidance_scale: float, null_condition: int | None, return_images: bool,
+               mesh: Mesh | None):
+    self.denoiser = denoiser
+    self.sched = sched
+    self.steps = steps
+    self.sampler = sampler
+    self.eta = float(eta)
+    self.guidance_scale = float(guidance_scale)
+    self.null_condition = null_condition
+    self.return_images = bool(return_images)
+    self.mesh = mesh
+    self.trace_count = 0
+    jit_kwargs = dict(static_argnums=(6, 7))
+    if mesh is not None:
+      batch, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+      # params keep their own sharding (None); known, conditions, ids split over the batch axes.
+      jit_kwargs.update(in_shardings=(None, batch, repl, batch, repl, batch), out_shardings=batch)
+    self._jitted = jax.jit(self._run, **jit_kwargs)
+
+  @property
+  def num_denoiser_calls(self) -> int:
+    return int(self.steps.shape[0])
+
+  # -- per image -------------------------------------------------------------------------------
+
+  def _eps(self, params, x, t, condition):
+    """eps_hat for one image: x [H, W, C], t [] int32, condition [] int32 -> [H, W, C]."""
+    if self.guidance_scale == 1.0:
+      return self.denoiser(params, x[None], t[None], condition[None])[0]
+    xx = jnp.stack([x, x])  # [2, H, W, C]: conditional and unconditional in one call
+    tt = jnp.stack([t, t])
+    cc = jnp.stack([condition, jnp.asarray(self.null_condition, condition.dtype)])
+    eps_c, eps_u = self.denoiser(params, xx, tt, cc)  # [H, W, C] each
+    return eps_u + self.guidance_scale * (eps_c - eps_u)
+
+  def _one(self, params, x0_known, mask, condition, key):
+    """Outpaints one image once: x0_known [H, W, C] -> (k_pred [], x0 [H, W, C])."""
+    sched = self.sched
+    key_init, key_loop = jax.random.split(key)
+    x = jax.random.normal(key_init, x0_known.shape, x0_known.dtype)  # x at the noisiest level
+    steps = jnp.asarray(self.steps)  # [K, 3]
+    rows = jnp.concatenate([jnp.arange(steps.shape[0], dtype=jnp.int32)[:, None], steps], axis=1)
+
+    def step(x_t, row):
+      i, t_from, t, t_prev = row[0], row[1], row[2], row[3]
+      k_jump, k_known, k_step = jax.random.split(jax.random.fold_in(key_loop, i), 3)
+      shape, dtype = x_t.shape, x_t.dtype
+      # RePaint resampling: back from t_from to the noisier t (no-op row when t_from == t).
+      jumped = schedule_lib.forward_jump(sched, x_t, t_from, t, jax.random.normal(k_jump, shape, dtype))
+      x_t = jnp.where(t_from < t, jumped, x_t)
+      x_known_t = schedule_lib.q_sample(sched, x0_known, t, jax.random.normal(k_known, shape, dtype))
+      x_t = mask * x_t + (1.0 - mask) * x_known_t
+      eps_hat = self._eps(params, x_t, t, condition)
+      noise = jax.random.normal(k_step, shape, dtype)
+      if self.sampler == "ddim":
+        x_prev = schedule_lib.ddim_step(sched, x_t, t, t_prev, eps_hat, noise, eta=self.eta)
+      else:
+        x_prev = schedule_lib.ddpm_step(sched, x_t, t, t_prev, eps_hat, noise)
+      return x_prev, None
+
+    x, _ = jax.lax.scan(step, x, rows)
+    x = mask * x + (1.0 - mask) * x0_known  # paste the known region back
+    return marks.predicted_key(x, mask), x
+
+  # -- batched ---------------------------------------------------------------------------------
+
+  def _run(self, params, known, mask, conditions, rng, ids, repeats: int, return_images: bool):
+    self.trace_count += 1  # Python side effect: runs once per trace, never per call
+    known = jnp.asarray(known, jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
+    conditions = jnp.asarray(conditions, jnp.int32)
+    if ids is None:
+      ids = jnp.arange(known.shape[0], dtype=jnp.int32)
+
+    def per_image(x0_known, condition, image_id):
+      key = jax.random.fold_in(rng, image_id)
+      keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(repeats, dtype=jnp.int32))
+      one = lambda k: self._one(params, x0_known, mask, condition, k)
+      return jax.vmap(one)(keys)  # [r], [r, H, W, C]
+
+    k_pred, images = jax.vmap(per_image)(known, conditions, jnp.asarray(ids, jnp.int32))
+    out = {"k_pred": k_pred}  # [N, r]
+    if return_images:
+      out["images"] = images  # [N, r, H, W, C]
+    return out
+
+  def __call__(self, params, known, mask, conditions, rng, repeats: int = 1, ids=None,
+               return_images: bool | None = None) -> dict:
+    n = known.shape[0]
+    if self.mesh is not None and n % self.mesh.size:
+      raise ValueError(f"outpaint: batch of {n} images must be divisible by the {self.mesh.size} devices "
+                       "of the mesh (use Outpainter.run, which pads)")
+    if mask.shape != (*known.shape[1:3], 1):
+      raise ValueError(f"outpaint: mask must be [H, W, 1] = {(*known.shape[1:3], 1)}, got {mask.shape}")
+    if ids is None and self.mesh is not None:
+      ids = np.arange(n, dtype=np.int32)
+    images = self.return_images if return_images is None else bool(return_images)
+    return self._jitted(params, known, mask, conditions, rng, ids, int(repeats), images)
+
+  def run(self, params, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray, rng, repeats: int = 1,
+          ids: np.ndarray | None = None, batch_size: int | None = None,
+          return_images: bool | None = None) -> dict[str, np.ndarray]:
+    """Host convenience (single process): numpy in, numpy out, rows padded to `batch_size`.
+
+    Padding every batch (the ragged last one included) to one `batch_size` keeps the shape fixed,
+    so the function compiles once per evaluation. Default `batch_size`: N rounded up to the mesh.
+    """
+    n = known.shape[0]
+    multiple = self.mesh.size if self.mesh is not None else 1
+    size = batch_size or n
+    size = -(-max(size, n) // multiple) * multiple
+    if ids is None:
+      ids = np.arange(n)
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)]) if size > n else a
+    out = self(params, pad(np.asarray(known, np.float32)), np.asarray(mask, np.float32),
+               pad(np.asarray(conditions, np.int32)), rng, repeats, ids=pad(np.asarray(ids, np.int32)),
+               return_images=return_images)
+    return {name: parallel.to_host(v)[:n] for name, v in out.items()}
+
+
+def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int, sampler: Sampler = "ddim",
+                     eta: float = 0.0, jump_length: int = 10, resamples: int = 1, guidance_scale: float = 1.0,
+                     null_condition: int | None = None, return_images: bool = False,
+                     mesh: Mesh | None = None) -> Outpainter:
+  """Builds the jitted RePaint outpainting function for a pixel-space denoiser.
+
+  Args:
+    denoiser: `(params, x_t [B, H, W, C], t [B] int32, condition [B] int32) -> eps_hat [B, H, W, C]`.
+    sched: the training noise schedule (T levels).
+    num_steps: S strided sampling timesteps (the paper: 250 of T = 1000).
+    sampler: "ddim" (deterministic for eta = 0) or "ddpm" (ancestral).
+    eta: DDIM noise scale (eta = 1 is the DDPM variance on the strided sequence).
+    jump_length: RePaint's j.
+    resamples: RePaint's u; 1 means no resampling (the public SolidMark code), RePaint uses 10.
+    guidance_scale: classifier-free guidance s; eps_hat = eps_u + s (eps_c - eps_u) when s != 1.
+    null_condition: the unconditional id, required when s != 1.
+    return_images: also return the outpainted images.
+    mesh: shard the image batch over this mesh's batch axes.
+
+  Returns:
+    An `Outpainter`; see its docstring for the call signature.
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"outpaint: sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if guidance_scale != 1.0 and null_condition is None:
+    raise ValueError("outpaint: guidance_scale != 1 needs null_condition (the unconditional id)")
+  steps = repaint_steps(sched.num_steps, num_steps, jump_length, resamples)
+  return Outpainter(denoiser, sched, steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
+                    null_condition=null_condition, return_images=return_images, mesh=mesh)
+
+
+def sample(outpainter: Outpainter, params, conditions: np.ndarray, rng, image_shape: tuple[int, int, int],
+           repeats: int = 1, batch_size: int | None = None) -> np.ndarray:
+  """Plain sampling (no known region) through the same function: images [N, r, H, W, C] in model space.
+
+  Args:
+    outpainter: from `make_outpaint_fn`.
+    params: denoiser parameters.
+    conditions: [N] condition ids (the null id for unconditional samples).
+    rng: PRNG key.
+    image_shape: (H, W, C).
+    repeats: samples per condition.
+    batch_size: pad rows to this size (see `Outpainter.run`).
+  """
+  h, w, c = image_shape
+  n = len(conditions)
+  known = np.zeros((n, h, w, c), np.float32)
+  mask = np.ones((h, w, 1), np.float32)
+  out = outpainter.run(params, known, mask, conditions, rng, repeats, batch_size=batch_size,
+                       return_images=True)
+  return out["images"]

@@ -1,0 +1,141 @@
+"""PNG plots and image grids (matplotlib's Agg canvas, no pyplot state)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from solidmark_jax.metrics import memorisation
+
+_COLOURS = {"members": "tab:red", "non_members": "tab:blue", "random_init": "tab:grey"}
+
+
+def _save(fig: Figure, path: str) -> str:
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  return path
+
+
+def plot_l_sm_histograms(path: str, scores: dict[str, np.ndarray], thresholds: Sequence[float],
+                         statistic: str = "best") -> str:
+  """Histograms of per-image l_SM per group (members vs non-members ...), thresholds marked."""
+  fig = Figure(figsize=(6.4, 4.0))
+  ax = fig.add_subplot()
+  bins = np.linspace(0.0, 1.0, 51)
+  for group, s in scores.items():
+    if len(s):
+      ax.hist(s, bins=bins, histtype="step", linewidth=1.5, density=True, color=_COLOURS.get(group),
+              label=f"{group} (n={len(s)})")
+  for d in thresholds:
+    ax.axvline(d, color="k", linestyle=":", linewidth=0.8)
+  ax.set_xlabel(f"l_SM = |k_pred - k| ({statistic} over repeats)")
+  ax.set_ylabel("density")
+  ax.set_title("SolidMark: l_SM per image (dotted: thresholds)")
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_eidetic_rates(path: str, scores: dict[str, np.ndarray], summary_groups: dict[str, dict],
+                       repeats: int, statistic: str = "best") -> str:
+  """Eidetic rate P(l_SM <= delta) vs delta per group, with the chance curve 2 delta - delta^2.
+
+  The configured thresholds carry their confidence intervals from `summary_groups`.
+  """
+  fig = Figure(figsize=(6.4, 4.4))
+  ax = fig.add_subplot()
+  deltas = np.logspace(-3, np.log10(0.5), 60)
+  for group, s in scores.items():
+    if not len(s):
+      continue
+    colour = _COLOURS.get(group)
+    ax.plot(deltas, [np.mean(s <= d) for d in deltas], color=colour, label=group)
+    g = summary_groups[group]
+    rates = np.array(g["rates"], np.float64)
+    ci = np.array(g["ci"], np.float64)
+    ax.errorbar(g["thresholds"], rates, yerr=[rates - ci[:, 0], ci[:, 1] - rates], fmt="o", color=colour,
+                capsize=3, markersize=4)
+  chance = memorisation.chance_probability(deltas, repeats, statistic)
+  label = "chance 2d - d^2" if repeats == 1 else f"chance ({statistic} of {repeats})"
+  ax.plot(deltas, chance, "k--", label=label)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_ylim(bottom=max(1e-4, 0.5 / max(1, max((len(s) for s in scores.values()), default=1))))
+  ax.set_xlabel("threshold delta")
+  ax.set_ylabel("fraction with l_SM <= delta")
+  ax.set_title("Eidetic memorisation rate (bars: CI at the reported thresholds)")
+  ax.legend()
+  return _save(fig, path)
+
+
+def _to_display(x: np.ndarray) -> np.ndarray:
+  """Model space [-1, 1] -> [0, 1] for imshow, [H, W] for one channel."""
+  x = np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+  return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def hatch(image: np.ndarray, mask: np.ndarray, period: int = 4) -> np.ndarray:
+  """A model-space image with the masked (unknown) region shown grey with dark diagonal hatching."""
+  h, w = mask.shape[:2]
+  ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  fill = np.where(((ii + jj) % period) == 0, -0.6, 0.0)[..., None]  # grey 0.5, stripes 0.2 in [0, 1]
+  return np.where(mask > 0, fill, image).astype(np.float32)
+
+
+def write_image_grid(path: str, known: np.ndarray, mask: np.ndarray, outpaintings: np.ndarray,
+                     keys: np.ndarray | None = None, k_pred: np.ndarray | None = None,
+                     row_labels: Sequence[str] | None = None, max_rows: int = 16) -> str:
+  """Queries (hatched unknown region) and their outpaintings, labelled with k and k_pred.
+
+  Args:
+    path: PNG to write.
+    known: [n, H, W, C] model-space images (only the known region is shown).
+    mask: [H, W, 1], 1 on the unknown region.
+    outpaintings: [n, r, H, W, C] model space.
+    keys: [n] true keys (labels), optional.
+    k_pred: [n, r] predicted keys (labels), optional.
+    row_labels: [n] e.g. "member 17", optional.
+    max_rows: images shown at most.
+  """
+  n = min(len(known), max_rows)
+  r = outpaintings.shape[1]
+  size = 1.3
+  fig = Figure(figsize=(size * (r + 1), size * 1.25 * n + 0.2))
+  cmap = "gray" if known.shape[-1] == 1 else None
+  for i in range(n):
+    ax = fig.add_subplot(n, r + 1, i * (r + 1) + 1)
+    ax.imshow(_to_display(hatch(known[i], mask)), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    label = row_labels[i] if row_labels is not None else "query"
+    if keys is not None:
+      label += f"\nk={keys[i]:.4f}"
+    ax.set_title(label, fontsize=7)
+    ax.axis("off")
+    for j in range(r):
+      ax = fig.add_subplot(n, r + 1, i * (r + 1) + 2 + j)
+      ax.imshow(_to_display(outpaintings[i, j]), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+      if k_pred is not None:
+        text = f"k_pred={k_pred[i, j]:.4f}"
+        if keys is not None:
+          text += f"\nl_SM={abs(k_pred[i, j] - keys[i]):.4f}"
+        ax.set_title(text, fontsize=7)
+      ax.axis("off")
+  return _save(fig, path)
+
+
+def write_sample_grid(path: str, images: np.ndarray, row_labels: Sequence[str] | None = None,
+                      max_rows: int = 16) -> str:
+  """Plain samples [n, r, H, W, C] (model space), one row per condition."""
+  n = min(len(images), max_rows)
+  r = images.shape[1]
+  fig = Figure(figsize=(1.2 * r + 0.4, 1.3 * n + 0.2))
+  cmap = "gray" if images.shape[-1] == 1 else None
+  for i in range(n):
+    for j in range(r):
+      ax = fig.add_subplot(n, r, i * r + 1 + j)
+      ax.imshow(_to_display(images[i, j]), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+      if j == 0 and row_labels is not None:
+        ax.set_title(row_labels[i], fontsize=7)
+      ax.axis("off")
+  return _save(fig, path)

@@ -1,0 +1,179 @@
+"""A resumable, append-only store of per-image outpainting results (JSON lines).
+
+Line 1 holds the run's metadata ({"meta": {...}}: keymap hash, checkpoint step, sampler settings,
+...); every further line is one image of one group:
+
+  {"group": "members", "instance_id": 17, "key": 0.41, "k_pred": [0.40, 0.43]}
+
+Each finished batch is appended in one write, then flushed and fsync'ed, so after a crash the file
+holds whole batches plus at most one torn last line, which reopening drops. A re-run opens the
+store with the same metadata (a mismatch is a clear error: results of two checkpoints must not
+mix), asks `remaining` which instance ids still need outpainting, and appends those. The final
+summary is computed from the store, sorted by (group, instance id), so an interrupted and resumed
+run reports exactly what an uninterrupted one does. Only one process (process 0) should write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+
+GROUPS = ("members", "non_members", "random_init")  # the usual groups, in report order
+
+
+def group_order(names: Iterable[str]) -> list[str]:
+  """Known groups first (members, non_members, random_init), then others alphabetically."""
+  names = set(names)
+  return [g for g in GROUPS if g in names] + sorted(names - set(GROUPS))
+
+
+@dataclasses.dataclass
+class Results:
+  """Per-image results of one evaluation, sorted by (group, instance id).
+
+  Attributes:
+    instance_id: int64 [N].
+    group: str [N] ("members", "non_members", "random_init", ...).
+    key: float64 [N] true keys.
+    k_pred: float64 [N, r] predicted keys per repeat (NaN where a group has fewer repeats).
+  """
+
+  instance_id: np.ndarray
+  group: np.ndarray
+  key: np.ndarray
+  k_pred: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.instance_id)
+
+  @classmethod
+  def from_records(cls, records: Iterable[dict]) -> "Results":
+    """Builds sorted results from dicts with group, instance_id, key, k_pred (list or scalar)."""
+    records = list(records)
+    order = {g: i for i, g in enumerate(group_order(r["group"] for r in records))}
+    records.sort(key=lambda r: (order[r["group"]], int(r["instance_id"])))
+    r = max((len(np.atleast_1d(rec["k_pred"])) for rec in records), default=1)
+    k_pred = np.full((len(records), r), np.nan)
+    for i, rec in enumerate(records):
+      kp = np.atleast_1d(np.asarray(rec["k_pred"], np.float64))
+      k_pred[i, :len(kp)] = kp
+    return cls(
+        instance_id=np.array([int(rec["instance_id"]) for rec in records], np.int64),
+        group=np.array([str(rec["group"]) for rec in records], dtype=object),
+        key=np.array([float(rec["key"]) for rec in records], np.float64),
+        k_pred=k_pred,
+    )
+
+  @property
+  def groups(self) -> list[str]:
+    return group_order(self.group)
+
+  def select(self, group: str) -> "Results":
+    """The rows of one group, trailing all-NaN repeat columns dropped."""
+    rows = self.group == group
+    k_pred = self.k_pred[rows]
+    keep = ~np.all(np.isnan(k_pred), axis=0) if len(k_pred) else np.zeros(k_pred.shape[1], bool)
+    return Results(self.instance_id[rows], self.group[rows], self.key[rows], k_pred[:, keep])
+
+
+def _normalise(meta: dict | None) -> dict:
+  return json.loads(json.dumps(meta or {}, sort_keys=True))
+
+
+class ResultStore:
+  """Append-only JSONL results with resume support; see the module docstring.
+
+  Args:
+    path: the store file (created with its metadata line if missing).
+    meta: run metadata; must equal the stored one when the file exists.
+  """
+
+  def __init__(self, path: str, meta: dict | None = None):
+    self.path = path
+    self.meta = _normalise(meta)
+    self._records: dict[tuple[str, int], dict] = {}
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+      self._load()
+    else:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      self._write_lines([{"meta": self.meta}])
+
+  def _load(self) -> None:
+    with open(self.path, "rb") as f:
+      data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # a torn last line from an interrupted write: drop it
+      with open(self.path, "r+b") as f:
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+      data = data[:end]
+    lines = data.decode().splitlines()
+    if not lines:  # only a torn metadata line survived
+      self._write_lines([{"meta": self.meta}])
+      return
+    try:
+      head = json.loads(lines[0])
+      stored = head["meta"]
+    except (ValueError, KeyError, TypeError):
+      raise ValueError(f"{self.path}: not a SolidMark results store (line 1 has no metadata)") from None
+    if stored != self.meta:
+      diff = sorted(k for k in set(stored) | set(self.meta) if stored.get(k) != self.meta.get(k))
+      raise ValueError(
+          f"{self.path}: the stored results were made with different settings ({', '.join(diff)}: "
+          f"stored {[stored.get(k) for k in diff]}, now {[self.meta.get(k) for k in diff]}); "
+          "use another output directory or delete the store to start over")
+    for i, line in enumerate(lines[1:], start=2):
+      try:
+        rec = json.loads(line)
+        self._records[(str(rec["group"]), int(rec["instance_id"]))] = rec
+      except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{self.path}:{i}: damaged result line {line[:80]!r}") from None
+
+  def _write_lines(self, objs: list[dict]) -> None:
+    payload = "".join(json.dumps(o) + "\n" for o in objs)
+    with open(self.path, "a") as f:
+      f.write(payload)
+      f.flush()
+      os.fsync(f.fileno())
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def done(self, group: str) -> set[int]:
+    """Instance ids of `group` already stored."""
+    return {i for g, i in self._records if g == group}
+
+  def remaining(self, group: str, instance_ids) -> np.ndarray:
+    """The given instance ids not yet stored for `group`, in their given order."""
+    ids = np.asarray(instance_ids, np.int64)
+    done = self.done(group)
+    return ids[[int(i) not in done for i in ids]] if len(ids) else ids
+
+  def append(self, group: str, instance_ids, keys, k_pred) -> None:
+    """Appends one finished batch (durably) and records it.
+
+    Args:
+      group: e.g. "members".
+      instance_ids: [n] ints.
+      keys: [n] true keys.
+      k_pred: [n] or [n, r] predicted keys.
+    """
+    ids = np.asarray(instance_ids, np.int64).reshape(-1)
+    keys = np.asarray(keys, np.float64).reshape(-1)
+    k_pred = np.asarray(k_pred, np.float64).reshape(len(ids), -1)
+    if len(keys) != len(ids):
+      raise ValueError(f"append: {len(ids)} instance ids but {len(keys)} keys")
+    recs = [{"group": str(group), "instance_id": int(i), "key": float(k), "k_pred": [float(v) for v in kp]}
+            for i, k, kp in zip(ids, keys, k_pred)]
+    self._write_lines(recs)
+    for rec in recs:
+      self._records[(rec["group"], rec["instance_id"])] = rec
+
+  def results(self) -> Results:
+    """Everything stored, sorted by (group, instance id); a re-stored id keeps its last result."""
+    return Results.from_records(self._records.values())

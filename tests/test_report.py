@@ -1,0 +1,147 @@
+"""Report: files and fields, the resumable results store, interrupt + resume == uninterrupted."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from solidmark_jax import marks, metrics
+from solidmark_jax.report import ResultStore, Results, write_image_grid, write_report, write_sample_grid
+
+META = {"keymap_hash": "ab12" * 16, "checkpoint_step": 3000, "sampler": "ddim", "num_steps": 50}
+R = 3
+
+
+def fake_k_pred(group, ids, keys):
+  """Deterministic per (group, id), like the outpainter seeded by instance id."""
+  out = []
+  for i, k in zip(ids, keys):
+    rs = np.random.default_rng([int(i), len(group)])
+    if group == "members" and i % 2 == 0:
+      out.append(np.clip(k + rs.normal(0, 0.004, R), 0, 1))
+    else:
+      out.append(rs.random(R))
+  return np.array(out, np.float32)
+
+
+def groups():
+  ids = {"members": np.arange(40), "non_members": np.arange(1000, 1030), "random_init": np.arange(40)}
+  return {g: (i, marks.keys_for(1 if g == "non_members" else 0, i)) for g, i in ids.items()}
+
+
+def run(store, batch_size=8, stop_after=None):
+  """Evaluates every group batch by batch, skipping what the store has; may 'crash' after some batches."""
+  done = 0
+  for g, (ids, keys) in groups().items():
+    todo = store.remaining(g, ids)
+    for s in range(0, len(todo), batch_size):
+      b = todo[s:s + batch_size]
+      k = keys[np.searchsorted(ids, b)]
+      if stop_after is not None and done == stop_after:
+        return False
+      store.append(g, b, k, fake_k_pred(g, b, k))
+      done += 1
+  return True
+
+
+def test_report_files_and_fields(tmp_path):
+  store = ResultStore(str(tmp_path / "results.jsonl"), META)
+  assert run(store)
+  out = str(tmp_path / "report")
+  summary = write_report(out, store.results(), metadata=META)
+  for name in ("summary.json", "per_image.csv", "summary.md", "l_sm_hist.png", "eidetic_rates.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  with open(os.path.join(out, "summary.json")) as f:
+    s = json.load(f)
+  assert s == json.loads(json.dumps(summary))
+  assert s["thresholds"] == list(metrics.DEFAULT_THRESHOLDS)
+  assert s["statistic"] == "best" and s["keymap_hash"] == META["keymap_hash"] and s["checkpoint_step"] == 3000
+  assert list(s["groups"]) == ["members", "non_members", "random_init"]
+  m = s["groups"]["members"]
+  for field in ("n", "repeats", "counts", "rates", "ci", "chance_expected", "chance_probability", "l_sm"):
+    assert field in m
+  assert m["n"] == 40 and m["repeats"] == R and s["groups"]["non_members"]["n"] == 30
+  assert m["counts"][0] >= 20  # the even ids are memorised
+  assert set(m["l_sm"]) == {"mean", "median"}
+  assert set(s["comparisons"]) == {"members_vs_non_members", "members_vs_random_init"}
+  assert s["comparisons"]["members_vs_non_members"]["fisher_p"][1] < 0.01
+  with open(os.path.join(out, "per_image.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 40 + 30 + 40
+  assert list(rows[0]) == ["instance_id", "group", "member", "key", "k_pred_0", "k_pred_1", "k_pred_2",
+                           "l_sm_best", "l_sm_mean"]
+  row = rows[0]
+  kp = np.array([float(row[f"k_pred_{j}"]) for j in range(R)])
+  l = metrics.l_sm(kp[None], np.array([float(row["key"])]))[0]
+  assert float(row["l_sm_best"]) == l.min() and float(row["l_sm_mean"]) == l.mean()
+  assert {r["member"] for r in rows if r["group"] == "members"} == {"1"}
+  md = open(os.path.join(out, "summary.md")).read()
+  assert "| threshold |" in md and "(l_SM, 0.005)" in md and "members count (%)" in md
+  assert md.count("\n| (l_SM,") == 4
+
+
+def test_store_resume_skips_done_and_drops_torn_line(tmp_path):
+  path = str(tmp_path / "results.jsonl")
+  store = ResultStore(path, META)
+  assert not run(store, stop_after=3)  # 3 batches of 8 members stored, then a "crash"
+  with open(path, "a") as f:
+    f.write('{"group": "members", "instance_id": 24, "ke')  # torn write of the 4th batch
+  resumed = ResultStore(path, META)
+  assert resumed.done("members") == set(range(24))
+  np.testing.assert_array_equal(resumed.remaining("members", np.arange(40)), np.arange(24, 40))
+  assert resumed.remaining("non_members", np.arange(1000, 1030)).size == 30
+  with open(path) as f:
+    assert f.read().endswith("\n")
+  with pytest.raises(ValueError, match="checkpoint_step"):
+    ResultStore(path, {**META, "checkpoint_step": 4000})
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+  full = ResultStore(str(tmp_path / "a.jsonl"), META)
+  assert run(full, batch_size=8)
+  path = str(tmp_path / "b.jsonl")
+  assert not run(ResultStore(path, META), batch_size=5, stop_after=4)
+  assert not run(ResultStore(path, META), batch_size=7, stop_after=6)
+  assert run(ResultStore(path, META), batch_size=16)
+  a_dir, b_dir = str(tmp_path / "ra"), str(tmp_path / "rb")
+  sa = write_report(a_dir, full.results(), metadata=META, plots_enabled=False)
+  sb = write_report(b_dir, ResultStore(path, META).results(), metadata=META, plots_enabled=False)
+  assert sa == sb
+  for name in ("summary.json", "per_image.csv", "summary.md"):
+    assert open(os.path.join(a_dir, name)).read() == open(os.path.join(b_dir, name)).read(), name
+
+
+def test_results_and_statistic_choice(tmp_path):
+  res = Results.from_records([
+      {"group": "non_members", "instance_id": 5, "key": 0.5, "k_pred": [0.9]},
+      {"group": "members", "instance_id": 2, "key": 0.25, "k_pred": [0.25, 0.75]},
+      {"group": "members", "instance_id": 1, "key": 0.75, "k_pred": [0.7, 0.7]},
+  ])
+  np.testing.assert_array_equal(res.instance_id, [1, 2, 5])
+  assert res.select("non_members").k_pred.shape == (1, 1)
+  best = write_report(str(tmp_path / "best"), res, (0.1, 0.01), statistic="best", key_bits=None,
+                      plots_enabled=False)
+  mean = write_report(str(tmp_path / "mean"), res, (0.1, 0.01), statistic="mean", key_bits=None,
+                      plots_enabled=False)
+  assert best["groups"]["members"]["counts"] == [2, 1]
+  assert mean["groups"]["members"]["counts"] == [1, 0]
+  assert mean["statistic"] == "mean" and "mean" in mean["statistic_doc"]
+  assert best["groups"]["non_members"]["repeats"] == 1
+  with pytest.raises(ValueError, match=r"\(0, 1\)"):
+    write_report(str(tmp_path / "bad"), res, (0.1, 1.5))
+
+
+def test_image_grids(tmp_path):
+  size, pad, n, r = 12, 2, 3, 2
+  mask = marks.key_mask(size, size, pad)
+  rs = np.random.default_rng(0)
+  known = rs.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+  outs = rs.uniform(-1, 1, (n, r, size, size, 3)).astype(np.float32)
+  keys, k_pred = rs.random(n), rs.random((n, r))
+  p = write_image_grid(str(tmp_path / "grid.png"), known, mask, outs, keys, k_pred,
+                       row_labels=[f"member {i}" for i in range(n)])
+  assert os.path.getsize(p) > 0
+  p = write_sample_grid(str(tmp_path / "samples.png"), outs[..., :1])
+  assert os.path.getsize(p) > 0
