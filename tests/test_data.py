@@ -1,0 +1,389 @@
+"""Tests for solidmark_jax.data.sources: TFDS (real Fashion-MNIST, tiny fake datasets) and folders."""
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from solidmark_jax.data import sources
+from solidmark_jax.data.sources import FolderSource, Source, open_source
+
+FASHION_DIR = sources.DEFAULT_FASHION_MNIST_DIR
+has_fashion = pytest.mark.skipif(not all(os.path.isfile(os.path.join(FASHION_DIR, f))
+                                         for f in sources.FASHION_MNIST_FILES),
+                                 reason="needs `apt-get install dataset-fashion-mnist`")
+
+
+def cfg(**kw) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(kw)
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Decodes a .gz IDX file with numpy alone."""
+  with gzip.open(path) as f:
+    data = f.read()
+  assert data[:2] == b"\0\0" and data[2] == 0x08  # unsigned bytes
+  ndim = data[3]
+  dims = np.frombuffer(data, ">u4", ndim, 4)
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real Fashion-MNIST, prepared offline through TFDS once per session
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  open_source(cfg(name="fashion_mnist", data_dir=data_dir), "train")  # prepares (~20 s on 2 cores)
+  return data_dir
+
+
+@has_fashion
+@pytest.mark.parametrize("split,prefix,n", [("train", "train", 60000), ("test", "t10k", 10000)])
+def test_fashion_mnist_matches_raw_idx(fashion_dir, split, prefix, n):
+  src = open_source(cfg(name="fashion_mnist", data_dir=fashion_dir), split)
+  raw_x = read_idx(os.path.join(FASHION_DIR, f"{prefix}-images-idx3-ubyte.gz"))
+  raw_y = read_idx(os.path.join(FASHION_DIR, f"{prefix}-labels-idx1-ubyte.gz"))
+  assert isinstance(src, Source)
+  assert (len(src), src.num_classes, src.image_size, src.channels) == (n, 10, 28, 1)
+  assert src.name == f"fashion_mnist:{split}"
+  assert raw_x.shape == (n, 28, 28)
+  labels = src.labels()
+  assert labels.dtype == np.int32 and labels.shape == (n,)
+  np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.bincount(raw_y, minlength=10))
+  # TFDS stores records in its own (deterministic) order: match each read image to the raw file.
+  raw = {}
+  for i in range(n):
+    raw.setdefault(raw_x[i].tobytes(), set()).add(int(raw_y[i]))
+  got = src.read(np.arange(300))
+  assert got["image"].shape == (300, 28, 28, 1) and got["image"].dtype == np.uint8
+  np.testing.assert_array_equal(got["label"], labels[:300])
+  for image, label in zip(got["image"], got["label"]):
+    assert int(label) in raw[image[:, :, 0].tobytes()]
+  assert "caption" not in got
+
+
+@has_fashion
+def test_fashion_mnist_resized_rgb(fashion_dir):
+  src = open_source(cfg(name="fashion_mnist", data_dir=fashion_dir, image_size=32, channels=3), "test[:100]")
+  native = open_source(cfg(name="fashion_mnist", data_dir=fashion_dir), "test[:100]")
+  assert (len(src), src.image_size, src.channels) == (100, 32, 3)
+  got, ref = src.read(np.array([7, 3])), native.read(np.array([7, 3]))
+  assert got["image"].shape == (2, 32, 32, 3)
+  np.testing.assert_array_equal(got["image"][..., 0], got["image"][..., 2])  # grey repeated to RGB
+  expect = sources.to_square(Image.fromarray(ref["image"][0, :, :, 0]), 32, 3)
+  np.testing.assert_array_equal(got["image"][0], expect)
+  assert got["image"][0].std() > 10  # a real picture, not a blank
+  np.testing.assert_array_equal(got["label"], ref["label"])
+
+
+@has_fashion
+def test_fashion_mnist_checksums_stay_out_of_site_packages(fashion_dir):
+  import tensorflow_datasets as tfds
+  recorded = open(os.path.join(fashion_dir, "fashion_mnist", "manual_dir_checksums.tsv")).read()
+  for fname, digest in sources.DEBIAN_FASHION_MNIST_SHA256.items():
+    if hashlib.sha256(open(os.path.join(FASHION_DIR, fname), "rb").read()).hexdigest() == digest:
+      assert digest in recorded
+  installed = os.path.join(os.path.dirname(tfds.__file__), "url_checksums", "fashion_mnist.txt")
+  text = open(installed).read()
+  assert "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84" in text  # upstream, untouched
+  assert sources.DEBIAN_FASHION_MNIST_SHA256["train-images-idx3-ubyte.gz"] not in text
+
+
+def test_fashion_mnist_missing_file(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  for f in sources.FASHION_MNIST_FILES[1:]:
+    (manual / f).write_bytes(b"")
+  with pytest.raises(FileNotFoundError) as e:
+    open_source(cfg(name="fashion_mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual)), "train")
+  assert str(manual / sources.FASHION_MNIST_FILES[0]) in str(e.value)
+  assert "apt-get install dataset-fashion-mnist" in str(e.value) and "data.manual_dir" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Other TFDS datasets: tiny builders prepared into a tmp data_dir
+
+
+def _fake_builders(meta_dir: str):
+  """Registers three tiny TFDS builders; `meta_dir` stands in for their (package) metadata folder."""
+  import tensorflow_datasets as tfds
+  from etils import epath
+
+  class SolidmarkFakeFaces(tfds.core.GeneratorBasedBuilder):
+    """celeb_a-like: 20x12 RGB, no label."""
+    VERSION = tfds.core.Version("1.0.0")
+    pkg_dir_path = epath.Path(meta_dir)
+
+    def _info(self):
+      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(20, 12, 3)), "smiling": tfds.features.Scalar(np.bool_)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(5):
+        x = np.zeros((20, 12, 3), np.uint8)
+        x[4:16] = (10 * i, 100, 200)  # the centre square; the top and bottom 4 rows stay black
+        yield i, {"image": x, "smiling": bool(i % 2)}
+
+  class SolidmarkFakeDigits(tfds.core.GeneratorBasedBuilder):
+    """mnist-like: 8x8 grey, 3 classes."""
+    VERSION = tfds.core.Version("1.0.0")
+    pkg_dir_path = epath.Path(meta_dir)
+
+    def _info(self):
+      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(8, 8, 1)), "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(9), "test": self._generate_examples(3)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"image": np.full((8, 8, 1), 20 * i, np.uint8), "label": i % 3}
+
+  class SolidmarkFakeOffline(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    pkg_dir_path = epath.Path(meta_dir)
+
+    def _info(self):
+      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({"image": tfds.features.Image()}))
+
+    def _split_generators(self, dl_manager):
+      raise ConnectionError("simulated: no network")
+
+    def _generate_examples(self):
+      yield from ()
+
+  return SolidmarkFakeFaces, SolidmarkFakeDigits, SolidmarkFakeOffline
+
+
+@pytest.fixture(scope="module")
+def fake_tfds(tmp_path_factory):
+  _fake_builders(str(tmp_path_factory.mktemp("fake_tfds_meta")))
+  return str(tmp_path_factory.mktemp("fake_tfds"))
+
+
+def test_tfds_unlabelled_non_square(fake_tfds):
+  with pytest.raises(ValueError, match="data.image_size is required"):
+    open_source(cfg(name="solidmark_fake_faces", data_dir=fake_tfds), "train")
+  src = open_source(cfg(name="solidmark_fake_faces", data_dir=fake_tfds, image_size=6), "train")
+  assert (len(src), src.num_classes, src.image_size, src.channels) == (5, 0, 6, 3)
+  got = src.read(np.arange(5))
+  assert got["image"].shape == (5, 6, 6, 3)
+  np.testing.assert_array_equal(got["label"], -1)
+  np.testing.assert_array_equal(src.labels(), np.full(5, -1, np.int32))
+  # centre-cropped to 12x12 (no black rows left), then resized
+  colours = sorted({tuple(img.reshape(-1, 3).min(0)) for img in got["image"]})
+  assert colours == [(10 * i, 100, 200) for i in range(5)]
+  assert np.array_equal(got["image"].max((1, 2)), got["image"].min((1, 2)))
+  grey = open_source(cfg(name="solidmark_fake_faces", data_dir=fake_tfds, image_size=4, channels=1), "train")
+  y = grey.read(np.arange(5))["image"]
+  assert y.shape == (5, 4, 4, 1)
+  r = got["image"][:, 0, 0, 0].astype(int)  # PIL luma of (r, 100, 200)
+  np.testing.assert_array_equal(y[:, 0, 0, 0], (r * 299 + 100 * 587 + 200 * 114 + 500) // 1000)
+
+
+def test_tfds_labelled_split_slices(fake_tfds):
+  src = open_source(cfg(name="solidmark_fake_digits", data_dir=fake_tfds, channels=3), "train")
+  assert (len(src), src.num_classes, src.class_names, src.image_size, src.channels) == (9, 3, ["a", "b", "c"], 8, 3)
+  got = src.read(np.arange(9))
+  np.testing.assert_array_equal(src.labels(), got["label"])
+  np.testing.assert_array_equal(got["label"], got["image"][:, 0, 0, 0] // 20 % 3)  # label matches image
+  np.testing.assert_array_equal(got["image"][..., 0], got["image"][..., 1])
+  assert sorted(got["image"][:, 0, 0, 0]) == [20 * i for i in range(9)]
+  assert len(open_source(cfg(name="solidmark_fake_digits", data_dir=fake_tfds), "train[:4]")) == 4
+  assert len(open_source(cfg(name="solidmark_fake_digits", data_dir=fake_tfds), "test")) == 3
+  with pytest.raises(IndexError):
+    src.read(np.array([9]))
+
+
+def test_tfds_not_prepared_errors(fake_tfds, tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    open_source(cfg(name="solidmark_fake_digits", data_dir=str(tmp_path), download=False), "train")
+  assert "not prepared" in str(e.value) and str(tmp_path) in str(e.value) and "tfds build" in str(e.value)
+  with pytest.raises(RuntimeError) as e:
+    open_source(cfg(name="solidmark_fake_offline", data_dir=str(tmp_path), image_size=8), "train")
+  msg = str(e.value)
+  assert "not prepared" in msg and "simulated: no network" in msg and "data.data_dir" in msg
+  assert "--file_format=array_record" in msg
+
+
+def test_tfds_split_and_format_errors(fake_tfds, tmp_path):
+  with pytest.raises(ValueError, match=r"'solidmark_fake_digits', split 'validation'.*Unknown split"):
+    open_source(cfg(name="solidmark_fake_digits", data_dir=fake_tfds), "validation")
+  import tensorflow_datasets as tfds
+  tfds.builder("solidmark_fake_digits", data_dir=str(tmp_path), file_format="tfrecord").download_and_prepare()
+  with pytest.raises(RuntimeError, match="tfds convert_format .*--out_file_format=array_record"):
+    open_source(cfg(name="solidmark_fake_digits", data_dir=str(tmp_path)), "train")
+
+
+def test_prepare_lock_excludes_other_processes(tmp_path):
+  lock, marker = str(tmp_path / "x.lock"), tmp_path / "marker"
+  child = ("import sys, time; from solidmark_jax.data.sources import _file_lock\n"
+           "with _file_lock(sys.argv[1]):\n"
+           "  open(sys.argv[2], 'w').write('held'); time.sleep(0.5); open(sys.argv[2], 'w').write('released')\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, "-c", child, lock, str(marker)], cwd=root)
+  while not marker.exists() and proc.poll() is None:
+    time.sleep(0.01)
+  with sources._file_lock(lock):  # blocks until the child lets go
+    assert marker.read_text() == "released"
+  assert proc.wait() == 0
+
+
+def test_unknown_dataset():
+  with pytest.raises(ValueError) as e:
+    open_source(cfg(name="no_such_dataset_xyz"), "train")
+  assert "no_such_dataset_xyz" in str(e.value)
+  assert all(s in str(e.value) for s in ("'folder'", "'fashion_mnist'", "TFDS builder"))
+
+
+def test_import_stays_light():
+  code = "import sys, solidmark_jax.data; print('tensorflow' in sys.modules or 'tensorflow_datasets' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+
+
+def save(path, img: Image.Image, **kw):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  img.save(path, **kw)
+
+
+def test_folder_converts_modes_and_sizes(tmp_path):
+  d = str(tmp_path)
+  save(f"{d}/a_grey.png", Image.new("L", (10, 10), 77))
+  save(f"{d}/b_clear.png", Image.new("RGBA", (16, 16), (255, 0, 0, 0)))  # fully transparent -> white
+  save(f"{d}/c_red.png", Image.new("RGBA", (16, 16), (255, 0, 0, 255)))
+  odd = np.zeros((30, 20, 3), np.uint8)  # 20 wide, 30 high: the centre 20x20 is rows 5..24
+  odd[5:25] = (0, 200, 0)
+  save(f"{d}/d_odd.bmp", Image.fromarray(odd))
+  save(f"{d}/e_pal.gif", Image.new("RGB", (8, 8), (0, 0, 255)).convert("P"))
+  save(f"{d}/f_16bit.png", Image.fromarray(np.full((16, 16), 65535, np.uint16)))
+  save(f"{d}/g.jpg", Image.new("RGB", (16, 16), (128, 128, 128)), quality=95)
+  (tmp_path / "notes.md").write_text("not an image")
+  src = FolderSource(d, image_size=16, channels=3)
+  assert src.files == ["a_grey.png", "b_clear.png", "c_red.png", "d_odd.bmp", "e_pal.gif", "f_16bit.png", "g.jpg"]
+  x = src.read(np.arange(len(src)))["image"]
+  assert x.shape == (7, 16, 16, 3) and x.dtype == np.uint8
+  assert src.num_classes == 0 and src.captions is None and "caption" not in src.read(np.array([0]))
+  np.testing.assert_array_equal(src.labels(), -1)
+  np.testing.assert_array_equal(x[0], 77)
+  np.testing.assert_array_equal(x[1], 255)
+  np.testing.assert_array_equal(x[2], np.broadcast_to([255, 0, 0], (16, 16, 3)))
+  np.testing.assert_array_equal(x[3], np.broadcast_to([0, 200, 0], (16, 16, 3)))
+  np.testing.assert_array_equal(x[4], np.broadcast_to([0, 0, 255], (16, 16, 3)))
+  np.testing.assert_array_equal(x[5], 255)
+  assert np.abs(x[6].astype(int) - 128).max() <= 2
+  grey = FolderSource(d, image_size=4, channels=1)
+  y = grey.read(np.arange(len(grey)))["image"]
+  assert y.shape == (7, 4, 4, 1)
+  assert int(y[2, 0, 0, 0]) == 76  # luma of pure red: 0.299 * 255
+  assert int(y[0, 0, 0, 0]) == 77
+
+
+def test_folder_bad_images(tmp_path, caplog):
+  d = tmp_path / "imgs"
+  save(str(d / "cat" / "1.png"), Image.new("RGB", (8, 8), (1, 2, 3)))
+  save(str(d / "cat" / "2.png"), Image.new("RGB", (64, 64)))
+  png = (d / "cat" / "2.png").read_bytes()
+  (d / "cat" / "2.png").write_bytes(png[: len(png) // 2])  # truncated
+  (d / "cat" / "3.png").write_bytes(b"this is not a png")
+  save(str(d / "dog" / "4.jpg"), Image.new("RGB", (8, 8)))
+  with pytest.raises(ValueError) as e:
+    FolderSource(str(d), image_size=8)
+  assert f"{d}/cat/2.png: cannot decode image (truncated or not an image)" in str(e.value)
+  with pytest.raises(ValueError, match=r"cat/3\.png: cannot decode image"):
+    (d / "cat" / "2.png").write_bytes(png)
+    FolderSource(str(d), image_size=8)
+  (d / "cat" / "2.png").write_bytes(png[: len(png) // 2])
+  with caplog.at_level("WARNING"):
+    src = FolderSource(str(d), image_size=8, on_bad_image="skip")
+  assert [p for p, _ in src.skipped] == [f"{d}/cat/2.png", f"{d}/cat/3.png"]
+  assert all("cannot decode image" in r for _, r in src.skipped)
+  assert "skipped 2 bad image(s)" in caplog.text
+  assert src.files == ["cat/1.png", "dog/4.jpg"] and len(src) == 2
+  np.testing.assert_array_equal(src.read(np.array([0]))["image"][0, 0, 0], [1, 2, 3])
+
+
+def test_folder_class_subfolders_and_eval_folder(tmp_path):
+  train, val = tmp_path / "train", tmp_path / "val"
+  for cls, n in (("zebra", 2), ("ant", 1), ("bee", 3)):
+    for i in range(n):
+      save(str(train / cls / f"{i}.png"), Image.new("L", (6, 6), 10 * i))
+  save(str(val / "zebra" / "z.png"), Image.new("L", (6, 6)))
+  src = open_source(cfg(name="folder", folder=str(train), image_size=6), "train")
+  assert src.name == f"folder:{train}"
+  assert (src.num_classes, src.class_names) == (3, ["ant", "bee", "zebra"])
+  assert src.files[0] == "ant/0.png"
+  np.testing.assert_array_equal(src.labels(), [0, 1, 1, 1, 2, 2])
+  np.testing.assert_array_equal(src.read(np.array([5, 1]))["label"], [2, 1])
+  with pytest.raises(ValueError, match="data.eval_folder"):
+    open_source(cfg(name="folder", folder=str(train), image_size=6), "test")
+  ev = open_source(cfg(name="folder", folder=str(train), eval_folder=str(val), image_size=6), "test")
+  assert (len(ev), ev.num_classes) == (1, 3)
+  np.testing.assert_array_equal(ev.labels(), [2])  # zebra keeps its training label
+  save(str(train / "loose.png"), Image.new("L", (6, 6)))
+  with pytest.raises(ValueError, match="mixes images at its root"):
+    FolderSource(str(train), image_size=6)
+
+
+def test_folder_captions(tmp_path):
+  d = tmp_path / "cap"
+  for name in ("a.png", "b.png", "sub/c.png"):
+    save(str(d / name), Image.new("RGB", (8, 8)))
+  with open(d / "captions.jsonl", "w") as f:
+    f.write(json.dumps({"file": "a.png", "caption": "a red fox"}) + "\n\n")
+    f.write(json.dumps({"file": "./b.png", "caption": "a blue bird"}) + "\n")
+  (d / "sub" / "c.txt").write_text("a green frog\n")
+  with pytest.raises(ValueError, match="mixes"):  # sub/c.png next to root images
+    FolderSource(str(d), image_size=8)
+  (d / "sub" / "c.png").rename(d / "c.png")
+  (d / "sub" / "c.txt").rename(d / "c.txt")
+  src = FolderSource(str(d), image_size=8)
+  assert src.captions == ["a red fox", "a blue bird", "a green frog"]
+  assert src.read(np.array([2, 0]))["caption"] == ["a green frog", "a red fox"]
+  save(str(d / "d.png"), Image.new("RGB", (8, 8)))
+  with pytest.raises(ValueError, match=r"d\.png: no caption"):
+    FolderSource(str(d), image_size=8)
+  skip = FolderSource(str(d), image_size=8, on_bad_image="skip")
+  assert len(skip) == 3 and [p for p, _ in skip.skipped] == [f"{d}/d.png"]
+  (d / "d.txt").write_text("  \n")
+  with pytest.raises(ValueError, match=r"d\.png: empty caption"):
+    FolderSource(str(d), image_size=8)
+  with open(d / "captions.jsonl", "a") as f:
+    f.write(json.dumps({"file": "nope.png", "caption": "x"}) + "\n")
+  with pytest.raises(ValueError, match=r"captions.jsonl line 4: no image 'nope.png'"):
+    FolderSource(str(d), image_size=8)
+
+
+def test_folder_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    FolderSource(str(tmp_path / "missing"), image_size=8)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="has no images"):
+    FolderSource(str(tmp_path / "empty"), image_size=8)
+  with pytest.raises(ValueError, match="data.image_size is required"):
+    open_source(cfg(name="folder", folder=str(tmp_path / "empty")), "train")
+  with pytest.raises(ValueError, match="data.folder"):
+    open_source(cfg(name="folder"), "train")
+  with pytest.raises(ValueError, match="data.on_bad_image"):
+    FolderSource(str(tmp_path), image_size=8, on_bad_image="ignore")
+  with pytest.raises(ValueError, match="data.channels"):
+    FolderSource(str(tmp_path), image_size=8, channels=4)
