@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 from solidmark_jax import marks, models
-from solidmark_jax.data import Instances, make_instances, open_source
+from solidmark_jax.data import open_source
+from solidmark_jax.data.pipeline import Instances, make_instances
 from solidmark_jax.data.pipeline import condition_ids, marked_batch
 from solidmark_jax.diffusion import NoiseSchedule, make_schedule
 

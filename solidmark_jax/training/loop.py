@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from solidmark_jax import parallel
-from solidmark_jax.data import BatchPlan
+from solidmark_jax.data.pipeline import BatchPlan
 from solidmark_jax.experiment import Experiment, build_experiment, sync_keymap
 from solidmark_jax.models import as_denoiser, init_params
 from solidmark_jax.training import checkpoint as ckpt
@@ -163,22 +163,21 @@ def train(config, workdir: str) -> dict:
 
 def _sample_grid_fn(exp: Experiment, mesh):
   """Returns save(params, step, directory): a PNG grid of plain samples (no known region)."""
-  from solidmark_jax.outpaint import make_outpaint_fn
-  from solidmark_jax.report import save_image_grid
+  from solidmark_jax.outpaint import make_outpaint_fn, sample
+  from solidmark_jax.report import write_sample_grid
 
   cfg = exp.config.train
-  n = cfg.num_samples - cfg.num_samples % mesh.size or mesh.size
-  outpaint = make_outpaint_fn(as_denoiser(exp.model), exp.sched, num_steps=cfg.sample_steps,
-                              return_images=True, mesh=mesh)
-  conds = exp.conditions[np.linspace(0, len(exp.conditions) - 1, n).astype(np.int64)].astype(np.int32)
-  blank = np.zeros((n, exp.image_size, exp.image_size, exp.channels), np.float32)
-  full = np.ones((exp.image_size, exp.image_size, 1), np.float32)
+  outpainter = make_outpaint_fn(as_denoiser(exp.model), exp.sched, num_steps=cfg.sample_steps, mesh=mesh)
+  rows = np.linspace(0, len(exp.conditions) - 1, cfg.num_samples).astype(np.int64)
+  conds = exp.conditions[rows].astype(np.int32)
 
   def save(params, step, directory):
-    out = outpaint(params, blank, full, conds, jax.random.key(step), repeats=1)
-    images = parallel.to_host(out["images"])[:, 0]
-    if jax.process_index() == 0:
-      os.makedirs(directory, exist_ok=True)
-      save_image_grid(os.path.join(directory, f"step_{step:07d}.png"), (images + 1) / 2)
+    if jax.process_count() > 1:  # Outpainter.run is single-process; samples are a diagnostic only
+      return
+    images = sample(outpainter, params, conds, jax.random.key(step), (exp.image_size, exp.image_size,
+                                                                      exp.channels), repeats=1)
+    os.makedirs(directory, exist_ok=True)
+    write_sample_grid(os.path.join(directory, f"step_{step:07d}.png"), images,
+                      row_labels=[f"condition {c}" for c in conds])
 
   return save

@@ -1,0 +1,28 @@
+"""Measure memorisation of a trained SolidMark model: outpaint borders, score l_SM, write a report.
+
+  python evaluate.py --config configs/fashion_mnist.py --workdir workdirs/fashion_mnist
+  python evaluate.py --config configs/tiny.py --workdir /tmp/tiny --step 2 --config.eval.repeats=4
+
+Writes DIR/eval/: summary.json, summary.md, per_image.csv, plots and an image grid. Re-running
+after an interruption skips the images already scored.
+"""
+
+from absl import app, flags
+
+from solidmark_jax import cli
+
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+
+
+def main(argv):
+  del argv
+  cli.setup()
+  from solidmark_jax.evaluation import evaluate
+  summary = evaluate(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step)
+  if summary is not None:
+    import os
+    print(open(os.path.join(os.path.abspath(cli.FLAGS.workdir), "eval", "summary.md")).read())
+
+
+if __name__ == "__main__":
+  app.run(main)
