@@ -11,3 +11,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory):
+  """A TFDS data dir with Fashion-MNIST prepared offline from Debian's files, once per session.
+
+  Set SOLIDMARK_TEST_TFDS_DIR to reuse a prepared dir across sessions (it is created if missing).
+  """
+  from ml_collections import ConfigDict
+  from solidmark_jax.data import open_source
+  data_dir = os.environ.get("SOLIDMARK_TEST_TFDS_DIR") or str(tmp_path_factory.mktemp("tfds"))
+  open_source(ConfigDict({"name": "fashion_mnist", "data_dir": data_dir}), "train")  # ~20 s the first time
+  return data_dir

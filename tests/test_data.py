@@ -40,13 +40,6 @@ def read_idx(path: str) -> np.ndarray:
 # Real Fashion-MNIST, prepared offline through TFDS once per session
 
 
-@pytest.fixture(scope="session")
-def fashion_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  open_source(cfg(name="fashion_mnist", data_dir=data_dir), "train")  # prepares (~20 s on 2 cores)
-  return data_dir
-
-
 @has_fashion
 @pytest.mark.parametrize("split,prefix,n", [("train", "train", 60000), ("test", "t10k", 10000)])
 def test_fashion_mnist_matches_raw_idx(fashion_dir, split, prefix, n):
