@@ -148,8 +148,8 @@ def train(config, workdir: str) -> dict:
         t_last, n_last = time.perf_counter(), done
         writer.scalars(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-      checkpointer.save(done, state, ckpt.make_meta(config, done, exp.keymap.hash),
-                        force=done == cfg.num_steps)
+      if checkpointer.should_save(done) or done == cfg.num_steps:
+        checkpointer.save(done, state, ckpt.make_meta(config, done, exp.keymap.hash), force=True)
       if sampler and done % cfg.sample_every == 0:
         sampler(state["ema_params"], done, os.path.join(workdir, "samples"))
   finally:
