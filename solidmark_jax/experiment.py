@@ -49,6 +49,7 @@ class Experiment:
     return {
         "image": marked_batch(rows["image"], keys, self.config.marks.pad, self.config.marks.pattern),
         "condition": self.conditions[instance_ids].astype(np.int32),
+        "label": np.asarray(rows["label"], np.int32),
         "key": keys.astype(np.float32),
         "instance_id": instance_ids.astype(np.int64),
     }
