@@ -168,14 +168,15 @@ def _sample_grid_fn(exp: Experiment, mesh):
 
   cfg = exp.config.train
   outpainter = make_outpaint_fn(as_denoiser(exp.model), exp.sched, num_steps=cfg.sample_steps, mesh=mesh)
-  rows = np.linspace(0, len(exp.conditions) - 1, cfg.num_samples).astype(np.int64)
+  per_row = 4  # samples per condition: one row of the grid per condition
+  rows = np.linspace(0, len(exp.conditions) - 1, max(cfg.num_samples // per_row, 1)).astype(np.int64)
   conds = exp.conditions[rows].astype(np.int32)
 
   def save(params, step, directory):
     if jax.process_count() > 1:  # Outpainter.run is single-process; samples are a diagnostic only
       return
     images = sample(outpainter, params, conds, jax.random.key(step), (exp.image_size, exp.image_size,
-                                                                      exp.channels), repeats=1)
+                                                                      exp.channels), repeats=per_row)
     os.makedirs(directory, exist_ok=True)
     write_sample_grid(os.path.join(directory, f"step_{step:07d}.png"), images,
                       row_labels=[f"condition {c}" for c in conds])
