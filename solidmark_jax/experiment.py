@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import numpy as np
 
 from solidmark_jax import marks, models
@@ -90,8 +91,31 @@ def sync_keymap(exp: Experiment, workdir: str, *, write: bool) -> str:
 
   A keymap already in the workdir that differs from the config's is an error: the workdir belongs
   to another data/marks setup, and nothing there is overwritten.
+
+  In a multi-process run only the writer (process 0) touches the file; the other processes never
+  read it (on a shared file system they could race its creation; on separate disks it is not
+  there) but learn process 0's verdict in a broadcast, so every process returns, or raises, together,
+  and the file is in place on return. Every process must call this at the same point.
   """
   path = os.path.join(workdir, KEYMAP_FILE)
+  multi = jax.process_count() > 1
+  error = None
+  if write or not multi:
+    try:
+      _check_or_write_keymap(exp, path, write)
+    except Exception as e:  # pylint: disable=broad-except - re-raised below, after the broadcast
+      error = e
+  if multi:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      raise ValueError(f"{path}: process 0 could not check or write the workdir's keymap (see its log)")
+  if error is not None:
+    raise error
+  return path
+
+
+def _check_or_write_keymap(exp: Experiment, path: str, write: bool) -> None:
   if os.path.exists(path):
     stored = marks.Keymap.load(path)
     if stored.hash != exp.keymap.hash:
@@ -100,6 +124,5 @@ def sync_keymap(exp: Experiment, workdir: str, *, write: bool) -> str:
           f"the one this config draws (hash {exp.keymap.hash[:16]}..., {len(exp.keymap)} instances): "
           "the data, subset, duplication or key seed changed. Use another --workdir.")
   elif write:
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     exp.keymap.save(path)
-  return path
