@@ -49,7 +49,12 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     if not create and not os.path.isdir(self.directory):
       raise FileNotFoundError(f"no checkpoint directory at {self.directory}")
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=create)
+    policies = ocp.checkpoint_managers
+    # Every `save_every` steps (and on preemption) only: Orbax's default policy also saves the first
+    # step a manager sees in an empty directory (a stray step-1 checkpoint in every fresh run).
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, save_decision_policy=policies.AnySavePolicy(
+            [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
