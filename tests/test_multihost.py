@@ -1,13 +1,15 @@
-"""Multi-host training: 2 processes x 2 CPU devices train exactly like 1 process x 4 devices.
+"""Multi-host runs: 2 processes x 2 CPU devices train and evaluate like 1 process x 4 devices.
 
-Both runs go through train.py as subprocesses (jax.distributed over 127.0.0.1 with gloo CPU
-collectives for the 2-process run) and run concurrently; the test then reads both workdirs: the final
-Orbax checkpoints (as numpy), the losses TensorBoard logged, and the keymap files.
+The runs go through train.py / evaluate.py as subprocesses (jax.distributed over 127.0.0.1 with gloo
+CPU collectives for the 2-process runs), the single- and the multi-process run concurrently; the
+tests then read the workdirs: the final Orbax checkpoints (as numpy), the losses TensorBoard logged,
+the keymap files, the sample grids and the evaluation results.
 """
 
 import glob
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -17,6 +19,8 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
 
 from configs import tiny
 
@@ -41,15 +45,28 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _start(workdir, data_dir, log_path, devices, *extra):
-  cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-         "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.train.num_steps={STEPS}",
-         "--config.train.log_every=1", "--config.train.checkpoint_every=1000", "--config.train.sample_every=0",
-         *extra]
+def _start(script, workdir, data_dir, log_path, devices, *extra, process=None):
+  """Starts `script` on tiny.py; process = (coordinator address, index) joins a 2-process run."""
+  cmd = [sys.executable, os.path.join(ROOT, script), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+         "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *extra]
+  if process is not None:
+    cmd += [f"--coordinator_address={process[0]}", "--num_processes=2", f"--process_id={process[1]}"]
   log = open(log_path, "w")
   proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=log, stderr=subprocess.STDOUT)
   log.close()
   return proc
+
+
+def _run_both(script, single, multi, data_dir, log_dir, *extra) -> tuple[dict, str]:
+  """Runs `script` as 1 process x 4 devices on `single` and 2 x 2 on `multi`, concurrently."""
+  procs = {"one process x 4 devices": (_start(script, single, data_dir, log_dir / "single.log", 4, *extra),
+                                       log_dir / "single.log")}
+  address = f"127.0.0.1:{_free_port()}"
+  for i in range(2):
+    log = log_dir / f"process_{i}.log"
+    procs[f"process {i} of 2"] = (_start(script, multi, data_dir, log, 2, *extra, process=(address, i)), log)
+  codes = _wait_all(procs)
+  return codes, _logs(procs, codes)
 
 
 def _wait_all(procs: dict) -> dict:
@@ -113,20 +130,20 @@ def _logged_losses(workdir) -> dict:
   return losses
 
 
-def test_two_processes_train_like_one(fashion_dir, tmp_path):
-  multi, single = tmp_path / "two_processes", tmp_path / "one_process"
-  address = f"127.0.0.1:{_free_port()}"
-  procs = {}
-  procs["one process x 4 devices"] = (_start(single, fashion_dir, tmp_path / "single.log", 4),
-                                      tmp_path / "single.log")
-  for i in range(2):
-    log = tmp_path / f"process_{i}.log"
-    procs[f"process {i} of 2"] = (_start(multi, fashion_dir, log, 2, f"--coordinator_address={address}",
-                                         "--num_processes=2", f"--process_id={i}"), log)
-  codes = _wait_all(procs)
-  logs = _logs(procs, codes)
+@pytest.fixture(scope="module")
+def trained(fashion_dir, tmp_path_factory):
+  """Workdirs (single, multi) of the same STEPS-step tiny run, trained by 1 process and by 2."""
+  root = tmp_path_factory.mktemp("multihost_train")
+  single, multi = root / "one_process", root / "two_processes"
+  codes, logs = _run_both("train.py", single, multi, fashion_dir, root, f"--config.train.num_steps={STEPS}",
+                          "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
+                          f"--config.train.sample_every={STEPS}")
   assert all(c == 0 for c in codes.values()), f"training failed: {codes}\n{logs}"
+  return single, multi, logs
 
+
+def test_two_processes_train_like_one(trained):
+  single, multi, logs = trained
   # Both runs used a 4-device mesh, so the global batches, their split and the reductions agree; only
   # the collectives differ (gloo across processes vs in-process). Losses agree to float32 rounding.
   # Parameters after Adam do not quite: Adam divides each gradient by its own running scale, so a
@@ -134,7 +151,7 @@ def test_two_processes_train_like_one(fashion_dir, tmp_path):
   # ~lr either way. Tolerance: atol 0.1 * lr (1e-4 at lr 1e-3), rtol 1e-4 (measured max |diff| ~5e-5).
   lr = tiny.get_config().train.learning_rate
   loss_single, loss_multi = _logged_losses(single), _logged_losses(multi)
-  assert sorted(loss_single) == sorted(loss_multi) == list(range(1, STEPS + 1)), (loss_single, loss_multi)
+  assert sorted(loss_single) == sorted(loss_multi) == list(range(1, STEPS + 1)), (loss_single, loss_multi, logs)
   for step in loss_single:
     np.testing.assert_allclose(loss_multi[step], loss_single[step], rtol=1e-5, err_msg=f"loss at step {step}")
 
@@ -157,3 +174,43 @@ def test_two_processes_train_like_one(fashion_dir, tmp_path):
       keymaps.append(json.load(f)["hash"])
     assert _read_meta(workdir, STEPS)["keymap_hash"] == keymaps[-1]
   assert keymaps[0] == keymaps[1]
+
+  # The sample grid: sampled by both processes, written by process 0. The EMA parameters differ by
+  # ~4e-5, far below one grey level of the PNG (measured: identical); allow 2 levels.
+  grids = [np.asarray(Image.open(w / "samples" / f"step_{STEPS:07d}.png"), np.int16) for w in (single, multi)]
+  assert grids[0].shape == grids[1].shape
+  assert np.abs(grids[0] - grids[1]).max() <= 2
+
+
+def _results(workdir) -> dict:
+  out = {}
+  with open(workdir / "eval" / "results.jsonl") as f:
+    for line in f:
+      row = json.loads(line)
+      if "group" in row:
+        out[(row["group"], row["instance_id"])] = (row["key"], row["k_pred"])
+  return out
+
+
+def test_two_processes_evaluate_like_one(trained, fashion_dir, tmp_path):
+  """Evaluates the checkpoint of the 2-process run with 2 processes and, on a copy, with 1."""
+  _, trained_multi, _ = trained
+  single, multi = tmp_path / "one_process", tmp_path / "two_processes"
+  for workdir in (single, multi):
+    shutil.copytree(trained_multi, workdir, ignore=shutil.ignore_patterns("eval"))
+  codes, logs = _run_both("evaluate.py", single, multi, fashion_dir, tmp_path,
+                          "--config.eval.num_grid=0")
+  assert all(c == 0 for c in codes.values()), f"evaluation failed: {codes}\n{logs}"
+  a, b = _results(single), _results(multi)
+  cfg = tiny.get_config().eval
+  assert len(a) == cfg.num_members + cfg.num_nonmembers, (a, logs)
+  assert sorted(a) == sorted(b)
+  # Same parameters, same batches on the same 4-device mesh: the outpaintings agree to float rounding.
+  for k in a:
+    assert a[k][0] == b[k][0], k
+    np.testing.assert_allclose(b[k][1], a[k][1], atol=1e-5, err_msg=str(k))
+  with open(trained_multi / "keymap.json") as f:
+    keymap_hash = json.load(f)["hash"]
+  for workdir in (single, multi):
+    with open(workdir / "eval" / "summary.json") as f:
+      assert json.load(f)["keymap_hash"] == keymap_hash

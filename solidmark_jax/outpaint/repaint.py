@@ -252,10 +252,12 @@ class Outpainter:
   def run(self, params, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray, rng, repeats: int = 1,
           ids: np.ndarray | None = None, batch_size: int | None = None,
           return_images: bool | None = None) -> dict[str, np.ndarray]:
-    """Host convenience (single process): numpy in, numpy out, rows padded to `batch_size`.
+    """Host convenience: numpy in, numpy out, rows padded to `batch_size`.
 
     Padding every batch (the ragged last one included) to one `batch_size` keeps the shape fixed,
     so the function compiles once per evaluation. Default `batch_size`: N rounded up to the mesh.
+    In a multi-process run every process passes the same rows and gets all results back; each
+    contributes its own block of rows to the sharded batch.
     """
     n = known.shape[0]
     multiple = self.mesh.size if self.mesh is not None else 1
@@ -264,8 +266,13 @@ class Outpainter:
     if ids is None:
       ids = np.arange(n)
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)]) if size > n else a
-    out = self(params, pad(np.asarray(known, np.float32)), np.asarray(mask, np.float32),
-               pad(np.asarray(conditions, np.int32)), rng, repeats, ids=pad(np.asarray(ids, np.int32)),
+    rows = (pad(np.asarray(known, np.float32)), pad(np.asarray(conditions, np.int32)),
+            pad(np.asarray(ids, np.int32)))
+    if self.mesh is not None and jax.process_count() > 1:  # numpy cannot feed other processes' devices
+      local = parallel.process_slice(size)
+      rows = parallel.global_batch(self.mesh, tuple(a[local] for a in rows))
+    known, conditions, ids = rows
+    out = self(params, known, np.asarray(mask, np.float32), conditions, rng, repeats, ids=ids,
                return_images=return_images)
     return {name: parallel.to_host(v)[:n] for name, v in out.items()}
 

@@ -173,10 +173,10 @@ def _sample_grid_fn(exp: Experiment, mesh):
   conds = exp.conditions[rows].astype(np.int32)
 
   def save(params, step, directory):
-    if jax.process_count() > 1:  # Outpainter.run is single-process; samples are a diagnostic only
-      return
     images = sample(outpainter, params, conds, jax.random.key(step), (exp.image_size, exp.image_size,
                                                                       exp.channels), repeats=per_row)
+    if jax.process_index() != 0:  # every process samples (a collective), process 0 writes
+      return
     os.makedirs(directory, exist_ok=True)
     write_sample_grid(os.path.join(directory, f"step_{step:07d}.png"), images,
                       row_labels=[f"condition {c}" for c in conds])
