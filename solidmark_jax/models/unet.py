@@ -22,6 +22,8 @@ from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
 
 CONDITIONS = ("class", "image", "none")
 GROUPNORM_GROUPS = 32  # diffusers' Flax UNet hard-codes 32 groups in every GroupNorm
+DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")  # the block types diffusers' Flax UNet has
+UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -60,6 +62,11 @@ def validate(model_cfg, image_size: int, channels: int) -> None:
     raise ValueError(
         f"model.down_block_types ({len(model_cfg.down_block_types)}) and model.up_block_types "
         f"({len(model_cfg.up_block_types)}) must each have one entry per block_out_channels ({len(blocks)})")
+  for field, known in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+    unknown = [b for b in getattr(model_cfg, field) if b not in known]
+    if unknown:  # diffusers would silently build a plain (attention-free) block for any other name
+      raise ValueError(f"model.{field}={tuple(getattr(model_cfg, field))}: unknown block types {unknown}; "
+                       f"each must be one of {known}")
   bad = [c for c in blocks if c % GROUPNORM_GROUPS]
   if bad:
     raise ValueError(
