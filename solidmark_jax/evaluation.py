@@ -36,7 +36,10 @@ NONMEMBER_KEY_SALT = 0x0E1D  # non-member keys: keys_for(key_seed + salt, record
 
 def _validate(config, mesh) -> tuple[float, ...]:
   c = config.eval
-  thresholds = metrics.validate_thresholds(tuple(c.thresholds))
+  try:
+    thresholds = metrics.validate_thresholds(tuple(c.thresholds))
+  except ValueError as e:
+    raise ValueError(f"eval.thresholds: {e}") from None
   if c.batch_size % mesh.size:
     raise ValueError(f"eval.batch_size={c.batch_size} must be divisible by the {mesh.size} devices of the mesh")
   if c.batch_size % jax.process_count():
@@ -91,22 +94,24 @@ def load_checkpoint(exp: Experiment, workdir: str, step: int | None, mesh):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no checkpoints here; train first (python train.py ... --workdir {workdir})")
   checkpointer = ckpt.Checkpointer(directory, create=False)
-  steps = checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{directory}: no checkpoints here; train first")
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise ValueError(f"{directory}: no checkpoint at step {step}; there are {sorted(steps)}")
-  meta = checkpointer.check_compatible(step, exp.config, keymap_hash=None)
-  keymap_path = os.path.join(workdir, KEYMAP_FILE)
-  stored = marks.Keymap.load(keymap_path, expected_hash=meta["keymap_hash"])
-  if stored.hash != exp.keymap.hash:
-    raise ValueError(f"{keymap_path}: the keymap the model was trained with differs from the one this config "
-                     "draws (data, subset, duplication or key seed changed)")
-  target, _ = abstract_state(exp, mesh, make_optimizer(exp.config.train))
-  state = checkpointer.restore_state(step, target)
-  checkpointer.close()
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{directory}: no checkpoints here; train first")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise ValueError(f"{directory}: no checkpoint at step {step}; there are {sorted(steps)}")
+    meta = checkpointer.check_compatible(step, exp.config, keymap_hash=None)
+    keymap_path = os.path.join(workdir, KEYMAP_FILE)
+    stored = marks.Keymap.load(keymap_path, expected_hash=meta["keymap_hash"])
+    if stored.hash != exp.keymap.hash:
+      raise ValueError(f"{keymap_path}: the keymap the model was trained with differs from the one this config "
+                       "draws (data, subset, duplication or key seed changed)")
+    target, _ = abstract_state(exp, mesh, make_optimizer(exp.config.train))
+    state = checkpointer.restore_state(step, target)
+  finally:
+    checkpointer.close()
   return state["ema_params"], step, meta
 
 
@@ -123,12 +128,6 @@ def evaluate(config, workdir: str, step: int | None = None, out_dir: str | None 
   op = make_outpaint_fn(as_denoiser(exp.model), exp.sched, num_steps=c.num_steps, sampler=c.sampler, eta=c.eta,
                         jump_length=c.jump_length, resamples=c.resamples, guidance_scale=c.guidance_scale,
                         null_condition=exp.null_id, mesh=mesh)
-  param_sets = {"members": params, "non_members": params}
-  if c.random_init_baseline:
-    groups.append(_member_group(exp, c.num_members, c.seed, name="random_init"))
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    param_sets["random_init"] = jax.jit(lambda r: init_params(exp.model, r, exp.image_size, exp.channels),
-                                        out_shardings=shardings)(jax.random.key(config.seed + 7))
   meta = {
       "checkpoint_step": int(step),
       "keymap_hash": exp.keymap.hash,
@@ -137,12 +136,23 @@ def evaluate(config, workdir: str, step: int | None = None, out_dir: str | None 
       "nonmember_split": config.data.eval_split,
   }
   is_main = jax.process_index() == 0
+  # Opened once every setting is validated and before anything is compiled: results of other
+  # settings in out_dir fail fast, untouched.
   store = report.ResultStore(os.path.join(out_dir, "results.jsonl"), meta=meta) if is_main else None
+  param_sets = {"members": params, "non_members": params}
+  if c.random_init_baseline:
+    groups.append(_member_group(exp, c.num_members, c.seed, name="random_init"))
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    param_sets["random_init"] = jax.jit(lambda r: init_params(exp.model, r, exp.image_size, exp.channels),
+                                        out_shardings=shardings)(jax.random.key(config.seed + 7))
   mask = exp.mask
   rng = jax.random.key(c.seed)
   total = sum(len(g.ids) for g in groups)
   done = sum(len(g.ids) - len(store.remaining(g.name, g.ids)) for g in groups) if is_main else 0
   done = int(parallel.to_host(_broadcast(done)))
+  if is_main and done:
+    log.info("%s: %d of %d images already scored; outpainting the other %d", store.path, done, total,
+             total - done)
   bar = tqdm(total=total, initial=done, desc="outpaint", unit="img", dynamic_ncols=True, disable=not is_main)
   for gi, g in enumerate(groups):
     todo = store.remaining(g.name, g.ids) if is_main else None

@@ -101,20 +101,24 @@ def train(config, workdir: str) -> dict:
 
   checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
                                    keep=cfg.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    checkpointer.check_compatible(latest, config, exp.keymap.hash)
-  sync_keymap(exp, workdir, write=jax.process_index() == 0)
+  try:
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      checkpointer.check_compatible(latest, config, exp.keymap.hash)
+    sync_keymap(exp, workdir, write=jax.process_index() == 0)
 
-  tx = make_optimizer(cfg)
-  if latest is None:
-    state, shardings = create_state(exp, mesh, tx, jax.random.key(config.seed))
-    start = 0
-  else:
-    target, shardings = abstract_state(exp, mesh, tx)
-    state = checkpointer.restore_state(latest, target)
-    start = int(state["step"])
-    log.info("resumed from checkpoint %d in %s", start, workdir)
+    tx = make_optimizer(cfg)
+    if latest is None:
+      state, shardings = create_state(exp, mesh, tx, jax.random.key(config.seed))
+      start = 0
+    else:
+      target, shardings = abstract_state(exp, mesh, tx)
+      state = checkpointer.restore_state(latest, target)
+      start = int(state["step"])
+      log.info("resumed from checkpoint %d in %s", start, workdir)
+  except BaseException:
+    checkpointer.close()  # a refused workdir leaves no Orbax threads behind
+    raise
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   log.info("%d instances, model %.2fM parameters, marked images %dx%dx%d, mesh %s", len(exp.instances),
            n_params / 1e6, exp.image_size, exp.image_size, exp.channels, dict(mesh.shape))
