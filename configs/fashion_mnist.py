@@ -29,6 +29,7 @@ def get_config():
   c.train.ema_decay = 0.999
   c.train.checkpoint_every = 100
   c.train.sample_every = 250
-  c.eval.num_members = 1000
-  c.eval.num_nonmembers = 1000
+  c.eval.num_members = 256  # CPU-sized; the paper evaluates n = 5,000 or 10,000 with 250 steps
+  c.eval.num_nonmembers = 256
+  c.eval.num_steps = 50
   return c
