@@ -5,6 +5,7 @@ compilation cache (one per pytest session), so only the first run pays for compi
 that need no process of their own call `train()` in-process (8 fake devices, see conftest.py).
 """
 
+import gc
 import json
 import logging
 import os
@@ -111,8 +112,10 @@ def _tensorboard_steps(logdir) -> dict[str, list[int]]:
   for name in sorted(os.listdir(logdir)):
     data = open(os.path.join(logdir, name), "rb").read()
     pos = 0
-    while pos < len(data):
+    while pos + 12 <= len(data):
       (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      if pos + 12 + n + 4 > len(data):  # a record torn by kill -9
+        break
       event = Event.FromString(data[pos + 12:pos + 12 + n])
       pos += 12 + n + 4
       for v in event.summary.value:
@@ -158,8 +161,8 @@ def test_train_end_to_end(fresh):
   # sample grids every sample_every steps
   assert sorted(os.listdir(workdir / "samples")) == ["step_0000003.png", "step_0000006.png"]
   with Image.open(workdir / "samples" / "step_0000006.png") as im:
-    im.load()
-    assert im.width > 16 and im.height > 16 * (config.train.num_samples // 2)
+    pixels = np.asarray(im.convert("L"))
+  assert pixels.shape[0] > 64 and pixels.shape[1] > 64 and pixels.std() > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +258,24 @@ def test_workdir_with_another_keymap_is_refused(fresh, tmp_path):
   assert _snapshot(workdir) == before
 
 
+def _settle_unraisable(quiet_s: float = 0.5, limit_s: float = 10.0) -> None:
+  """Waits until no "unraisable" exception has arrived for `quiet_s` (Orbax's reads that were still in
+  flight when a restore failed report to an event loop it has closed), so they land in this test."""
+  seen = []
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda u: (seen.append(1), previous(u))
+  try:
+    deadline, last, count = time.monotonic() + limit_s, time.monotonic(), -1
+    while time.monotonic() < deadline and time.monotonic() - last < quiet_s:
+      gc.collect()
+      if len(seen) != count:
+        count, last = len(seen), time.monotonic()
+      time.sleep(0.05)
+  finally:
+    sys.unraisablehook = previous
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_checkpoint_is_an_error_not_a_fresh_start(fresh, tmp_path):
   workdir, overrides, _ = fresh
   workdir = _copy(workdir, tmp_path)
@@ -271,6 +292,7 @@ def test_damaged_checkpoint_is_an_error_not_a_fresh_start(fresh, tmp_path):
   before = _snapshot(workdir)
   with pytest.raises(RuntimeError, match="restoring checkpoint 6 failed"):
     train(_config(overrides), str(workdir))
+  _settle_unraisable()
   assert _snapshot(workdir) == before
 
 
