@@ -105,13 +105,13 @@ def _steps(ckpt_dir) -> list[int]:
   return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
 
 
-def _tensorboard_steps(logdir) -> dict[str, list[int]]:
-  """tag -> steps of every scalar in the event files under `logdir` (TFRecord framing, Event protos)."""
+def _tensorboard_steps(logdir) -> list[dict[str, list[int]]]:
+  """Per event file under `logdir` (oldest first): tag -> steps of its scalars (TFRecord framing, Event protos)."""
   from tensorboardX.proto.event_pb2 import Event
-  out = {}
-  for name in sorted(os.listdir(logdir)):
+  files = []
+  for name in sorted(os.listdir(logdir), key=lambda n: os.path.getmtime(os.path.join(logdir, n))):
     data = open(os.path.join(logdir, name), "rb").read()
-    pos = 0
+    out, pos = {}, 0
     while pos + 12 <= len(data):
       (n,) = struct.unpack("<Q", data[pos:pos + 8])
       if pos + 12 + n + 4 > len(data):  # a record torn by kill -9
@@ -120,7 +120,8 @@ def _tensorboard_steps(logdir) -> dict[str, list[int]]:
       pos += 12 + n + 4
       for v in event.summary.value:
         out.setdefault(v.tag, []).append(int(event.step))
-  return out
+    files.append(out)
+  return files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def test_train_end_to_end(fresh):
     assert meta["config_fingerprint"] == ckpt.config_fingerprint(config)
   checkpointer.close()
   # TensorBoard scalars every log_every steps
-  scalars = _tensorboard_steps(workdir / "tensorboard")
+  (scalars,) = _tensorboard_steps(workdir / "tensorboard")
   assert scalars["loss"] == [2, 4, 6]
   assert {"loss", "learning_rate", "images_per_s"} <= set(scalars)
   # sample grids every sample_every steps
@@ -206,10 +207,9 @@ def test_kill_and_resume(fashion_dir, cli_env, tmp_path, fresh, caplog):
   assert checkpointer.read_meta(30)["step"] == 30
   assert {checkpointer.read_meta(s)["keymap_hash"] for s in after} == {km_hash}
   checkpointer.close()
-  # the resumed run logs the steps after the checkpoint, not from 0
-  scalars = _tensorboard_steps(workdir / "tensorboard")["loss"]
-  assert scalars[-1] == 30
-  assert set(range(last + 5, 31, 5)) <= set(scalars)
+  # the resumed run logs the steps after its checkpoint, not from 0
+  events = _tensorboard_steps(workdir / "tensorboard")
+  assert len(events) == 2 and events[-1]["loss"] == list(range(last + 5, 31, 5))
 
   # a re-run of a finished workdir trains nothing and writes no checkpoint (in-process: no new process needed)
   with caplog.at_level(logging.INFO, logger="solidmark_jax"):
