@@ -18,8 +18,9 @@ warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
 
 try:
   from diffusers import FlaxUNet2DConditionModel
+  from diffusers.models.attention_flax import FlaxAttention
 except ImportError as e:  # pragma: no cover
   raise ImportError(
       f"diffusers {diffusers.__version__} has no FlaxUNet2DConditionModel; install diffusers<0.40") from e
 
-__all__ = ["FlaxUNet2DConditionModel"]
+__all__ = ["FlaxAttention", "FlaxUNet2DConditionModel"]

@@ -7,11 +7,17 @@ is the null condition, fed to the UNet as a length-1 `encoder_hidden_states` seq
 - "image": one id per distinct training image, a stand-in for a unique caption;
 - "none": always the null id (unconditional models).
 
-Images are channels-last [B, H, W, C] in model space at our boundary; diffusers' UNet takes NCHW.
+Images are channels-last [B, H, W, C] in model space at our boundary; diffusers' UNet takes NCHW
+(and works in NHWC inside, so the two transposes cancel).
+
+By default the UNet runs with `fast_layers`: diffusers' GroupNorm and attention layers computed by
+equal but faster functions on the same parameters (docs/performance.md); `fast=False` gives the
+unmodified diffusers computation.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -19,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
+from solidmark_jax.models.fast_layers import fast_layers
 
 CONDITIONS = ("class", "image", "none")
 GROUPNORM_GROUPS = 32  # diffusers' Flax UNet hard-codes 32 groups in every GroupNorm
@@ -34,6 +41,7 @@ class ConditionedUNet(nn.Module):
   unet_kwargs: dict
   num_conditions: int
   cross_attention_dim: int
+  fast: bool = True  # swap in `fast_layers` (same parameters, same result to ~1e-6)
 
   @property
   def null_id(self) -> int:
@@ -47,7 +55,8 @@ class ConditionedUNet(nn.Module):
     """x_t [B, H, W, C], t [B] int, condition [B] int -> eps_hat [B, H, W, C]."""
     context = self.embed(condition)[:, None, :]  # [B, 1, D]
     sample = jnp.transpose(x_t, (0, 3, 1, 2))  # [B, C, H, W]
-    out = self.unet(sample, t, context, train=False).sample
+    with fast_layers() if self.fast else contextlib.nullcontext():
+      out = self.unet(sample, t, context, train=False).sample
     return jnp.transpose(out, (0, 2, 3, 1))  # [B, H, W, C]
 
 
