@@ -137,10 +137,14 @@ def train(config, workdir: str) -> dict:
   bar = tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   t_last, n_last = time.perf_counter(), start
+  in_flight = None
   try:
     for step, local in zip(steps, _prefetch(load, steps)):
       batch = parallel.global_batch(mesh, local)
       state, out = train_step(state, batch, rng)
+      if in_flight is not None:  # at most two steps queued: the bar shows finished steps, not dispatched ones
+        jax.block_until_ready(in_flight)
+      in_flight = out["loss"]
       done = step + 1
       bar.update(1)
       if done % cfg.log_every == 0 or done == cfg.num_steps:
