@@ -28,13 +28,38 @@ def default_config() -> ml_collections.ConfigDict:
   c.marks.key_seed = 0  # keys are reproducible from (key_seed, instance id)
 
   c.model = ml_collections.ConfigDict()
-  c.model.condition = "class"  # "class", "image" (one id per distinct image, like a unique caption), "none"
+  c.model.space = "pixel"  # "pixel", or "latent": the UNet works on the VAE's latents (section `vae`)
+  # "class", "image" (one id per distinct image, like a unique caption), "text" (captions through the
+  # frozen text encoder of section `text`), "none"
+  c.model.condition = "class"
+  c.model.pretrained = ml_collections.config_dict.placeholder(str)  # diffusers dir (SD root or unet/): fine-tune
   c.model.block_out_channels = (32, 64, 64)
   c.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
   c.model.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
   c.model.layers_per_block = 1
   c.model.attention_head_dim = 8
   c.model.cross_attention_dim = 64
+
+  c.text = ml_collections.ConfigDict()  # model.condition == "text"
+  c.text.pretrained = ml_collections.config_dict.placeholder(str)  # SD root (text_encoder/, tokenizer/) or None
+  c.text.max_length = 77  # tokens, start and end included
+  c.text.on_too_long = "truncate"  # or "error"; truncated captions are counted in the report
+  c.text.hidden_size = 64  # fresh text model (no `pretrained`): must equal model.cross_attention_dim
+  c.text.num_layers = 2
+  c.text.num_heads = 4
+  c.text.intermediate_size = 128
+
+  c.vae = ml_collections.ConfigDict()  # model.space == "latent"
+  c.vae.pretrained = ml_collections.config_dict.placeholder(str)  # SD root (vae/) or a vae folder; None: stage 1
+  c.vae.block_out_channels = (32, 64)  # fresh VAE: 2^(len - 1) down-sampling
+  c.vae.layers_per_block = 1
+  c.vae.latent_channels = 4
+  c.vae.scaling_factor = ml_collections.config_dict.placeholder(float)  # None: 1 / std of the latents
+  c.vae.cache_latents = False  # encode the training set once (posterior means) instead of every step
+  c.vae.train_steps = 1000  # stage 1 (fresh VAE only)
+  c.vae.batch_size = 32
+  c.vae.learning_rate = 1e-3
+  c.vae.kl_weight = 1e-6
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"
@@ -75,5 +100,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.guidance_scale = 1.0
   c.eval.thresholds = (0.1, 0.05, 0.01, 0.005)
   c.eval.random_init_baseline = False
+  c.eval.remask_every = 10  # latent models: decode, re-mask in pixels and re-encode every s steps
   c.eval.num_grid = 16  # images in the PNG grid
   return c
