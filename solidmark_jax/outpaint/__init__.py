@@ -10,3 +10,10 @@ from solidmark_jax.outpaint.repaint import (
     repaint_steps,
     sample,
 )
+# `outpaint.augment` stays the module (its function is `outpaint.augment.augment`).
+from solidmark_jax.outpaint.augment import (
+    AUGMENTATIONS,
+    BLUR_KERNELS,
+    CROP_SIZES,
+    Augmentation,
+)

@@ -1,0 +1,155 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from solidmark_jax import marks
+from solidmark_jax.outpaint import augment as aug
+from solidmark_jax.outpaint.augment import Augmentation
+
+PAD, SIZE = 2, 16  # 12 x 12 centre inside a 2 px border
+MASK = marks.key_mask(SIZE, SIZE, PAD)
+C = slice(PAD, SIZE - PAD)
+
+
+def _images(n=3, channels=1, seed=0):
+  return np.random.default_rng(seed).uniform(-1, 1, (n, SIZE, SIZE, channels)).astype(np.float32)
+
+
+def _border(x):
+  return np.asarray(x)[:, MASK[..., 0] > 0.5]
+
+
+def test_level_tables_and_config_errors():
+  assert aug.CROP_SIZES[1:] == (0.8, 0.6, 0.4, 0.2) and aug.BLUR_KERNELS[1:] == (5, 9, 13, 17)
+  assert Augmentation.from_config(ConfigDict({"name": "blur", "level": 3})).kernel_size == 13
+  assert Augmentation.from_config({"name": "crop", "level": 4}).crop_size == 0.2
+  assert Augmentation.from_config({"name": "rotate", "angle": 15.0, "seed": 2}) == Augmentation("rotate", 0, 15.0, 2)
+  assert Augmentation.from_config(None) == Augmentation()
+  bad = [({"name": "jpeg"}, r"eval\.augment\.name must be one of \('none', 'crop', 'blur', 'rotate'\)"),
+         ({"name": "crop", "level": 5}, r"eval\.augment\.level must be in 0\.\.4 for crop .*0\.8, 0\.6"),
+         ({"name": "blur", "level": -1}, r"eval\.augment\.level must be in 0\.\.4 for blur .*kernel sizes"),
+         ({"name": "blur", "level": 1.5}, r"eval\.augment\.level must be an integer"),
+         ({"name": "crop", "level": 1, "angle": 10}, r"eval\.augment\.angle=10 is only used by name 'rotate'"),
+         ({"name": "rotate", "level": 2}, r"eval\.augment\.level=2 is only used by 'crop' and 'blur'.*angle"),
+         ({"name": "rotate", "angle": float("inf")}, r"eval\.augment\.angle must be a finite number"),
+         ({"name": "crop", "level": 1, "seed": -3}, r"eval\.augment\.seed must be an integer >= 0"),
+         ({"name": "crop", "levle": 1}, r"eval\.augment: unknown fields \['levle'\]")]
+  for section, message in bad:
+    with pytest.raises(ValueError, match=message):
+      Augmentation.from_config(ConfigDict(section))
+
+
+def test_identities():
+  x = _images()
+  for spec in (Augmentation(), Augmentation("crop", 0), Augmentation("blur", 0), Augmentation("rotate", angle=0),
+               Augmentation("rotate", angle=360.0)):
+    np.testing.assert_array_equal(np.asarray(aug.augment(x, MASK, spec)), x)
+
+
+@pytest.mark.parametrize("spec", [Augmentation("crop", 1), Augmentation("crop", 4), Augmentation("blur", 1),
+                                  Augmentation("blur", 4), Augmentation("rotate", angle=37.0)],
+                         ids=lambda s: f"{s.name}{s.level or s.angle}")
+def test_border_untouched_centre_changed(spec):
+  x = _images(channels=3)
+  y = np.asarray(aug.augment(x, MASK, spec, jax.random.key(1), np.arange(3)))
+  assert y.shape == x.shape and y.dtype == x.dtype
+  np.testing.assert_array_equal(_border(y), _border(x))
+  for n in range(3):
+    assert np.abs(y[n, C, C] - x[n, C, C]).mean() > 0.05, f"{spec} left image {n}'s centre almost unchanged"
+
+
+def test_blur_matches_a_direct_convolution_and_keeps_constants():
+  x = _images(n=2, channels=2)
+  for level in (1, 2, 3, 4):
+    k = aug.BLUR_KERNELS[level]
+    g = aug.gaussian_kernel(k)
+    assert g.shape == (k,) and abs(g.sum() - 1) < 1e-6 and np.argmax(g) == k // 2
+    # direct 2-D reference: reflect pad the centre, correlate with the outer product
+    r = k // 2
+    ref = np.zeros_like(x[:, C, C])
+    padded = np.pad(x[:, C, C], ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    for a in range(k):
+      for b in range(k):
+        ref += g[a] * g[b] * padded[:, a:a + 12, b:b + 12]
+    y = np.asarray(aug.augment(x, MASK, Augmentation("blur", level)))
+    np.testing.assert_allclose(y[:, C, C], ref, atol=2e-6)
+    const = np.where(MASK > 0.5, 0.9, -0.3)[None].astype(np.float32)  # centre -0.3, border 0.9
+    yc = np.asarray(aug.augment(const, MASK, Augmentation("blur", level)))
+    np.testing.assert_allclose(yc, const, atol=1e-6)  # nothing from the border leaks in
+  assert aug.blur_sigma(5) == pytest.approx(1.1) and aug.blur_sigma(17) == pytest.approx(2.9)
+  smooth = [np.abs(np.diff(np.asarray(aug.augment(x, MASK, Augmentation("blur", lv)))[:, C, C], axis=1)).mean()
+            for lv in range(5)]
+  assert all(a > b for a, b in zip(smooth, smooth[1:])), smooth  # stronger level, smoother centre
+
+
+def test_crop_is_a_resized_window_per_image_under_jit():
+  x = np.repeat(_images(n=1), 4, axis=0)  # four copies of one image
+  spec = Augmentation("crop", 2)  # 0.6 of 12 px -> 7 px windows
+  fn = jax.jit(lambda known, rng, ids: aug.augment(known, MASK, spec, rng, ids))
+  y = np.asarray(fn(x, jax.random.key(0), jnp.asarray([10, 11, 12, 13])))
+  assert len({y[n].tobytes() for n in range(4)}) == 4  # per-image crops differ by id
+  windows = np.stack([x[0, C, C][t:t + 7, l:l + 7] for t in range(6) for l in range(6)])  # [36, 7, 7, 1]
+  resized = np.asarray(jax.image.resize(windows, (36, 12, 12, 1), "linear"))
+  for n in range(4):  # each centre is exactly one resized 7 x 7 window
+    errs = np.abs(resized - y[n, C, C]).max(axis=(1, 2, 3))
+    assert errs.min() < 1e-6, errs.min()
+  np.testing.assert_array_equal(_border(y), _border(x))
+  # batching does not matter: instance 12 alone gives the same crop
+  alone = np.asarray(fn(x[:1], jax.random.key(0), jnp.asarray([12])))
+  np.testing.assert_array_equal(alone[0], y[2])
+  other_seed = np.asarray(fn(x, jax.random.key(1), jnp.asarray([10, 11, 12, 13])))
+  assert not np.allclose(other_seed, y)
+
+
+def test_rotation_exact_at_right_angles_and_no_recompile_per_angle():
+  x = _images(channels=3)
+  y90 = np.asarray(aug.augment(x, MASK, Augmentation("rotate", angle=90.0)))
+  y180 = np.asarray(aug.augment(x, MASK, Augmentation("rotate", angle=180.0)))
+  y270 = np.asarray(aug.augment(x, MASK, Augmentation("rotate", angle=-90.0)))
+  for n in range(3):
+    np.testing.assert_array_equal(y90[n, C, C], np.rot90(x[n, C, C]))
+    np.testing.assert_array_equal(y180[n, C, C], np.rot90(x[n, C, C], 2))
+    np.testing.assert_array_equal(y270[n, C, C], np.rot90(x[n, C, C], 3))
+  np.testing.assert_array_equal(_border(y90), _border(x))
+  before = aug.trace_count()
+  y30 = np.asarray(aug.augment(x, MASK, Augmentation("rotate", angle=30.0)))
+  y45 = np.asarray(aug.augment(x, MASK, Augmentation("rotate", angle=45.0)))
+  assert aug.trace_count() - before <= 1  # at most the first angle compiles; the next reuses it
+  assert not np.allclose(y30, y45)
+  # a constant centre stays constant (replicate fill, nothing from the border)
+  const = np.where(MASK > 0.5, 0.9, -0.3)[None].astype(np.float32)
+  np.testing.assert_allclose(np.asarray(aug.augment(const, MASK, Augmentation("rotate", angle=33.0))), const,
+                             atol=1e-6)
+
+
+def test_centre_pattern_key_square_untouched_and_not_leaked():
+  mask = marks.key_mask(SIZE, SIZE, 4, "centre")  # known: everything but a 4 x 4 square
+  x = _images(n=1)
+  for spec in (Augmentation("crop", 1), Augmentation("blur", 2), Augmentation("rotate", angle=20.0)):
+    lo = np.where(mask > 0.5, -0.8, x).astype(np.float32)  # the same image with two different keys
+    hi = np.where(mask > 0.5, 0.8, x).astype(np.float32)
+    y_lo = np.asarray(aug.augment(lo, mask, spec, jax.random.key(0)))
+    y_hi = np.asarray(aug.augment(hi, mask, spec, jax.random.key(0)))
+    known = mask[..., 0] < 0.5
+    np.testing.assert_array_equal(y_lo[0][known], y_hi[0][known])  # the key does not reach the known pixels
+    np.testing.assert_array_equal(y_hi[0][~known], hi[0][~known])  # the key square is untouched
+    assert np.abs(y_lo[0][known] - x[0][known]).mean() > 0.02
+
+
+def test_bad_inputs():
+  x = _images()
+  with pytest.raises(ValueError, match=r"augment: mask must be concrete"):
+    jax.jit(lambda m: aug.augment(x, m, Augmentation("blur", 1)))(MASK)
+  with pytest.raises(ValueError, match=r"augment: mask must be \[H, W, 1\] = \(16, 16, 1\), got \(12, 12, 1\)"):
+    aug.augment(x, MASK[:12, :12], Augmentation("blur", 1))
+  with pytest.raises(ValueError, match=r"augment: mask has no known pixels"):
+    aug.augment(x, np.ones_like(MASK), Augmentation("blur", 1))
+  with pytest.raises(ValueError, match=r"augment: known must be \[N, H, W, C\]"):
+    aug.augment(x[0], MASK, Augmentation("blur", 1))
+  with pytest.raises(ValueError, match=r"augment: ids must be int \[N\] = \[3\]"):
+    aug.augment(x, MASK, Augmentation("crop", 1), ids=np.arange(2))
+  with pytest.raises(ValueError, match="Gaussian kernel size must be odd"):
+    aug.gaussian_kernel(4)
+  assert aug.centre_box(MASK) == (PAD, PAD, 12, 12)
