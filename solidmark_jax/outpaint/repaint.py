@@ -122,6 +122,13 @@ def repaint_steps(num_train_steps: int, num_steps: int, jump_length: int = 10,
 # The jitted outpainting function.
 
 
+def as_conditions(conditions):
+  """Condition ids as int32 [N], or float embeddings ([N, D] / [N, L, D]) as float32."""
+  xp = jnp if isinstance(conditions, jax.Array) else np
+  conditions = xp.asarray(conditions)
+  return conditions.astype(xp.int32 if xp.issubdtype(conditions.dtype, xp.integer) else xp.float32)
+
+
 class Outpainter:
   """A compiled RePaint outpainting function; build it with `make_outpaint_fn`.
 
@@ -131,7 +138,8 @@ class Outpainter:
     params: the denoiser's parameters (any pytree; their sharding is kept).
     known: [N, H, W, C] model-space images; only the region where mask == 0 is read.
     mask: [H, W, 1], 1 on the unknown (marked) region; all ones for plain sampling.
-    conditions: [N] int condition ids.
+    conditions: [N] int condition ids, or per-image float embeddings [N, D] / [N, L, D] (text);
+      whatever the denoiser takes as its condition.
     rng: a JAX PRNG key.
     repeats: r (static), independent outpaintings per image.
     ids: [N] int ids (e.g. instance ids) that seed each image's noise, fold_in(rng, id); default
@@ -220,7 +228,7 @@ class Outpainter:
     self.trace_count += 1  # Python side effect: runs once per trace, never per call
     known = jnp.asarray(known, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
-    conditions = jnp.asarray(conditions, jnp.int32)
+    conditions = as_conditions(conditions)
     if ids is None:
       ids = jnp.arange(known.shape[0], dtype=jnp.int32)
 
@@ -266,7 +274,7 @@ class Outpainter:
     if ids is None:
       ids = np.arange(n)
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)]) if size > n else a
-    rows = (pad(np.asarray(known, np.float32)), pad(np.asarray(conditions, np.int32)),
+    rows = (pad(np.asarray(known, np.float32)), pad(np.asarray(as_conditions(conditions))),
             pad(np.asarray(ids, np.int32)))
     if self.mesh is not None and jax.process_count() > 1:  # numpy cannot feed other processes' devices
       local = parallel.process_slice(size)
@@ -292,7 +300,8 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
     jump_length: RePaint's j.
     resamples: RePaint's u; 1 means no resampling (the public SolidMark code), RePaint uses 10.
     guidance_scale: classifier-free guidance s; eps_hat = eps_u + s (eps_c - eps_u) when s != 1.
-    null_condition: the unconditional id, required when s != 1.
+    null_condition: the unconditional condition, required when s != 1: an id, or an array of one
+      image's condition shape (e.g. the empty caption's embedding [L, D]).
     return_images: also return the outpainted images.
     mesh: shard the image batch over this mesh's batch axes.
 
