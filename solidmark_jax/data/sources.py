@@ -554,18 +554,27 @@ def open_source(data_cfg, split: str) -> Source:
   """Opens split `split` of the source `data_cfg` describes.
 
   Args:
-    data_cfg: the `data` ConfigDict: `name` ("folder", "fashion_mnist" or a TFDS builder name),
-      `data_dir`, `manual_dir`, `download` (default True), `folder`, `eval_folder`, `image_size`,
-      `channels`, `on_bad_image`, `image_key`/`label_key` (TFDS features, default image/label).
-    split: a TFDS split string ("train", "test", "train[:1000]"); for folders "train" or any other
-      name for `data.eval_folder`.
+    data_cfg: the `data` ConfigDict: `name` ("folder", "shards", "captioned_fashion_mnist",
+      "fashion_mnist" or a TFDS builder name), `data_dir`, `manual_dir`, `download` (default True),
+      `folder`, `eval_folder`, `image_size`, `channels`, `on_bad_image`, `image_key`/`label_key`
+      (TFDS features, default image/label); for shards see `shards.open_shards`, for the captioned
+      Fashion-MNIST set `captioned.open_captioned`.
+    split: a TFDS split string ("train", "test", "train[:1000]"); for folders and shards "train" or
+      any other name for `data.eval_folder` / `data.eval_shards`.
 
   Returns:
     A `Source`.
   """
   name = data_cfg.get("name")
   if not name:
-    raise ValueError("data.name is required: 'folder', 'fashion_mnist' or a TFDS builder name")
+    raise ValueError("data.name is required: 'folder', 'shards', 'captioned_fashion_mnist', 'fashion_mnist' or a "
+                     "TFDS builder name")
   if name == "folder":
     return open_folder(data_cfg, split)
+  if name == "shards":  # webdataset tars / parquet files with captions (data/shards.py)
+    from solidmark_jax.data.shards import open_shards  # pylint: disable=g-import-not-at-top
+    return open_shards(data_cfg, split)
+  if name == "captioned_fashion_mnist":  # built offline on first use (data/captioned.py)
+    from solidmark_jax.data.captioned import open_captioned  # pylint: disable=g-import-not-at-top
+    return open_captioned(data_cfg, split)
   return open_tfds(data_cfg, split)
