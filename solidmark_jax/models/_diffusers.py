@@ -17,10 +17,11 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
 
 try:
-  from diffusers import FlaxUNet2DConditionModel
+  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
   from diffusers.models.attention_flax import FlaxAttention
 except ImportError as e:  # pragma: no cover
   raise ImportError(
-      f"diffusers {diffusers.__version__} has no FlaxUNet2DConditionModel; install diffusers<0.40") from e
+      f"diffusers {diffusers.__version__} has no FlaxUNet2DConditionModel/FlaxAutoencoderKL; "
+      "install diffusers<0.40") from e
 
-__all__ = ["FlaxAttention", "FlaxUNet2DConditionModel"]
+__all__ = ["FlaxAttention", "FlaxAutoencoderKL", "FlaxUNet2DConditionModel"]

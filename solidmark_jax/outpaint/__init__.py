@@ -1,4 +1,5 @@
-"""RePaint outpainting (pixel space): one jitted, vmapped reverse process per evaluation batch."""
+"""Outpainting: RePaint in pixel space, decode/re-mask/re-encode in latent space; one jitted, vmapped
+reverse process per evaluation batch."""
 
 from solidmark_jax.outpaint.repaint import (
     SAMPLERS,
@@ -10,6 +11,7 @@ from solidmark_jax.outpaint.repaint import (
     repaint_steps,
     sample,
 )
+from solidmark_jax.outpaint.latent import REMASK_FROM, LatentOutpainter, make_latent_outpaint_fn
 # `outpaint.augment` stays the module (its function is `outpaint.augment.augment`).
 from solidmark_jax.outpaint.augment import (
     AUGMENTATIONS,

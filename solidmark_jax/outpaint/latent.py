@@ -1,0 +1,251 @@
+"""Outpainting for latent-space models (SPEC section 5, "Latent space"; the paper's Appendix B).
+
+The UNet denoises VAE latents z (scaled, `models.vae.VAE`); the known region and the mask live in
+pixel space. The reverse process runs in latent space and, every s = `remask_every` steps, goes
+through pixels to put the known centre back: decode, re-mask, re-encode.
+
+What is decoded (`remask_from`):
+
+- "x0" (default): the predicted clean latent z0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
+  of the step's denoiser call is decoded, the known centre is pasted over the decode
+  (x = m * clip(D(z0_hat)) + (1 - m) * x0_known), the result is encoded again (posterior mean),
+  z0' = E(x), and the step goes on with z0' as its clean estimate: DDIM's
+  z_{t_prev} = sqrt(abar_prev) z0' + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma noise, i.e. the
+  re-masked clean latent is re-noised to the next level with the model's own noise estimate (DDPM:
+  the posterior q(z_{t_prev} | z_t, z0')). Re-masking happens after the denoiser calls of steps
+  0, s, 2s, ... (step 0 included: the model sees the centre from the start); the last step re-masks
+  only when it falls on that grid: every VAE round trip adds the VAE's reconstruction error to the
+  border, which is exactly what is measured, and the last re-mask already put the centre into the
+  latent at most s - 1 steps before the end. Why this is the default: the VAE only ever saw clean images, so only a clean latent decodes to a
+  meaningful image and only a clean image encodes to a latent where the UNet expects one; noise is
+  then added in latent space by the forward process the UNet was trained on, which is what
+  "the known image noised to the current t" means for a latent model. It costs no extra
+  denoiser call.
+- "noisy": the literal reading. At the start of steps s, 2s, ... the noisy latent z_t itself is
+  decoded, its border kept and its centre replaced by the known image noised in pixel space,
+  q(x_t | x0_known) = sqrt(abar_t) x0_known + sqrt(1 - abar_t) eps, then re-encoded as the new
+  z_t. The decoder and encoder then work far outside what they were trained on (a noisy latent is
+  not the latent of a noisy image, pixel noise encodes to no Gaussian latent), so this is offered
+  for comparison only.
+
+Between re-masks the steps are plain latent DDIM/DDPM steps (no latent blending). The x0
+estimate is not clipped (latents are not bounded by [-1, 1], unlike pixels; Stable Diffusion's
+samplers use clip_sample=False). At the end the final latent is decoded, clipped to [-1, 1], the
+known centre is pasted back and k_pred is read off the border (`marks.predicted_key`).
+
+With an all-ones mask (no known region) nothing is re-masked: `outpaint.sample` on a latent
+outpainter gives plain latent-model generations, decoded.
+
+Classifier-free guidance runs the conditional and the unconditional condition in one denoiser
+call (`Outpainter._eps`); conditions may be ids [N] or embeddings [N, L, D] (text), the null
+condition an id or one embedding [L, D] (the empty caption's).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from solidmark_jax import marks
+from solidmark_jax.diffusion import schedule as schedule_lib
+from solidmark_jax.diffusion.schedule import NoiseSchedule
+from solidmark_jax.models.vae import VAE
+from solidmark_jax.outpaint.repaint import SAMPLERS, Denoiser, Outpainter, Sampler, repaint_steps
+
+REMASK_FROM = ("x0", "noisy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure latent sampler updates (the x0 estimate given, unclipped).
+
+
+def latent_x0(sched: NoiseSchedule, z_t, t, eps_hat):
+  """z0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), not clipped (latents are unbounded)."""
+  return schedule_lib.predict_x0(sched, z_t, t, eps_hat, clip=False)
+
+
+def ddim_update(sched: NoiseSchedule, t, t_prev, z0, eps, noise, eta: float = 0.0):
+  """DDIM from level t to t_prev given the clean estimate z0 and noise estimate eps.
+
+  z_prev = sqrt(abar_prev) z0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise, with
+  sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)).
+  """
+  abar_t = schedule_lib.abar_at(sched, t)
+  abar_prev = schedule_lib.abar_at(sched, t_prev)
+  sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+  return jnp.sqrt(abar_prev) * z0 + jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0)) * eps + sigma * noise
+
+
+def ddpm_update(sched: NoiseSchedule, z_t, t, t_prev, z0, noise):
+  """A sample of the posterior q(z_{t_prev} | z_t, z0) (strided: beta taken between the two levels)."""
+  abar_t = schedule_lib.abar_at(sched, t)
+  abar_prev = schedule_lib.abar_at(sched, t_prev)
+  beta = 1.0 - abar_t / abar_prev
+  coef_z0 = jnp.sqrt(abar_prev) * beta / (1.0 - abar_t)
+  coef_zt = jnp.sqrt(abar_t / abar_prev) * (1.0 - abar_prev) / (1.0 - abar_t)
+  var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
+  return coef_z0 * z0 + coef_zt * z_t + jnp.sqrt(var) * noise
+
+
+def remask_rows(num_rows: int, remask_every: int, remask_from: str) -> np.ndarray:
+  """bool [K]: which of the K sampling steps re-mask (see the module docstring)."""
+  i = np.arange(num_rows)
+  if remask_every <= 0:
+    return np.zeros(num_rows, bool)
+  if remask_from == "x0":
+    return i % remask_every == 0
+  return (i % remask_every == 0) & (i > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted function.
+
+
+class LatentOutpainter(Outpainter):
+  """A compiled latent outpainting function; build it with `make_latent_outpaint_fn`.
+
+  Same call convention as the pixel `Outpainter`: `fn(params, known, mask, conditions, rng,
+  repeats, ids=None, return_images=None)` and `.run(...)`, returning {"k_pred": [N, r]} and on
+  request "images" [N, r, H, W, C] in pixel model space (known region pasted back), with:
+
+    params: {"unet": denoiser params, "vae": VAE params}.
+    known: [N, H, W, C] pixel model-space images; mask: [H, W, 1] pixels, 1 = unknown.
+    conditions: [N] ids or [N, L, D] / [N, D] embeddings.
+
+  Attributes (beyond `Outpainter`'s):
+    vae: the VAE.
+    remask: bool [K], the steps that decode, re-mask and re-encode.
+    remask_from: "x0" or "noisy".
+  """
+
+  def __init__(self, denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, steps: np.ndarray, *, remask_every: int,
+               remask_from: str, sampler: str, eta: float, guidance_scale: float, null_condition,
+               return_images: bool, mesh: Mesh | None):
+    self.vae = vae
+    self.remask_every = int(remask_every)
+    self.remask_from = remask_from
+    self.remask = remask_rows(len(steps), self.remask_every, remask_from)
+    super().__init__(denoiser, sched, steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
+                     null_condition=null_condition, return_images=return_images, mesh=mesh)
+
+  @property
+  def num_remasks(self) -> int:
+    """Decode + encode round trips per image and repeat (with a known region)."""
+    return int(self.remask.sum())
+
+  # -- per image -------------------------------------------------------------------------------
+
+  def _encode(self, params_vae, x):
+    return self.vae.encode(params_vae, x[None])[0]  # [H, W, C] -> [h, w, c]
+
+  def _decode(self, params_vae, z):
+    return self.vae.decode(params_vae, z[None])[0]  # [h, w, c] -> [H, W, C]
+
+  def _remask_clean(self, params_vae, z0, x0_known, mask):
+    """z0' = E(m * clip(D(z0)) + (1 - m) * x0_known)."""
+    x = jnp.clip(self._decode(params_vae, z0), -1.0, 1.0)  # [H, W, C]
+    return self._encode(params_vae, mask * x + (1.0 - mask) * x0_known)
+
+  def _remask_noisy(self, params_vae, z_t, t, x0_known, mask, noise):
+    """z_t' = E(m * D(z_t) + (1 - m) * q_sample(x0_known, t))."""
+    x_known_t = schedule_lib.q_sample(self.sched, x0_known, t, noise)  # [H, W, C]
+    return self._encode(params_vae, mask * self._decode(params_vae, z_t) + (1.0 - mask) * x_known_t)
+
+  def _one(self, params, x0_known, mask, condition, key):
+    """Outpaints one image once: x0_known [H, W, C] pixels -> (k_pred [], x0 [H, W, C])."""
+    sched, p_unet, p_vae = self.sched, params["unet"], params["vae"]
+    key_init, key_loop = jax.random.split(key)
+    latent_shape = self.vae.latent_shape(x0_known.shape[0])
+    if x0_known.shape[1] != x0_known.shape[0]:
+      latent_shape = (self.vae.latent_size(x0_known.shape[0]), self.vae.latent_size(x0_known.shape[1]),
+                      self.vae.latent_channels)
+    z = jax.random.normal(key_init, latent_shape, x0_known.dtype)  # z at the noisiest level
+    steps = jnp.asarray(self.steps)  # [K, 3] (t_from == t: no resampling)
+    rows = jnp.concatenate([jnp.arange(steps.shape[0], dtype=jnp.int32)[:, None], steps[:, 1:],
+                            jnp.asarray(self.remask, jnp.int32)[:, None]], axis=1)  # [K, 4]
+    has_known = jnp.any(mask < 0.5)  # the same for every image: lax.cond stays a branch under vmap
+
+    def step(z_t, row):
+      i, t, t_prev, remask = row[0], row[1], row[2], (row[3] > 0) & has_known
+      k_pixel, k_step = jax.random.split(jax.random.fold_in(key_loop, i))
+      if self.remask_from == "noisy":
+        noise_px = jax.random.normal(k_pixel, x0_known.shape, x0_known.dtype)
+        z_t = jax.lax.cond(remask, lambda z: self._remask_noisy(p_vae, z, t, x0_known, mask, noise_px),
+                           lambda z: z, z_t)
+      eps_hat = self._eps(p_unet, z_t, t, condition)  # [h, w, c]
+      z0 = latent_x0(sched, z_t, t, eps_hat)
+      if self.remask_from == "x0":
+        z0 = jax.lax.cond(remask, lambda z: self._remask_clean(p_vae, z, x0_known, mask), lambda z: z, z0)
+      noise = jax.random.normal(k_step, z_t.shape, z_t.dtype)
+      if self.sampler == "ddim":
+        z_prev = ddim_update(sched, t, t_prev, z0, eps_hat, noise, eta=self.eta)
+      else:
+        z_prev = ddpm_update(sched, z_t, t, t_prev, z0, noise)
+      return z_prev, None
+
+    z, _ = jax.lax.scan(step, z, rows)
+    x = jnp.clip(self._decode(p_vae, z), -1.0, 1.0)  # [H, W, C]
+    x = mask * x + (1.0 - mask) * x0_known  # paste the known region back
+    return marks.predicted_key(x, mask), x
+
+  def __call__(self, params, known, mask, conditions, rng, repeats: int = 1, ids=None,
+               return_images: bool | None = None) -> dict:
+    if not isinstance(params, dict) or set(params) != {"unet", "vae"}:
+      raise ValueError("latent outpaint: params must be {'unet': denoiser params, 'vae': VAE params}, got "
+                       f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")
+    if known.shape[-1] != self.vae.channels:
+      raise ValueError(f"latent outpaint: known images have {known.shape[-1]} channels, the VAE takes "
+                       f"{self.vae.channels}")
+    for side in known.shape[1:3]:
+      self.vae.latent_size(side)
+    if self.null_condition is not None and self.guidance_scale != 1.0:
+      null_shape = np.shape(self.null_condition)
+      if null_shape != tuple(conditions.shape[1:]):
+        raise ValueError(f"latent outpaint: null_condition has shape {null_shape}, one image's condition "
+                         f"{tuple(conditions.shape[1:])}")
+    return super().__call__(params, known, mask, conditions, rng, repeats, ids=ids, return_images=return_images)
+
+
+def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, *, num_steps: int,
+                            remask_every: int = 10, remask_from: Literal["x0", "noisy"] = "x0",
+                            sampler: Sampler = "ddim", eta: float = 0.0, guidance_scale: float = 1.0,
+                            null_condition=None, return_images: bool = False,
+                            mesh: Mesh | None = None) -> LatentOutpainter:
+  """Builds the jitted latent outpainting function (SPEC section 5, "Latent space").
+
+  Args:
+    denoiser: `(params, z_t [B, h, w, c], t [B] int32, condition [B, ...]) -> eps_hat [B, h, w, c]`
+      on scaled latents.
+    sched: the training noise schedule (T levels).
+    vae: the VAE the latents belong to (`models.vae`).
+    num_steps: S strided sampling timesteps (the public code: 100).
+    remask_every: s, steps between decode / re-mask / re-encode round trips (the paper: 10);
+      0 never re-masks (plain latent sampling).
+    remask_from: "x0" (decode the predicted clean latent; default) or "noisy" (decode z_t); see
+      the module docstring.
+    sampler: "ddim" or "ddpm".
+    eta: DDIM noise scale.
+    guidance_scale: classifier-free guidance s (the public code: 3).
+    null_condition: the unconditional condition (id, or one embedding [L, D]), needed when s != 1.
+    return_images: also return the outpainted (decoded) images.
+    mesh: shard the image batch over this mesh's batch axes.
+
+  Returns:
+    A `LatentOutpainter`, called like the pixel `Outpainter` with params {"unet", "vae"}.
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"latent outpaint: sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if remask_from not in REMASK_FROM:
+    raise ValueError(f"latent outpaint: remask_from must be one of {REMASK_FROM}, got {remask_from!r}")
+  if remask_every < 0:
+    raise ValueError(f"latent outpaint: remask_every must be >= 0 (0: never), got {remask_every}")
+  if guidance_scale != 1.0 and null_condition is None:
+    raise ValueError("latent outpaint: guidance_scale != 1 needs null_condition (the unconditional condition)")
+  steps = repaint_steps(sched.num_steps, num_steps, jump_length=1, resamples=1)  # [S, 3], no jumps
+  return LatentOutpainter(denoiser, sched, vae, steps, remask_every=remask_every, remask_from=remask_from,
+                          sampler=sampler, eta=eta, guidance_scale=guidance_scale, null_condition=null_condition,
+                          return_images=return_images, mesh=mesh)
