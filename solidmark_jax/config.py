@@ -100,6 +100,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.guidance_scale = 1.0
   c.eval.thresholds = (0.1, 0.05, 0.01, 0.005)
   c.eval.random_init_baseline = False
+  # Inference-time mitigation (mitigations.py): "none", "gni" (strength = sigma), "rt", "cwr", "rna",
+  # "random_words" (strength = iterations); caption ones need model.condition == "text".
+  c.eval.mitigation = ml_collections.ConfigDict({"name": "none", "strength": 0.0, "seed": 0})
+  # Query augmentation of the known centre (outpaint/augment.py): "none", "crop" / "blur" (level 1-4),
+  # "rotate" (angle in degrees).
+  c.eval.augment = ml_collections.ConfigDict({"name": "none", "level": 0, "angle": 0.0, "seed": 0})
   c.eval.remask_every = 10  # latent models: decode, re-mask in pixels and re-encode every s steps
   c.eval.num_grid = 16  # images in the PNG grid
   return c

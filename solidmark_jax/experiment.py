@@ -1,13 +1,20 @@
 """What a config defines, built once and shared by training and evaluation.
 
-The training data (source, instances, keymap), the model and its noise schedule. Everything is
-validated here, before any array is allocated.
+The training data (source, instances, keymap), the model and its noise schedule, and for latent or
+text-conditioned models their frozen parts: the VAE (`model.space == "latent"`) and the text encoder
+(`model.condition == "text"`). Everything is validated here, before any array is allocated.
+
+Sizes: `image_size` is the side of the marked image in pixels; `model_size` x `model_size` x
+`model_channels` is what the UNet sees (the same in pixel space, the VAE latent in latent space).
+Conditions: int ids [M] (class / image / none) or token ids [M, L] of the captions (text).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,6 +26,9 @@ from solidmark_jax.data.pipeline import condition_ids, marked_batch
 from solidmark_jax.diffusion import NoiseSchedule, make_schedule
 
 KEYMAP_FILE = "keymap.json"
+SPACES = ("pixel", "latent")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -27,11 +37,29 @@ class Experiment:
   source: object  # solidmark_jax.data Source of the training split
   instances: Instances
   keymap: marks.Keymap
-  conditions: np.ndarray  # int64 [M] condition id per instance
+  conditions: np.ndarray  # int64 [M] condition id per instance, or int32 [M, L] caption token ids (text)
   model: models.ConditionedUNet
   sched: NoiseSchedule
   image_size: int  # marked image side
   channels: int
+  model_size: int = 0  # side of what the UNet sees (the latent side for latent models)
+  model_channels: int = 0
+  text: Any = None  # models.text.TextEncoder (model.condition == "text")
+  vae: Any = None  # models.vae.VAE (model.space == "latent")
+  bad_input: dict = dataclasses.field(default_factory=dict)  # counts of skipped / truncated inputs
+  captions: list | None = None  # text models: each instance's caption
+
+  def __post_init__(self):
+    self.model_size = self.model_size or self.image_size
+    self.model_channels = self.model_channels or self.channels
+
+  @property
+  def is_latent(self) -> bool:
+    return self.vae is not None
+
+  @property
+  def is_text(self) -> bool:
+    return self.text is not None
 
   @property
   def null_id(self) -> int:
@@ -49,7 +77,7 @@ class Experiment:
     keys = self.keymap.lookup(instance_ids)
     return {
         "image": marked_batch(rows["image"], keys, self.config.marks.pad, self.config.marks.pattern),
-        "condition": self.conditions[instance_ids].astype(np.int32),
+        "condition": self.conditions[instance_ids].astype(np.int32),  # [n] or [n, L]
         "label": np.asarray(rows["label"], np.int32),
         "key": keys.astype(np.float32),
         "instance_id": instance_ids.astype(np.int64),
@@ -57,33 +85,81 @@ class Experiment:
 
 
 def build_experiment(config) -> Experiment:
-  """Opens the training data, draws the keymap, validates and builds the model."""
+  """Opens the training data, draws the keymap, validates and builds the model (and text encoder)."""
   if config.marks.pattern not in marks.PATTERNS:
     raise ValueError(f"marks.pattern must be one of {marks.PATTERNS}, got {config.marks.pattern!r}")
   if config.marks.pad < 1:
     raise ValueError(f"marks.pad must be >= 1, got {config.marks.pad}")
+  space = config.model.get("space", "pixel")
+  if space not in SPACES:
+    raise ValueError(f"model.space must be one of {SPACES}, got {space!r}")
+  cond = config.model.condition
+  if cond not in models.CONDITIONS:
+    raise ValueError(f"model.condition must be one of {models.CONDITIONS}, got {cond!r}")
   source = open_source(config.data, config.data.train_split)
   if config.marks.pattern == "centre" and config.marks.pad >= source.image_size:
     raise ValueError(f"marks.pad={config.marks.pad} must be smaller than the image ({source.image_size} px)")
   size = marks.marked_size(source.image_size, config.marks.pad, config.marks.pattern)
-  models.validate(config.model, size, source.channels)
+  vae = None
+  model_size, model_channels = size, source.channels
+  if space == "latent":
+    from solidmark_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+    vae = vae_lib.vae_for_config(config, source.channels)
+    model_size, model_channels = vae.latent_size(size), vae.latent_channels
   instances = make_instances(len(source), config.data, config.seed)
+  bad_input = {"skipped_records": len(getattr(source, "skipped", ()) or ())}
+  text = captions = None
+  if cond == "text":
+    text, conditions, captions, bad_input["truncated_captions"] = _text_conditions(config, source, instances)
+    cross_dim = text.hidden_size
+    if config.model.get("pretrained") is None and config.model.cross_attention_dim != cross_dim:
+      raise ValueError(f"model.cross_attention_dim={config.model.cross_attention_dim} must equal the text "
+                       f"encoder's hidden size {cross_dim} (text.hidden_size or the pretrained text_encoder)")
+  model = models.build_for_config(config.model, model_size, model_channels,
+                                  _num_conditions(cond, source, instances))
+  if cond != "text":
+    labels = source.labels()[instances.record_index] if cond == "class" else None
+    conditions = condition_ids(instances, labels, cond, model.null_id)
   keymap = marks.Keymap.create(config.marks.key_seed, instances.instance_ids, config.marks.pattern)
-  cond = config.model.condition
+  sched = make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+  return Experiment(config, source, instances, keymap, conditions, model, sched, size, source.channels,
+                    model_size=model_size, model_channels=model_channels, text=text, vae=vae,
+                    bad_input=bad_input, captions=captions)
+
+
+def _num_conditions(cond: str, source, instances: Instances) -> int:
   if cond == "class":
     if source.num_classes <= 0:
       raise ValueError(f"model.condition='class' but data {source.name!r} has no labels; "
-                       "use model.condition='none' or 'image'")
-    num_conditions = source.num_classes
-  elif cond == "image":
-    num_conditions = instances.num_images
-  else:
-    num_conditions = 0
-  model = models.build(config.model, size, source.channels, num_conditions)
-  labels = source.labels()[instances.record_index] if cond == "class" else None
-  conditions = condition_ids(instances, labels, cond, model.null_id)
-  sched = make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
-  return Experiment(config, source, instances, keymap, conditions, model, sched, size, source.channels)
+                       "use model.condition='none', 'image' or 'text'")
+    return source.num_classes
+  if cond == "image":
+    return instances.num_images
+  return 0
+
+
+def source_captions(source, what: str) -> list[str]:
+  """Every record's caption, or a clear error for a source without captions."""
+  captions = source.captions() if callable(getattr(source, "captions", None)) else getattr(source, "captions", None)
+  if captions is None:
+    raise ValueError(f"model.condition='text' needs captions, and {what} ({source.name}) has none: use an "
+                     "image folder with captions.jsonl, caption shards (data.name='shards') or "
+                     "data.name='captioned_fashion_mnist'")
+  return list(captions)
+
+
+def _text_conditions(config, source, instances: Instances):
+  """The text encoder and the token ids [M, L] of every instance's caption."""
+  from solidmark_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
+  captions = source_captions(source, f"data.train_split {config.data.train_split!r}")
+  encoder = text_lib.build_text_encoder(config.text, config.seed, captions=captions)
+  tokens = encoder.tokenize(captions)
+  ids = np.asarray(tokens.ids, np.int32)  # [records, L]
+  truncated = int(np.sum(tokens.truncated))
+  if truncated:
+    log.warning("%d of %d captions were longer than text.max_length=%d tokens and were truncated", truncated,
+                len(captions), encoder.max_length)
+  return encoder, ids[instances.record_index], [captions[i] for i in instances.record_index], truncated
 
 
 def sync_keymap(exp: Experiment, workdir: str, *, write: bool) -> str:
@@ -126,3 +202,109 @@ def _check_or_write_keymap(exp: Experiment, path: str, write: bool) -> None:
   elif write:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     exp.keymap.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen parts (text encoder, VAE) and what the denoiser is conditioned on.
+
+VAE_FOLDER = "vae"
+
+
+def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh=None) -> dict:
+  """The frozen parameters of latent / text models: {"text": ..., "vae": ...} (empty for pixel ids).
+
+  The VAE comes from `vae.pretrained`, or from the workdir's stage-1 result (`DIR/vae/`), which
+  training produces first when it is missing (`training.vae_stage`); evaluation needs it there.
+  Updates `exp.vae` to the loaded VAE (its scaling factor is measured at stage 1).
+  """
+  frozen = {}
+  if exp.is_text:
+    frozen["text"] = exp.text.params
+  if exp.is_latent:
+    from solidmark_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+    cfg = exp.config.vae
+    path = cfg.get("pretrained") or os.path.join(workdir, VAE_FOLDER)
+    if not cfg.get("pretrained") and not vae_lib.is_saved(path):
+      if not train:
+        raise FileNotFoundError(f"{path}: no trained VAE here (stage 1 of train.py writes it; or set vae.pretrained)")
+      from solidmark_jax.training import vae_stage  # pylint: disable=g-import-not-at-top
+      vae_stage.train_vae(exp, workdir, mesh=mesh)
+    exp.vae, frozen["vae"] = vae_lib.load_vae(path, scaling_factor=cfg.get("scaling_factor"))
+  return frozen
+
+
+class Conditioner:
+  """Per-instance conditions -> what the denoiser takes, with an inference-time mitigation.
+
+  Without a mitigation ids pass through; caption token ids [n, L] become text embeddings [n, L, D]
+  (jitted, frozen encoder). A mitigation (mitigations.py) acts at its stage: caption strings before
+  tokenisation (CWR, RNA, random words), token ids (RT), or embeddings (GNI; class / image models
+  then pass their noised condition-table rows [n, D] instead of ids). Seeded by instance id.
+
+  `null` is the unconditional input for classifier-free guidance, never perturbed: the null id, the
+  clean null row of the condition table (GNI on a class / image model), or the empty caption's
+  embedding [L, D].
+  """
+
+  def __init__(self, exp: Experiment, frozen: dict, mitigation=None, unet_params=None):
+    from solidmark_jax import mitigations  # pylint: disable=g-import-not-at-top
+    self.exp = exp
+    self.spec = mitigation or mitigations.Mitigation()
+    mitigations.check_condition(self.spec, exp.config.model.condition)
+    self._m = mitigations
+    self._table = None
+    if exp.is_text:
+      text, params = exp.text, frozen["text"]
+      self._encode = jax.jit(lambda ids: text.encode(params, ids))
+      self.null = np.asarray(self._encode(np.asarray(text.null_ids, np.int32)[None]))[0]  # [L, D]
+      self._tokens = mitigations.TokenSpec.from_tokenizer(text.tokenizer) if self.spec.stage == "tokens" else None
+      self._vocabulary = None
+      if self.spec.name == "random_words":  # random words of the training captions
+        self._vocabulary = sorted({w for c in exp.captions for w in c.split()})
+    else:
+      self._encode = None
+      self.null = exp.null_id
+      if self.spec.stage == "embedding" and not self.spec.is_identity:
+        self._table = np.asarray(mitigations.condition_table(unet_params))  # [K + 1, D]
+        self.null = self._table[exp.null_id]  # [D]
+
+  def __call__(self, conditions: np.ndarray, ids: np.ndarray, captions=None) -> np.ndarray:
+    """conditions [n] ids or [n, L] token ids, ids [n] instance ids, captions (text, caption stage)."""
+    m, spec = self._m, self.spec
+    ids = np.asarray(ids, np.int64)
+    if self._encode is None:
+      if self._table is None:
+        return np.asarray(conditions, np.int32)
+      rows = m.condition_embeddings(self._table, np.asarray(conditions, np.int32))
+      return np.asarray(m.mitigate_embeddings(spec, rows, ids))
+    tokens = np.asarray(conditions, np.int32)
+    if spec.stage == "caption" and not spec.is_identity:
+      if captions is None:
+        raise ValueError(f"eval.mitigation {spec.name!r} needs the captions of the batch")
+      tokens = np.asarray(self.exp.text.tokenize(m.mitigate_captions(spec, captions, ids, self._vocabulary)).ids,
+                          np.int32)
+    elif spec.stage == "tokens" and not spec.is_identity:
+      tokens = m.mitigate_tokens(spec, tokens, ids, self._tokens)
+    emb = self._encode(tokens)
+    return np.asarray(m.mitigate_embeddings(spec, emb, ids))
+
+
+def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", eta: float = 0.0,
+                    jump_length: int = 10, resamples: int = 1, guidance_scale: float = 1.0, null_condition=None,
+                    remask_every: int = 10, mesh=None, return_images: bool = False):
+  """The pixel or latent RePaint outpainter for this experiment's model (see `outpaint`).
+
+  Params of a call: the UNet's params (pixel) or {"unet": ..., "vae": ...} (latent).
+  """
+  from solidmark_jax.outpaint import make_outpaint_fn  # pylint: disable=g-import-not-at-top
+  denoiser = models.as_denoiser(exp.model)
+  kwargs = dict(num_steps=num_steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
+                null_condition=null_condition, return_images=return_images, mesh=mesh)
+  if exp.is_latent:
+    from solidmark_jax.outpaint import latent  # pylint: disable=g-import-not-at-top
+    return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, remask_every=remask_every, **kwargs)
+  return make_outpaint_fn(denoiser, exp.sched, jump_length=jump_length, resamples=resamples, **kwargs)
+
+
+def outpaint_params(exp: Experiment, unet_params, frozen: dict):
+  return {"unet": unet_params, "vae": frozen["vae"]} if exp.is_latent else unet_params

@@ -10,3 +10,4 @@ from solidmark_jax.models.unet import (
     init_params,
     validate,
 )
+from solidmark_jax.models.unet import build_for_config, load_pretrained_unet_params, pretrained_unet_dir

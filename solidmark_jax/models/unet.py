@@ -5,7 +5,13 @@ is the null condition, fed to the UNet as a length-1 `encoder_hidden_states` seq
 
 - "class": the class label (paper's class-conditional DDPMs);
 - "image": one id per distinct training image, a stand-in for a unique caption;
-- "none": always the null id (unconditional models).
+- "none": always the null id (unconditional models);
+- "text": no table; the condition is the frozen text encoder's output [B, L, D] (models/text.py).
+
+Any model also takes a float embedding as its condition, [B, D] (one token) or [B, L, D], used as
+`encoder_hidden_states` as is: that is how text embeddings reach the UNet, and how inference-time
+mitigations perturb a class embedding (look the ids up with `embed_conditions`, add noise, pass the
+result).
 
 Images are channels-last [B, H, W, C] in model space at our boundary; diffusers' UNet takes NCHW
 (and works in NHWC inside, so the two transposes cancel).
@@ -18,6 +24,9 @@ unmodified diffusers computation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,7 +36,7 @@ import jax.numpy as jnp
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
 from solidmark_jax.models.fast_layers import fast_layers
 
-CONDITIONS = ("class", "image", "none")
+CONDITIONS = ("class", "image", "text", "none")
 GROUPNORM_GROUPS = 32  # diffusers' Flax UNet hard-codes 32 groups in every GroupNorm
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")  # the block types diffusers' Flax UNet has
 UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -47,13 +56,27 @@ class ConditionedUNet(nn.Module):
   def null_id(self) -> int:
     return self.num_conditions
 
+  uses_table: bool = True  # False for text models: the condition is always an embedding
+
   def setup(self):
-    self.embed = nn.Embed(self.num_conditions + 1, self.cross_attention_dim, name="condition_embedding")
+    if self.uses_table:
+      self.embed = nn.Embed(self.num_conditions + 1, self.cross_attention_dim, name="condition_embedding")
     self.unet = FlaxUNet2DConditionModel(cross_attention_dim=self.cross_attention_dim, **self.unet_kwargs)
 
+  def embed_conditions(self, condition):
+    """Condition ids [B] -> their table rows [B, D]."""
+    return self.embed(condition)
+
   def __call__(self, x_t, t, condition):
-    """x_t [B, H, W, C], t [B] int, condition [B] int -> eps_hat [B, H, W, C]."""
-    context = self.embed(condition)[:, None, :]  # [B, 1, D]
+    """x_t [B, H, W, C], t [B] int, condition [B] int, [B, D] or [B, L, D] float -> eps_hat [B, H, W, C]."""
+    if jnp.issubdtype(condition.dtype, jnp.integer):
+      if not self.uses_table:
+        raise ValueError("this model is text-conditioned: pass text embeddings [B, L, D], not ids")
+      context = self.embed(condition)[:, None, :]  # [B, 1, D]
+    elif condition.ndim == 2:
+      context = condition[:, None, :]  # [B, 1, D]
+    else:
+      context = condition  # [B, L, D]
     sample = jnp.transpose(x_t, (0, 3, 1, 2))  # [B, C, H, W]
     with fast_layers() if self.fast else contextlib.nullcontext():
       out = self.unet(sample, t, context, train=False).sample
@@ -105,7 +128,7 @@ def build(model_cfg, image_size: int, channels: int, num_conditions: int) -> Con
     num_conditions: class count ("class"), distinct images ("image"); ignored for "none".
   """
   validate(model_cfg, image_size, channels)
-  if model_cfg.condition == "none":
+  if model_cfg.condition in ("none", "text"):
     num_conditions = 0
   kwargs = dict(
       sample_size=image_size,
@@ -115,15 +138,79 @@ def build(model_cfg, image_size: int, channels: int, num_conditions: int) -> Con
       up_block_types=tuple(model_cfg.up_block_types),
       block_out_channels=tuple(model_cfg.block_out_channels),
       layers_per_block=int(model_cfg.layers_per_block),
-      attention_head_dim=model_cfg.attention_head_dim,
+      attention_head_dim=_head_dim(model_cfg.attention_head_dim),
+      use_linear_projection=bool(model_cfg.get("use_linear_projection", False)),
   )
-  return ConditionedUNet(kwargs, int(num_conditions), int(model_cfg.cross_attention_dim))
+  return ConditionedUNet(kwargs, int(num_conditions), int(model_cfg.cross_attention_dim),
+                         uses_table=model_cfg.condition != "text")
+
+
+def _head_dim(value):
+  return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else int(value)
+
+
+UNET_FOLDER = "unet"
+
+
+def pretrained_unet_dir(path: str) -> str:
+  """The UNet folder of a local diffusers directory: `path/unet` (a pipeline root) or `path` itself."""
+  path = os.path.expanduser(path)
+  for candidate in (os.path.join(path, UNET_FOLDER), path):
+    if os.path.isfile(os.path.join(candidate, "config.json")):
+      return candidate
+  raise FileNotFoundError(f"model.pretrained={path}: expected a diffusers UNet there (config.json and weights "
+                          f"in {os.path.join(path, UNET_FOLDER)} or in {path} itself)")
+
+
+def pretrained_unet_kwargs(path: str) -> dict:
+  """FlaxUNet2DConditionModel constructor arguments from a local diffusers UNet's config.json."""
+  with open(os.path.join(pretrained_unet_dir(path), "config.json"), encoding="utf-8") as f:
+    cfg = json.load(f)
+  fields = {f.name for f in dataclasses.fields(FlaxUNet2DConditionModel)} - {"parent", "name"}
+  kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in fields}
+  if kwargs.get("attention_head_dim") is None and cfg.get("num_attention_heads") is not None:
+    kwargs["attention_head_dim"] = tuple(cfg["num_attention_heads"]) if isinstance(
+        cfg["num_attention_heads"], list) else cfg["num_attention_heads"]
+  return kwargs
+
+
+def build_for_config(model_cfg, image_size: int, channels: int, num_conditions: int) -> ConditionedUNet:
+  """`build`, or for `model.pretrained` the architecture of that local diffusers UNet (fine-tuning)."""
+  if not model_cfg.get("pretrained"):
+    return build(model_cfg, image_size, channels, num_conditions)
+  if model_cfg.condition not in CONDITIONS:
+    raise ValueError(f"model.condition must be one of {CONDITIONS}, got {model_cfg.condition!r}")
+  kwargs = pretrained_unet_kwargs(model_cfg.pretrained)
+  cross = kwargs.pop("cross_attention_dim")
+  factor = 2 ** (len(kwargs["block_out_channels"]) - 1)
+  where = f"model.pretrained={model_cfg.pretrained}"
+  if kwargs.get("in_channels", 4) != channels:
+    raise ValueError(f"{where}: the UNet takes {kwargs.get('in_channels')} channels, the data gives {channels}")
+  if image_size % factor:
+    lo = image_size - image_size % factor
+    raise ValueError(f"{where}: its {len(kwargs['block_out_channels']) - 1} down-samplings need a side divisible "
+                     f"by {factor}, got {image_size} (latent side for latent models); sizes that work include "
+                     f"{lo} and {lo + factor}: change data.image_size or marks.pad")
+  kwargs["sample_size"] = image_size
+  if model_cfg.condition in ("none", "text"):
+    num_conditions = 0
+  return ConditionedUNet(kwargs, int(num_conditions), int(cross), uses_table=model_cfg.condition != "text")
+
+
+def load_pretrained_unet_params(model_cfg):
+  """The pretrained UNet's parameters (Flax weights, or PyTorch weights converted on load)."""
+  folder = pretrained_unet_dir(model_cfg.pretrained)
+  from solidmark_jax.models import weights  # pylint: disable=g-import-not-at-top
+  return weights.load_diffusers_params(FlaxUNet2DConditionModel, folder)
 
 
 def init_params(model: ConditionedUNet, rng, image_size: int, channels: int):
   x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  c = jnp.zeros((1,), jnp.int32)
+  if model.uses_table:
+    c = jnp.zeros((1,), jnp.int32)
+  else:
+    c = jnp.zeros((1, 1, model.cross_attention_dim), jnp.float32)
   return model.init(rng, x, t, c)["params"]
 
 

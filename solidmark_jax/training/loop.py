@@ -14,23 +14,41 @@ from tqdm import tqdm
 
 from solidmark_jax import parallel
 from solidmark_jax.data.pipeline import BatchPlan
-from solidmark_jax.experiment import Experiment, build_experiment, sync_keymap
-from solidmark_jax.models import as_denoiser, init_params
+from solidmark_jax.experiment import Conditioner, Experiment, build_experiment, load_frozen, make_outpainter
+from solidmark_jax.experiment import outpaint_params, sync_keymap
+from solidmark_jax.models import as_denoiser, init_params, load_pretrained_unet_params
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.step import init_state, learning_rate, make_optimizer, make_train_step
+
+TEXT_FOLDER = "text"  # the text encoder and tokenizer a text model was trained with (SD layout)
 
 log = logging.getLogger(__name__)
 
 
 def create_state(exp: Experiment, mesh, tx, rng):
-  """Initialises the train state directly onto its shardings (shapes from eval_shape)."""
+  """Initialises the train state directly onto its shardings (shapes from eval_shape).
 
-  def init(r):
-    return init_state(init_params(exp.model, r, exp.image_size, exp.channels), tx)
+  With `model.pretrained` the UNet starts from that local diffusers UNet (a condition table, if
+  any, starts random).
+  """
+  pretrained = load_pretrained_unet_params(exp.config.model) if exp.config.model.get("pretrained") else None
+
+  def init(r, unet=None):
+    params = init_params(exp.model, r, exp.model_size, exp.model_channels)
+    if unet is not None:
+      params = {**params, "unet": unet}
+    return init_state(params, tx)
 
   abstract = jax.eval_shape(init, rng)
   shardings = parallel.state_shardings(mesh, abstract)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  if pretrained is not None:
+    expected = jax.tree.map(lambda a: a.shape, abstract["params"]["unet"])
+    got = jax.tree.map(lambda a: a.shape, pretrained)
+    if expected != got:
+      raise ValueError(f"model.pretrained={exp.config.model.pretrained}: its UNet weights do not match its config")
+    state = jax.jit(init, out_shardings=shardings)(rng, pretrained)
+  else:
+    state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
 
 
@@ -38,20 +56,47 @@ def abstract_state(exp: Experiment, mesh, tx):
   """ShapeDtypeStructs (with shardings) of the train state, for restoring."""
 
   def init(r):
-    return init_state(init_params(exp.model, r, exp.image_size, exp.channels), tx)
+    return init_state(init_params(exp.model, r, exp.model_size, exp.model_channels), tx)
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = parallel.state_shardings(mesh, abstract)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), shardings
 
 
-def jit_train_step(exp: Experiment, mesh, tx, state_shardings):
+def make_prepare(exp: Experiment, cached_latents: bool = False):
+  """What the train step denoises and is conditioned on, from a batch and the frozen parameters.
+
+  Latent models: x0 = a sample of the VAE posterior of the marked image (as Stable Diffusion
+  trains), or the cached posterior mean (`vae.cache_latents`). Text models: the condition is the
+  frozen text encoder's output for the caption's token ids; the null condition the empty caption's.
+  """
+  text, vae, null_id = exp.text, exp.vae, exp.null_id
+
+  def prepare(frozen, batch, rng):
+    if vae is None:
+      x0 = batch["image"]
+    elif cached_latents:
+      x0 = batch["latent"]
+    else:
+      x0 = vae.encode(frozen["vae"], batch["image"], rng)  # [B, h, w, c]
+    if text is None:
+      return x0, batch["condition"], null_id
+    cond = text.encode(frozen["text"], batch["condition"])  # [B, L, D]
+    null = text.encode(frozen["text"], jnp.asarray(text.null_ids, jnp.int32)[None])[0]  # [L, D]
+    return x0, cond, null
+
+  return prepare
+
+
+def jit_train_step(exp: Experiment, mesh, tx, state_shardings, batch_keys=("image", "condition"),
+                   cached_latents: bool = False):
+  """train_step(state, batch, rng, frozen) jitted with the state's and the batch's shardings."""
   cfg = exp.config.train
   step = make_train_step(as_denoiser(exp.model), exp.sched, tx, ema_decay=cfg.ema_decay, cond_dropout=cfg.cond_dropout,
-                         null_id=exp.null_id)
+                         prepare=make_prepare(exp, cached_latents))
   rep = parallel.replicated(mesh)
   batch = parallel.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(state_shardings, {"image": batch, "condition": batch}, rep),
+  return jax.jit(step, in_shardings=(state_shardings, {k: batch for k in batch_keys}, rep, rep),
                  out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
@@ -120,16 +165,30 @@ def train(config, workdir: str) -> dict:
     checkpointer.close()  # a refused workdir leaves no Orbax threads behind
     raise
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  log.info("%d instances, model %.2fM parameters, marked images %dx%dx%d, mesh %s", len(exp.instances),
-           n_params / 1e6, exp.image_size, exp.image_size, exp.channels, dict(mesh.shape))
-
-  train_step = jit_train_step(exp, mesh, tx, shardings)
-  sampler = _sample_grid_fn(exp, mesh) if cfg.sample_every else None
+  log.info("%d instances, model %.2fM parameters, marked images %dx%dx%d (the UNet sees %dx%dx%d), mesh %s",
+           len(exp.instances), n_params / 1e6, exp.image_size, exp.image_size, exp.channels, exp.model_size,
+           exp.model_size, exp.model_channels, dict(mesh.shape))
+  try:
+    frozen = load_frozen(exp, workdir, train=True, mesh=mesh)  # latent models: VAE stage 1 first if needed
+    if exp.is_text and jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, TEXT_FOLDER)):
+      exp.text.save_pretrained(os.path.join(workdir, TEXT_FOLDER))  # for export
+  except BaseException:
+    checkpointer.close()
+    raise
+  frozen = jax.device_put(frozen, parallel.replicated(mesh))
+  cached = exp.is_latent and bool(config.vae.get("cache_latents", False))
+  latents = _cache_latents(exp, frozen, mesh, plan) if cached and start < cfg.num_steps else None
+  keys = ("latent", "condition") if cached else ("image", "condition")
+  train_step = jit_train_step(exp, mesh, tx, shardings, keys, cached)
+  sampler = _sample_grid_fn(exp, mesh, frozen) if cfg.sample_every else None
   writer = _Writer(os.path.join(workdir, "tensorboard"))
   rng = jax.random.key(config.seed + 1)
 
   def load(b):
-    local = exp.read_marked(plan.local_rows(b))
+    rows = plan.local_rows(b)
+    if cached:
+      return {"latent": latents[rows], "condition": exp.conditions[rows].astype(np.int32)}
+    local = exp.read_marked(rows)
     return {"image": local["image"], "condition": local["condition"]}
 
   metrics = {}
@@ -141,7 +200,7 @@ def train(config, workdir: str) -> dict:
   try:
     for step, local in zip(steps, _prefetch(load, steps)):
       batch = parallel.global_batch(mesh, local)
-      state, out = train_step(state, batch, rng)
+      state, out = train_step(state, batch, rng, frozen)
       if in_flight is not None:  # at most two steps queued: the bar shows finished steps, not dispatched ones
         jax.block_until_ready(in_flight)
       in_flight = out["loss"]
@@ -159,7 +218,7 @@ def train(config, workdir: str) -> dict:
       if checkpointer.should_save(done) or done == cfg.num_steps:
         checkpointer.save(done, state, ckpt.make_meta(config, done, exp.keymap.hash), force=True)
       if sampler and done % cfg.sample_every == 0:
-        sampler(state["ema_params"], done, os.path.join(workdir, "samples"))
+        sampler(outpaint_params(exp, state["ema_params"], frozen), done, os.path.join(workdir, "samples"))
   finally:
     bar.close()
     checkpointer.close()
@@ -169,16 +228,35 @@ def train(config, workdir: str) -> dict:
   return metrics
 
 
-def _sample_grid_fn(exp: Experiment, mesh):
+def _cache_latents(exp: Experiment, frozen: dict, mesh, plan: BatchPlan) -> np.ndarray:
+  """Posterior means of every training instance [M, h, w, c], encoded once (every process holds all)."""
+  vae = exp.vae
+  encode = jax.jit(lambda p, x: vae.encode(p, x), in_shardings=(None, parallel.batch_sharding(mesh)))
+  size = plan.global_batch
+  n = len(exp.instances)
+  out = []
+  for start in tqdm(range(0, n, size), desc="cache latents", unit="batch", disable=jax.process_index() != 0):
+    ids = np.arange(start, min(start + size, n))
+    rows = np.concatenate([ids, np.repeat(ids[-1:], size - len(ids))])  # one shape: compile once
+    local = parallel.process_slice(size)
+    x = parallel.global_batch(mesh, exp.read_marked(rows[local])["image"])
+    out.append(parallel.to_host(encode(frozen["vae"], x))[:len(ids)])
+  return np.concatenate(out)
+
+
+def _sample_grid_fn(exp: Experiment, mesh, frozen: dict):
   """Returns save(params, step, directory): a PNG grid of plain samples (no known region)."""
-  from solidmark_jax.outpaint import make_outpaint_fn, sample
+  from solidmark_jax.outpaint import sample
   from solidmark_jax.report import write_sample_grid
 
   cfg = exp.config.train
-  outpainter = make_outpaint_fn(as_denoiser(exp.model), exp.sched, num_steps=cfg.sample_steps, mesh=mesh)
+  conditioner = Conditioner(exp, frozen)
+  outpainter = make_outpainter(exp, num_steps=cfg.sample_steps, null_condition=conditioner.null, mesh=mesh,
+                               remask_every=exp.config.eval.get("remask_every", 10))
   per_row = 4  # samples per condition: one row of the grid per condition
   rows = np.linspace(0, len(exp.conditions) - 1, max(cfg.num_samples // per_row, 1)).astype(np.int64)
-  conds = exp.conditions[rows].astype(np.int32)
+  conds = conditioner(exp.conditions[rows], rows)
+  labels = [f"instance {r}" for r in rows] if exp.is_text else [f"condition {c}" for c in conds]
 
   def save(params, step, directory):
     images = sample(outpainter, params, conds, jax.random.key(step), (exp.image_size, exp.image_size,
@@ -186,7 +264,6 @@ def _sample_grid_fn(exp: Experiment, mesh):
     if jax.process_index() != 0:  # every process samples (a collective), process 0 writes
       return
     os.makedirs(directory, exist_ok=True)
-    write_sample_grid(os.path.join(directory, f"step_{step:07d}.png"), images,
-                      row_labels=[f"condition {c}" for c in conds])
+    write_sample_grid(os.path.join(directory, f"step_{step:07d}.png"), images, row_labels=labels)
 
   return save

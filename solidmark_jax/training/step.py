@@ -41,32 +41,56 @@ def ema_decay_at(step, decay: float):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+Prepare = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, Any]]
+
+
+def default_prepare(null_id: int) -> Prepare:
+  """Pixel models with condition ids: x0 = batch["image"], condition = batch["condition"]."""
+
+  def prepare(frozen, batch, rng):  # pylint: disable=unused-argument
+    return batch["image"], batch["condition"], null_id
+
+  return prepare
+
+
 def make_train_step(apply_fn: Callable[..., jax.Array], sched: NoiseSchedule,
                     tx: optax.GradientTransformation, *, ema_decay: float, cond_dropout: float,
-                    null_id: int) -> Callable[[State, dict, jax.Array], tuple[State, dict]]:
-  """Builds train_step(state, batch, rng) -> (state, metrics).
+                    null_id: int | None = None, prepare: Prepare | None = None
+                    ) -> Callable[..., tuple[State, dict]]:
+  """Builds train_step(state, batch, rng, frozen=None) -> (state, metrics).
 
   Args:
-    apply_fn: (params, x_t [B,H,W,C], t [B], condition [B]) -> eps_hat [B,H,W,C].
+    apply_fn: (params, x_t [B,h,w,c], t [B], condition) -> eps_hat [B,h,w,c]; condition is ids [B]
+      or embeddings [B, L, D].
     sched: the training noise schedule.
     tx: the optimizer.
     ema_decay: EMA decay of the parameters used for evaluation.
-    cond_dropout: probability of replacing a condition by the null id (classifier-free guidance).
-    null_id: the null condition id.
+    cond_dropout: probability of replacing a condition by the null condition (classifier-free
+      guidance; for text, the empty caption).
+    null_id: the null condition id (models with a condition table; ignored with `prepare`).
+    prepare: (frozen, batch, rng) -> (x0, condition, null_condition): what the UNet denoises and is
+      conditioned on, computed from the batch with frozen parameters (the VAE encoder of latent models,
+      the text encoder); default: the batch's "image" and "condition" ids, `null_id`.
 
-  `batch` holds "image" ([B,H,W,C] marked, model space) and "condition" ([B] int).
+  `frozen` holds the parameters `prepare` uses (never trained; None for pixel models with ids).
   """
+  if prepare is None:
+    if null_id is None:
+      raise ValueError("make_train_step needs null_id or prepare")
+    prepare = default_prepare(null_id)
 
-  def train_step(state: State, batch: dict, rng: jax.Array) -> tuple[State, dict]:
+  def train_step(state: State, batch: dict, rng: jax.Array, frozen=None) -> tuple[State, dict]:
     rng = jax.random.fold_in(rng, state["step"])
     r_t, r_eps, r_drop = jax.random.split(rng, 3)
-    x0 = batch["image"]  # [B, H, W, C]
+    r_prep = jax.random.fold_in(rng, 0x9E9)  # e.g. VAE posterior samples
+    x0, cond, null = prepare(frozen, batch, r_prep)  # x0 [B, h, w, c]
     b = x0.shape[0]
     t = jax.random.randint(r_t, (b,), 0, sched.num_steps)
     eps = jax.random.normal(r_eps, x0.shape, x0.dtype)
     x_t = q_sample(sched, x0, t, eps)
     drop = jax.random.uniform(r_drop, (b,)) < cond_dropout
-    cond = jnp.where(drop, null_id, batch["condition"])
+    drop = drop.reshape((b,) + (1,) * (cond.ndim - 1))
+    cond = jnp.where(drop, jnp.asarray(null, cond.dtype), cond)
 
     def loss_fn(params):
       eps_hat = apply_fn(params, x_t, t, cond)
