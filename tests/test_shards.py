@@ -18,7 +18,7 @@ from PIL import Image
 
 from solidmark_jax.data import captioned, sources
 from solidmark_jax.data.pipeline import BatchPlan, make_instances
-from solidmark_jax.data.shards import ShardSource, expand_shards, open_shards
+from solidmark_jax.data.shards import ShardSource, expand_shards
 from solidmark_jax.data.sources import Source, open_source
 
 FASHION_DIR = sources.DEFAULT_FASHION_MNIST_DIR
@@ -75,7 +75,7 @@ def test_tars_read_back_in_order(tmp_path):
   assert isinstance(src, Source)
   assert len(src) == 5 and src.num_classes == 0 and src.skipped == []
   assert src.captions == ["first: caf\u00e9", "second (txt wins)", "third", "fourth caption", "fifth"]
-  assert src.keys[0] == f"{tmp_path}/a.tar:s0.png" and src.keys[3] == f"{tmp_path}/b.tar:x/k3.png"
+  assert src.locations[0] == f"{tmp_path}/a.tar:s0.png" and src.locations[3] == f"{tmp_path}/b.tar:x/k3.png"
   assert src.name == f"shards:{tmp_path} (2 files)"
   idx = np.array([4, 0, 2, 2, 1, 3])
   got = src.read(idx)
@@ -98,7 +98,7 @@ def test_parquet_read_back_with_default_and_custom_columns(tmp_path):
   src = ShardSource(expand_shards(str(tmp_path)), image_size=8)  # a folder: all its shards
   assert len(src) == 5 and src.captions == ["one", "two", "three", "four", "five"]
   assert src.num_classes == 3 and src.labels().tolist() == [2, 0, 1, 1, 1]
-  assert src.keys[2] == f"{tmp_path}/p1.parquet row 2"
+  assert src.locations[2] == f"{tmp_path}/p1.parquet row 2"
   got = src.read(np.array([3, 2, 0, 4, 1, 2]))  # across row groups and files
   for j, i in enumerate([3, 2, 0, 4, 1, 2]):
     np.testing.assert_array_equal(got["image"][j], expect(imgs[i]))

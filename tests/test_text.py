@@ -1,6 +1,5 @@
 """Tests for solidmark_jax.models.text: offline tokenizer, tokenize/encode, save/load, PyTorch weights."""
 
-import json
 import os
 import random
 import shutil
@@ -192,7 +191,8 @@ def test_transformers_from_pretrained_reads_our_folders(enc, saved, encode):
   tok = CLIPTokenizer.from_pretrained(os.path.join(saved, "tokenizer"), local_files_only=True)
   model, params = FlaxCLIPTextModel.from_pretrained(os.path.join(saved, "text_encoder"), local_files_only=True,
                                                     _do_init=False)  # no random init first: fast
-  ids = tok(CAPTIONS, padding="max_length", max_length=enc.max_length, truncation=True, return_tensors="np")["input_ids"]
+  ids = tok(CAPTIONS, padding="max_length", max_length=enc.max_length, truncation=True,
+            return_tensors="np")["input_ids"]
   np.testing.assert_array_equal(ids, enc.tokenize(CAPTIONS).ids)
   got = jax.jit(lambda p, i: model(i, params=p)[0])(params, ids)
   np.testing.assert_allclose(np.asarray(got), np.asarray(encode(enc.params, ids)), atol=1e-6)
@@ -266,7 +266,8 @@ print("OK")
   # a wrongly shaped weight names the file and the weight
   state["text_model.final_layer_norm.weight"] = np.ones(5, np.float32)
   save_file(state, str(te / "model.safetensors"), metadata={"format": "pt"})
-  with pytest.raises(ValueError, match=r"model.safetensors: weight text_model.final_layer_norm.weight has shape \(5,\)"):
+  with pytest.raises(ValueError,
+                     match=r"model.safetensors: weight text_model.final_layer_norm.weight has shape \(5,\)"):
     text.load_text_encoder(str(root))
   del state["text_model.final_layer_norm.weight"]
   save_file(state, str(te / "model.safetensors"), metadata={"format": "pt"})

@@ -106,7 +106,7 @@ class ShardSource:
     image_size: side of the images read() returns.
     channels: 1 or 3.
     paths: the shard files, sorted.
-    keys: where each record comes from, "<shard>:<member key>" or "<shard> row <i>".
+    locations: where each record comes from, "<shard>:<member key>" or "<shard> row <i>".
     captions: the caption of each record (stripped), list[str].
     skipped: (where, reason) of each record skipped under on_bad_image="skip".
   """
@@ -150,7 +150,7 @@ class ShardSource:
     self.verify_images = verify_images
     self.skipped: list[tuple[str, str]] = []
     self._columns = (image_column, caption_column, label_column)
-    self.keys: list[str] = []
+    self.locations: list[str] = []
     self.captions: list[str] = []
     labels: list[int] = []
     shard: list[int] = []
@@ -160,7 +160,7 @@ class ShardSource:
     for s, path in enumerate(self.paths):
       index = self._index_tar(path) if path.endswith(".tar") else self._index_parquet(path)
       for key, caption, label, a, b in index:
-        self.keys.append(key)
+        self.locations.append(key)
         self.captions.append(caption)
         labels.append(label)
         shard.append(s)
@@ -170,18 +170,18 @@ class ShardSource:
     self._loc_a = np.asarray(loc_a, np.int64)
     self._loc_b = np.asarray(loc_b, np.int64)
     self._labels = np.asarray(labels, np.int32)
-    if verify_images == "full" and len(self.keys):
+    if verify_images == "full" and len(self.locations):
       self._verify_full()
     if self.skipped:
       log.warning("shards %s: skipped %d bad record(s), e.g. %s: %s", self.paths[0] if len(self.paths) == 1
                   else f"({len(self.paths)} files)", len(self.skipped), *self.skipped[0])
-    if not self.keys:
+    if not self.locations:
       raise ValueError(f"shards {self.paths[:3]}{'...' if len(self.paths) > 3 else ''}: no records"
                        + (f" (all {len(self.skipped)} skipped)" if self.skipped else ""))
     labelled = self._labels >= 0
     if labelled.any() and not labelled.all():
       i = int(np.argmin(labelled))
-      raise ValueError(f"{self.keys[i]}: has no label while other records have one: label every record or none")
+      raise ValueError(f"{self.locations[i]}: has no label while other records have one: label every record or none")
     found = int(self._labels.max()) + 1 if labelled.any() else 0
     if num_classes is not None and found > num_classes:
       raise ValueError(f"shards have label {found - 1}, not below num_classes={num_classes}")
@@ -322,16 +322,16 @@ class ShardSource:
 
   def _verify_full(self) -> None:
     """Decodes every image once; bad ones are errors or skipped (and dropped from the index)."""
-    good = np.ones(len(self.keys), bool)
-    for start in range(0, len(self.keys), 1024):
-      idx = np.arange(start, min(start + 1024, len(self.keys)))
+    good = np.ones(len(self.locations), bool)
+    for start in range(0, len(self.locations), 1024):
+      idx = np.arange(start, min(start + 1024, len(self.locations)))
       for i, (_, reason) in zip(idx, self._decode_many(idx)):
         if reason:
-          self._bad(self.keys[i], reason)
+          self._bad(self.locations[i], reason)
           good[i] = False
     if not good.all():
       keep = np.flatnonzero(good)
-      self.keys = [self.keys[i] for i in keep]
+      self.locations = [self.locations[i] for i in keep]
       self.captions = [self.captions[i] for i in keep]
       self._shard, self._loc_a, self._loc_b = self._shard[keep], self._loc_a[keep], self._loc_b[keep]
       self._labels = self._labels[keep]
@@ -377,7 +377,7 @@ class ShardSource:
       return list(pool.map(decode, raw))
 
   def __len__(self) -> int:
-    return len(self.keys)
+    return len(self.locations)
 
   def read(self, indices: np.ndarray) -> dict[str, Any]:
     """Records at `indices` [n]: "image" uint8 [n, S, S, C], "label" int32 [n], "caption" list[str].
@@ -389,7 +389,7 @@ class ShardSource:
     images = np.zeros((len(idx), self.image_size, self.image_size, self.channels), np.uint8)
     for j, (image, reason) in enumerate(self._decode_many(idx)):
       if image is None:
-        raise ValueError(f"{self.keys[idx[j]]}: {reason}. Found when reading it: data.verify_images='full' "
+        raise ValueError(f"{self.locations[idx[j]]}: {reason}. Found when reading it: data.verify_images='full' "
                          "decodes every image when the shards are opened, where data.on_bad_image='skip' "
                          "can leave broken ones out")
       images[j] = image

@@ -34,7 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from solidmark_jax.models._transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel, bytes_to_unicode
+from solidmark_jax.models._transformers import (
+    CLIPTextConfig,
+    CLIPTokenizer,
+    FlaxCLIPTextModel,
+    bytes_to_unicode,
+    rename_key_and_reshape_tensor,
+)
 
 ON_TOO_LONG = ("truncate", "error")
 TEXT_ENCODER_DIR = "text_encoder"
@@ -205,8 +211,6 @@ def _load_tokenizer(folder: str) -> CLIPTokenizer:
 
 def _pt_to_flax(pt: Mapping[str, np.ndarray], model: FlaxCLIPTextModel, where: str) -> dict:
   """PyTorch state dict (numpy) -> Flax params, with transformers' renaming rules; checks completeness."""
-  from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor  # pylint: disable=g-import-not-at-top
-
   shapes = traverse_util.flatten_dict(dict(model.params_shape_tree))
   flat = {}
   for name, tensor in pt.items():
