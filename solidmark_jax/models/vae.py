@@ -240,6 +240,39 @@ def _check_config(folder: str) -> dict:
   return cfg
 
 
+def is_saved(path: str) -> bool:
+  """Whether `path` holds a diffusers VAE (config.json and weights), or an SD root whose vae/ does."""
+  from solidmark_jax.models import weights  # pylint: disable=g-import-not-at-top
+  try:
+    folder = vae_dir(path)
+  except FileNotFoundError:
+    return False
+  return any(os.path.isfile(os.path.join(folder, f)) for f in (weights.FLAX_WEIGHTS, weights.PT_SAFETENSORS,
+                                                              weights.PT_BIN))
+
+
+def vae_for_config(config, channels: int, image_size: int | None = None) -> VAE:
+  """The VAE a config describes, without weights: `vae.pretrained`'s architecture, or a fresh one.
+
+  The scaling factor is `vae.scaling_factor` when set, else the pretrained config.json's, else 1
+  (a fresh VAE's is measured at stage 1: load the trained VAE for the real one).
+  """
+  vcfg = config.vae
+  if not vcfg.get("pretrained"):
+    return build_vae(vcfg, channels, image_size)
+  folder = vae_dir(vcfg.pretrained)
+  cfg = _check_config(folder)
+  module = FlaxAutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+  if int(module.in_channels) != channels:
+    raise ValueError(f"vae.pretrained={vcfg.pretrained}: the VAE takes {module.in_channels} channels, the data "
+                     f"gives {channels} (data.channels)")
+  scale = vcfg.get("scaling_factor") or module.config.scaling_factor
+  vae = VAE(module, float(scale))
+  if image_size is not None:
+    vae.latent_size(image_size)
+  return vae
+
+
 def load_vae(path: str, scaling_factor: float | None = None) -> tuple[VAE, dict]:
   """A VAE and its parameters from a local diffusers directory.
 
