@@ -1,0 +1,459 @@
+"""Baseline memorisation metrics from plain generations (SPEC section 3), beside SolidMark's l_SM.
+
+  score_generations(config, workdir)  ->  DIR/generations/{scores.json, summary.md, nearest.png}
+
+1. The EMA parameters of a checkpoint (`evaluation.load_checkpoint`: config and keymap checked).
+2. N generations without a known region: the project's jitted, batched sampler
+   (`outpaint.make_outpaint_fn` with an all-ones mask, the eval section's sampler settings).
+   Generation g is prompted with the training condition (class, image id, caption or null) of
+   instance perm[g mod M], perm a random permutation of the M instances (by `seed`): every
+   instance prompts once before any prompts twice, and generation g is the same for any N. Its
+   noise is seeded by g, so batches can be cut anywhere.
+3. Each finished batch is stored as it is made: the images (uint8, the whole marked-size
+   generation) in samples/<first id>.npz, then a line in samples.jsonl (`report.ResultStore`:
+   prompt instance, its key, the key read off the generation's own border). A re-run skips the
+   generations already stored; a store made with other settings (checkpoint, sampler, ...) is a
+   clear error.
+4. Scoring against the distinct training images (duplicates count once; every copy's key is
+   kept), from the stored images only, so an interrupted and resumed run scores exactly what an
+   uninterrupted one does:
+   - normalised l2 and Carlini et al.'s modified l2 (n = 50, alpha = 0.5), whole image and patched
+     (the paper's 4 x 4 grid, or the public code's 8 px patches);
+   - with an `encoder`, the cosine similarity to the nearest training embedding;
+   - scored as 95th percentile of the memorised tail, extreme, and counts at several thresholds
+     (distances: memorised when <= threshold; similarities: >= threshold).
+
+Like with like: the SolidMark mark is stripped before any comparison. A border is keyed grey (a
+random level per image, independent of content) and covers much of the marked image (2 px of 16:
+44 % of the pixels; 16 of 64: 75 %): left in, it would dominate l2, so that a generation would be
+"near" whichever training image has a similar key rather than similar content. So generations are
+cropped to the centre and compared with the unmarked training images; for the centre pattern the
+p x p key square is set to 0 in both (it then adds 0 to every distance). The key a generation drew
+for itself is reported separately (`k_pred`, and its l_SM against the keys of its nearest training
+image).
+
+Latent models: generations are decoded to pixels before they are stored; the hook is
+`_to_pixels` (not implemented yet: a clear error up front).
+
+Config: `eval.generations` (optional; every field defaults, see `DEFAULTS`), plus the sampler
+settings of `eval` (num_steps, sampler, eta, guidance_scale, batch_size) unless overridden there.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from solidmark_jax import marks, parallel, report
+from solidmark_jax.experiment import Experiment, build_experiment
+from solidmark_jax.metrics import baselines
+from solidmark_jax.models import as_denoiser
+from solidmark_jax.outpaint import make_outpaint_fn
+from solidmark_jax.training import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+GENERATIONS_DIR = "generations"
+GROUP = "generations"
+PROMPT_SALT = 0x6E4  # prompts: permutation of the instances by default_rng([seed, PROMPT_SALT])
+ENCODERS = {"pooled_pixels": baselines.pooled_pixels_encoder}  # reference only: no weights shipped
+
+# eval.generations fields and their defaults (None: the eval section's value).
+DEFAULTS = {
+    "num_samples": 256,  # N generations
+    "seed": 0,  # prompts and noise
+    "batch_size": None,  # generations per sampler call (eval.batch_size)
+    "num_steps": None,  # sampling steps (eval.num_steps)
+    "sampler": None,  # "ddim" / "ddpm" (eval.sampler)
+    "eta": None,  # (eval.eta)
+    "guidance_scale": None,  # (eval.guidance_scale)
+    "num_neighbors": 50,  # Carlini's n
+    "alpha": 0.5,  # Carlini's alpha
+    "patch_grid": (4, 4),  # patched variant: patches per side (the paper) ...
+    "patch_size": None,  # ... or patch side in px (the public code: 8); set patch_grid None then
+    "nn_batch_size": 1024,  # training images per distance chunk
+    "backend": "jax",  # nearest-neighbour kernel: "jax" or "numpy"
+    "l2_thresholds": (0.1, 0.05, 0.02),  # normalised l2 on [0, 1] pixels: memorised when <=
+    "carlini_thresholds": (0.5, 0.3, 0.1),  # modified l2: memorised when <=
+    "similarity_thresholds": (0.5, 0.75, 0.95),  # embedding cosine: memorised when >=
+    "encoder": None,  # a name in ENCODERS, or pass encoder= to score_generations
+    "num_grid": 8,  # closest pairs drawn in nearest.png (0: none)
+    "cache_train_mb": 1024,  # training images held in memory up to this size, else re-read per pass
+}
+
+
+def generation_settings(config) -> dict:
+  """`eval.generations` merged over `DEFAULTS` (and the eval section), validated."""
+  given = config.eval.get("generations")
+  given = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
+  unknown = sorted(set(given) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"eval.generations: unknown fields {unknown}; known: {sorted(DEFAULTS)}")
+  s = {**DEFAULTS, **given}
+  for k in ("batch_size", "num_steps", "sampler", "eta", "guidance_scale"):
+    if s[k] is None:
+      s[k] = config.eval[k]
+  if int(s["num_samples"]) < 1:
+    raise ValueError(f"eval.generations.num_samples must be >= 1, got {s['num_samples']}")
+  if int(s["batch_size"]) < 1:
+    raise ValueError(f"eval.generations.batch_size must be >= 1, got {s['batch_size']}")
+  if int(s["num_neighbors"]) < 1 or not float(s["alpha"]) > 0:
+    raise ValueError(f"eval.generations: num_neighbors must be >= 1 and alpha > 0, got {s['num_neighbors']}, "
+                     f"{s['alpha']}")
+  if s["backend"] not in baselines.BACKENDS:
+    raise ValueError(f"eval.generations.backend must be one of {baselines.BACKENDS}, got {s['backend']!r}")
+  if s["encoder"] is not None and s["encoder"] not in ENCODERS:
+    raise ValueError(f"eval.generations.encoder must be None or one of {sorted(ENCODERS)}, got {s['encoder']!r}")
+  for k in ("l2_thresholds", "carlini_thresholds", "similarity_thresholds"):
+    s[k] = baselines.validate_score_thresholds(s[k], f"eval.generations.{k}")
+  s["patch_grid"] = None if s["patch_grid"] is None else tuple(int(v) for v in s["patch_grid"])
+  return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: what is compared.
+
+
+def _to_pixels(exp: Experiment, x_model: np.ndarray) -> np.ndarray:
+  """Model-space samples [n, H, W, C] -> pixel-space [n, H, W, C] in [-1, 1].
+
+  The hook for latent models: decode the latents with the VAE here (e.g. `exp.vae.decode`), in
+  batches, before the images are stored. Pixel models: the identity.
+  """
+  del exp
+  return x_model
+
+
+def _to_uint8(x_model: np.ndarray) -> np.ndarray:
+  """Model space [-1, 1] -> uint8 [0, 255], as an image file would hold it."""
+  return np.round(np.clip(marks.from_model_space(np.asarray(x_model, np.float32)), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def content(images01: np.ndarray, pad: int, pattern: str, marked: bool) -> np.ndarray:
+  """The part of an image that is compared: [n, H, W, C] in [0, 1] -> float32 [n, h, w, C].
+
+  Border pattern: a marked image is cropped to its centre (an unmarked one is already that).
+  Centre pattern: the p x p key square is set to 0 (marked or not), the size kept.
+  """
+  x = np.asarray(images01, np.float32)
+  if pattern == "border":
+    return x[:, pad:-pad, pad:-pad] if marked else x
+  x = x.copy()
+  h, w = x.shape[1:3]
+  x[:, marks.centre_slice(h, pad), marks.centre_slice(w, pad)] = 0.0
+  return x
+
+
+class TrainImages:
+  """The distinct training images (unmarked, compared part only), read by position: an `ImageSet`.
+
+  Position i is distinct image i (`Instances.image_id`), read from the source record of its first
+  copy. Held in memory when they fit in `cache_mb`, otherwise read again on every pass.
+  """
+
+  def __init__(self, exp: Experiment, cache_mb: float = 1024):
+    inst = exp.instances
+    first = np.full(inst.num_images, -1, np.int64)
+    for instance in range(len(inst) - 1, -1, -1):
+      first[inst.image_id[instance]] = instance
+    self.records = inst.record_index[first]  # [N_images]
+    self.source = exp.source
+    self.pad, self.pattern = exp.config.marks.pad, exp.config.marks.pattern
+    self._cache = None
+    size = exp.source.image_size
+    if len(self) * size * size * exp.channels * 4 <= cache_mb * 2**20:
+      self._cache = np.concatenate([self._read(np.arange(s, min(s + 4096, len(self))))
+                                    for s in range(0, len(self), 4096)])
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def _read(self, positions: np.ndarray) -> np.ndarray:
+    raw = self.source.read(self.records[positions])["image"]  # uint8 [n, S, S, C]
+    return content(raw.astype(np.float32) / 255.0, self.pad, self.pattern, marked=False)
+
+  def __getitem__(self, index) -> np.ndarray:
+    if self._cache is not None:
+      return self._cache[index]
+    positions = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
+    return self._read(positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and the store.
+
+
+def prompt_instances(num_instances: int, ids: np.ndarray, seed: int) -> np.ndarray:
+  """The training instance whose condition prompts each generation id: perm[g mod M]."""
+  perm = np.random.default_rng([int(seed), PROMPT_SALT]).permutation(num_instances)
+  return perm[np.asarray(ids, np.int64) % num_instances]
+
+
+def _broadcast_ids(ids) -> np.ndarray:
+  """Process 0's id list on every process (multi-host runs)."""
+  if jax.process_count() == 1:
+    return np.asarray(ids, np.int64)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  n = int(multihost_utils.broadcast_one_to_all(np.int64(len(ids) if ids is not None else 0)))
+  buf = np.zeros(n, np.int64) if ids is None else np.asarray(ids, np.int64)
+  return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.int64)
+
+
+def _save_batch(samples_dir: str, ids: np.ndarray, images_u8: np.ndarray) -> None:
+  os.makedirs(samples_dir, exist_ok=True)
+  path = os.path.join(samples_dir, f"{int(ids[0]):07d}.npz")
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, ids=np.asarray(ids, np.int64), images=images_u8)
+  os.replace(tmp, path)
+
+
+def _load_images(samples_dir: str, ids: np.ndarray) -> np.ndarray:
+  """The stored uint8 generations of `ids`, in that order."""
+  found = {}
+  for path in sorted(glob.glob(os.path.join(samples_dir, "*.npz"))):
+    if path.endswith(".tmp.npz"):
+      continue
+    with np.load(path) as f:
+      for i, image in zip(f["ids"], f["images"]):
+        found[int(i)] = image
+  missing = [int(i) for i in ids if int(i) not in found]
+  if missing:
+    raise FileNotFoundError(f"{samples_dir}: the images of generations {missing[:10]} are missing although "
+                            "samples.jsonl lists them; delete the generations directory to start over")
+  return np.stack([found[int(i)] for i in ids])
+
+
+def _sample_all(exp, params, s, ids, store, samples_dir, mesh, is_main) -> None:
+  """Generates the ids not yet stored, batch by batch, appending each batch as it finishes."""
+  op = make_outpaint_fn(as_denoiser(exp.model), exp.sched, num_steps=int(s["num_steps"]), sampler=s["sampler"],
+                        eta=float(s["eta"]), resamples=1, guidance_scale=float(s["guidance_scale"]),
+                        null_condition=exp.null_id, return_images=True, mesh=mesh)
+  todo = _broadcast_ids(store.remaining(GROUP, ids) if is_main else None)
+  done = len(ids) - len(todo)
+  if is_main and done:
+    log.info("%s: %d of %d generations already made; sampling the other %d", store.path, done, len(ids), len(todo))
+  size, c = exp.image_size, exp.channels
+  mask = np.ones((size, size, 1), np.float32)  # all unknown: plain sampling
+  key_mask = exp.mask
+  rng = jax.random.key(int(s["seed"]))
+  batch_size = int(s["batch_size"])
+  bar = tqdm(total=len(ids), initial=done, desc="generate", unit="img", dynamic_ncols=True, disable=not is_main)
+  for start in range(0, len(todo), batch_size):
+    batch = todo[start:start + batch_size]
+    prompts = prompt_instances(len(exp.instances), batch, s["seed"])
+    conditions = np.asarray(exp.conditions)[prompts].astype(np.int32)
+    known = np.zeros((len(batch), size, size, c), np.float32)
+    out = op.run(params, known, mask, conditions, rng, 1, ids=batch, batch_size=batch_size, return_images=True)
+    if is_main:
+      images = _to_uint8(_to_pixels(exp, out["images"][:, 0]))  # [n, H, W, C]
+      k_pred = np.asarray(marks.predicted_key(marks.to_model_space(images.astype(np.float32) / 255.0), key_mask))
+      _save_batch(samples_dir, batch, images)  # images first: a listed generation always has them
+      store.append(GROUP, batch, exp.keymap.lookup(prompts), k_pred)
+    bar.update(len(batch))
+  bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring.
+
+
+def _nearest_scores(gen, train, s, grid, patch_size) -> dict:
+  nn = baselines.nearest_neighbors(gen, train, int(s["num_neighbors"]), grid=grid, patch_size=patch_size,
+                                   batch_size=int(s["nn_batch_size"]), backend=s["backend"], progress=True)
+  d = nn["distance"]
+  return {"nearest": nn["index"][:, 0], "l2": d[:, 0], "carlini": baselines.carlini_score(d, float(s["alpha"]))}
+
+
+def score(exp: Experiment, images_u8: np.ndarray, ids: np.ndarray, k_pred: np.ndarray, s: dict,
+          encoder: Callable | None = None, train: baselines.ImageSet | None = None) -> dict:
+  """Scores stored generations against the distinct training images.
+
+  Args:
+    exp: the experiment.
+    images_u8: [G, H, W, C] generations (marked size, uint8).
+    ids: [G] generation ids.
+    k_pred: [G] the key read off each generation's border.
+    s: `generation_settings`.
+    encoder: embedding encoder (None: no embedding similarity).
+    train: the training images to compare with (default `TrainImages(exp)`).
+
+  Returns:
+    {"summary": {metric: `baselines.score_summary`}, "generations": [per-generation dict],
+     "nearest_is_prompt_rate": ...}.
+  """
+  pad, pattern = exp.config.marks.pad, exp.config.marks.pattern
+  gen = content(images_u8.astype(np.float32) / 255.0, pad, pattern, marked=True)  # [G, h, w, C]
+  train = TrainImages(exp, s["cache_train_mb"]) if train is None else train
+  metrics = {"": _nearest_scores(gen, train, s, None, None)}
+  if s["patch_grid"] is not None or s["patch_size"] is not None:
+    metrics["patched_"] = _nearest_scores(gen, train, s, s["patch_grid"], s["patch_size"])
+  emb = baselines.embedding_similarity(encoder, gen, train) if encoder is not None else None
+
+  inst = exp.instances
+  prompts = prompt_instances(len(inst), ids, s["seed"])
+  prompt_image = inst.image_id[prompts]
+  copies = {}
+  for instance, image in enumerate(inst.image_id):
+    copies.setdefault(int(image), []).append(instance)
+  records = []
+  for j, g in enumerate(ids):
+    nearest = int(metrics[""]["nearest"][j])
+    near_keys = exp.keymap.lookup(np.array(copies[nearest]))
+    rec = {"id": int(g), "prompt_instance": int(prompts[j]), "prompt_image": int(prompt_image[j]),
+           "condition": np.asarray(exp.conditions)[prompts[j]].tolist(), "k_pred": float(k_pred[j]),
+           "l_sm_prompt": float(abs(k_pred[j] - exp.keymap.lookup(prompts[j:j + 1])[0])),
+           "nearest_image": nearest, "nearest_instances": copies[nearest],
+           "l_sm_nearest": float(np.min(np.abs(k_pred[j] - near_keys)))}
+    for prefix, m in metrics.items():
+      rec[f"{prefix}nearest_image"] = int(m["nearest"][j])
+      rec[f"{prefix}l2"] = float(m["l2"][j])
+      rec[f"{prefix}carlini"] = float(m["carlini"][j])
+    if emb is not None:
+      rec["embedding_nearest_image"] = int(emb["nearest"][j])
+      rec["similarity"] = float(emb["similarity"][j])
+    records.append(rec)
+
+  summary = {}
+  for prefix, m in metrics.items():
+    summary[f"{prefix}l2"] = baselines.score_summary(m["l2"], s["l2_thresholds"], "lower")
+    summary[f"{prefix}carlini"] = baselines.score_summary(m["carlini"], s["carlini_thresholds"], "lower")
+  if emb is not None:
+    summary["similarity"] = baselines.score_summary(emb["similarity"], s["similarity_thresholds"], "higher")
+  nearest_is_prompt = float(np.mean(metrics[""]["nearest"] == prompt_image))
+  return {"summary": summary, "nearest_is_prompt_rate": nearest_is_prompt, "generations": records}
+
+
+METRIC_DOCS = {
+    "l2": "normalised l2 (whole image)",
+    "carlini": "Carlini's modified l2 (whole image)",
+    "patched_l2": "patched l2 (max over patches)",
+    "patched_carlini": "Carlini's modified l2 (patched)",
+    "similarity": "embedding cosine similarity",
+}
+
+
+def summary_markdown(result: dict) -> str:
+  """scores.json as a readable page: one row per metric, the closest generations and their neighbours."""
+  meta, summary = result["meta"], result["summary"]
+  lines = ["# Baseline memorisation metrics from generations", ""]
+  for k in ("checkpoint_step", "keymap_hash", "num_samples", "compared"):
+    lines.append(f"- {k.replace('_', ' ')}: `{meta[k] if k in meta else result.get(k)}`")
+  lines.append(f"- Carlini: n = {meta['settings']['num_neighbors']}, alpha = {meta['settings']['alpha']}; patched: "
+               + (f"grid {meta['settings']['patch_grid']}" if meta["settings"]["patch_grid"]
+                  else f"{meta['settings']['patch_size']} px patches"))
+  lines.append(f"- nearest training image is the prompt's own image: "
+               f"{100 * result['nearest_is_prompt_rate']:.1f}% of generations")
+  lines += ["", "| metric | direction | 95th pct (memorised tail) | extreme | median | counts at thresholds |",
+            "|---|---|---|---|---|---|"]
+  for name, s in summary.items():
+    op = "<=" if s["direction"] == "lower" else ">="
+    counts = ", ".join(f"{op} {t:g}: {c} ({100 * r:.1f}%)" for t, c, r in zip(s["thresholds"], s["counts"], s["rates"]))
+    tail = "p5" if s["direction"] == "lower" else "p95"
+    ext = "min" if s["direction"] == "lower" else "max"
+    lines.append(f"| {METRIC_DOCS.get(name, name)} | {'lower' if op == '<=' else 'higher'} = memorised | "
+                 f"{s['tail_95']:.4f} ({tail}) | {s['extreme']:.4f} ({ext}) | {s['median']:.4f} | {counts} |")
+  gens = sorted(result["generations"], key=lambda r: (r["carlini"], r["id"]))[:10]
+  lines += ["", "Closest generations (lowest Carlini score):", "",
+            "| generation | prompt image | nearest image (copies: instances) | l2 | Carlini | patched Carlini | "
+            "k_pred | l_SM to nearest's keys |", "|---|---|---|---|---|---|---|---|"]
+  for r in gens:
+    patched = f"{r['patched_carlini']:.4f}" if "patched_carlini" in r else "-"
+    lines.append(f"| {r['id']} | {r['prompt_image']} | {r['nearest_image']} ({r['nearest_instances']}) | "
+                 f"{r['l2']:.4f} | {r['carlini']:.4f} | {patched} | {r['k_pred']:.4f} | {r['l_sm_nearest']:.4f} |")
+  return "\n".join(lines) + "\n"
+
+
+def _write_grid(path, exp, result, gen_u8, ids, train, num) -> None:
+  """The `num` closest pairs: generation (content) | its nearest training image, model space."""
+  if num <= 0:
+    return
+  pad, pattern = exp.config.marks.pad, exp.config.marks.pattern
+  by_id = {int(g): j for j, g in enumerate(ids)}
+  rows = sorted(result["generations"], key=lambda r: (r["carlini"], r["id"]))[:num]
+  gen = content(gen_u8[[by_id[r["id"]] for r in rows]].astype(np.float32) / 255.0, pad, pattern, marked=True)
+  near = train[np.array([r["nearest_image"] for r in rows])]
+  pairs = marks.to_model_space(np.stack([gen, near], axis=1))  # [n, 2, h, w, C]
+  labels = [f"gen {r['id']} ~ img {r['nearest_image']} (C={r['carlini']:.2f})" for r in rows]
+  report.write_sample_grid(path, pairs, row_labels=labels, max_rows=num)
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def score_generations(config, workdir: str, out_dir: str | None = None, num_samples: int | None = None,
+                      step: int | None = None, encoder: Callable | None = None) -> dict | None:
+  """Samples generations from a trained model and scores them with the baseline metrics.
+
+  Args:
+    config: the experiment config (its `eval.generations` section is optional).
+    workdir: the training workdir (checkpoints, keymap).
+    out_dir: where to write (default DIR/generations).
+    num_samples: N (default eval.generations.num_samples).
+    step: checkpoint step (default: the latest).
+    encoder: `images [N, H, W, C] in [0, 1] -> [N, D]` for the embedding similarity (default: the
+      one named in eval.generations.encoder, or none).
+
+  Returns:
+    The contents of scores.json on process 0 (None on the others).
+  """
+  from solidmark_jax.evaluation import load_checkpoint  # pylint: disable=g-import-not-at-top
+
+  workdir = os.path.abspath(workdir)
+  s = generation_settings(config)
+  if num_samples is not None:
+    if int(num_samples) < 1:
+      raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    s["num_samples"] = int(num_samples)
+  if config.model.get("space", "pixel") != "pixel":
+    raise NotImplementedError("score_generations: latent models need a VAE decode before storing; see the "
+                              "hook generations._to_pixels")
+  if encoder is None and s["encoder"] is not None:
+    encoder = ENCODERS[s["encoder"]]()
+  exp = build_experiment(config)
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  if int(s["batch_size"]) % mesh.size:
+    raise ValueError(f"eval.generations.batch_size={s['batch_size']} must be divisible by the {mesh.size} devices")
+  params, step, _ = load_checkpoint(exp, workdir, step, mesh)
+  out_dir = os.path.abspath(out_dir or os.path.join(workdir, GENERATIONS_DIR))
+  sampling = {k: s[k] for k in ("seed", "num_steps", "sampler", "eta", "guidance_scale")}
+  meta = {"checkpoint_step": int(step), "keymap_hash": exp.keymap.hash,
+          "config_fingerprint": ckpt.config_fingerprint(config), "sampling": sampling,
+          "image_size": exp.image_size, "channels": exp.channels}
+  is_main = jax.process_index() == 0
+  store = report.ResultStore(os.path.join(out_dir, "samples.jsonl"), meta=meta) if is_main else None
+  ids = np.arange(s["num_samples"], dtype=np.int64)
+  samples_dir = os.path.join(out_dir, "samples")
+  _sample_all(exp, params, s, ids, store, samples_dir, mesh, is_main)
+  if not is_main:
+    return None
+
+  stored = store.results().select(GROUP)
+  rows = np.searchsorted(stored.instance_id, ids)
+  k_pred = stored.k_pred[rows, 0]
+  images = _load_images(samples_dir, ids)
+  train = TrainImages(exp, s["cache_train_mb"])
+  result = score(exp, images, ids, k_pred, s, encoder, train)
+  settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()}
+  result = {"meta": {**meta, "num_samples": int(s["num_samples"]), "settings": settings,
+                     "encoder": getattr(encoder, "__qualname__", None) if encoder is not None else None},
+            "compared": ("the generations' centres vs the unmarked training images" if exp.config.marks.pattern ==
+                         "border" else "both with the key square set to 0"),
+            **result}
+  _write_json(os.path.join(out_dir, "scores.json"), result)
+  with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    f.write(summary_markdown(result))
+  _write_grid(os.path.join(out_dir, "nearest.png"), exp, result, images, ids, train, int(s["num_grid"]))
+  log.info("generation scores written to %s", out_dir)
+  return result
