@@ -24,10 +24,12 @@ similarities: the 95th percentile and the maximum) and counts at several thresho
 Nearest neighbours stream the training images in chunks of `batch_size` with a running top-k, so
 only [G, batch_size] distances are ever held. Ranking runs in float32 with ||a||^2 + ||b||^2 - 2 a.b;
 the k + margin best candidates are then re-measured exactly in float64 from (a - b), so an exact
-copy is at distance 0 exactly. Measured on this 2-core CPU (AVX-512), G = 256 generations against
-M = 10,000 training images of 32 x 32 x 3, top-50, chunks of 1024: the jitted JAX kernel ("jax")
-took 0.34 s whole-image and 0.68 s with a 4 x 4 patch grid, numpy float32 ("numpy") 0.63 s and
-0.82 s (median of 3 after a warm-up; first JAX call +0.4 s to compile). "jax" is the default.
+copy is at distance 0 exactly. Measured on this 2-core CPU (AVX-512), shared with other jobs (load
+4-5), G = 256 generations against M = 10,000 training images of 32 x 32 x 3, top-50, chunks of
+1024, min of 5 interleaved runs: the jitted JAX kernel ("jax") 0.37-0.43 s whole-image and 0.84 s
+with a 4 x 4 patch grid, numpy float32 ("numpy", one BLAS matmul per patch) 0.84-0.91 s and
+1.7-2.5 s; both include about 0.1-0.2 s of exact re-measuring; JAX's first call adds 0.5-2 s of
+compilation. "jax" is the default.
 """
 
 from __future__ import annotations
