@@ -160,9 +160,7 @@ class TrainImages:
 
   def __init__(self, exp: Experiment, cache_mb: float = 1024):
     inst = exp.instances
-    first = np.full(inst.num_images, -1, np.int64)
-    for instance in range(len(inst) - 1, -1, -1):
-      first[inst.image_id[instance]] = instance
+    _, first = np.unique(inst.image_id, return_index=True)  # first copy of each distinct image
     self.records = inst.record_index[first]  # [N_images]
     self.source = exp.source
     self.pad, self.pattern = exp.config.marks.pad, exp.config.marks.pattern
@@ -345,7 +343,8 @@ def summary_markdown(result: dict) -> str:
   lines = ["# Baseline memorisation metrics from generations", ""]
   for k in ("checkpoint_step", "keymap_hash", "num_samples", "compared"):
     lines.append(f"- {k.replace('_', ' ')}: `{meta[k] if k in meta else result.get(k)}`")
-  lines.append(f"- Carlini: n = {meta['settings']['num_neighbors']}, alpha = {meta['settings']['alpha']}; patched: "
+  lines.append(f"- compared with {meta['num_train_images']} distinct training images")
+  lines.append(f"- Carlini: n = {meta['carlini_n']}, alpha = {meta['settings']['alpha']}; patched: "
                + (f"grid {meta['settings']['patch_grid']}" if meta["settings"]["patch_grid"]
                   else f"{meta['settings']['patch_size']} px patches"))
   lines.append(f"- nearest training image is the prompt's own image: "
@@ -447,6 +446,7 @@ def score_generations(config, workdir: str, out_dir: str | None = None, num_samp
   result = score(exp, images, ids, k_pred, s, encoder, train)
   settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()}
   result = {"meta": {**meta, "num_samples": int(s["num_samples"]), "settings": settings,
+                     "num_train_images": len(train), "carlini_n": min(int(s["num_neighbors"]), len(train)),
                      "encoder": getattr(encoder, "__qualname__", None) if encoder is not None else None},
             "compared": ("the generations' centres vs the unmarked training images" if exp.config.marks.pattern ==
                          "border" else "both with the key square set to 0"),

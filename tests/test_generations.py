@@ -94,6 +94,7 @@ def test_score_generations_end_to_end(fashion_dir, reference):
   assert summary["similarity"]["direction"] == "higher"
   assert summary["similarity"]["counts"] == [int(np.sum(sims >= t)) for t in (0.5, 0.75, 0.95)]
   assert result["meta"]["keymap_hash"] == exp.keymap.hash and result["meta"]["checkpoint_step"] == 2
+  assert result["meta"]["num_train_images"] == 16 and result["meta"]["carlini_n"] == 5
   md = (out / "summary.md").read_text()
   assert "| Carlini's modified l2 (patched) | lower = memorised |" in md and "Closest generations" in md
   assert (out / "nearest.png").stat().st_size > 1000
