@@ -1,0 +1,178 @@
+"""Export a trained SolidMark model in diffusers format.
+
+  python -m solidmark_jax.export --config configs/tiny.py --workdir /tmp/sm_tiny [--out DIR] [--step N]
+
+Writes to DIR (default <workdir>/export):
+
+  unet/                   the UNet's EMA parameters (FlaxUNet2DConditionModel.save_pretrained)
+  condition_embedding.npz class / image models: the condition table `embedding` [K + 1, D] (last row:
+                          the null condition, `null_id`); the UNet's encoder_hidden_states for
+                          condition c are embedding[c][None] (a length-1 sequence)
+  vae/                    latent models: the VAE (stage 1's, or vae.pretrained), scaling factor in
+                          its config.json
+  text_encoder/, tokenizer/  text models: the frozen text encoder and its tokenizer
+  scheduler/              scheduler_config.json: diffusers' DDIMScheduler matching our noise
+                          schedule (cosine -> "squaredcos_cap_v2", linear -> "linear" with our
+                          T-scaled betas), epsilon prediction, linspace timesteps as our sampler
+  model_index.json        latent text models only: the Stable Diffusion pipeline layout
+  keymap.json, export.json  the keymap the model was trained with and what was exported (checkpoint
+                          step, keymap hash, config fingerprint, how conditions map to the UNet)
+
+Everything is written with Flax weights (msgpack); diffusers' PyTorch classes read them with
+`from_pretrained(..., from_flax=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from solidmark_jax import parallel
+from solidmark_jax.experiment import KEYMAP_FILE, build_experiment, load_frozen
+from solidmark_jax.models import _diffusers
+from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
+from solidmark_jax.training import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILE = "export.json"
+EMBEDDING_FILE = "condition_embedding.npz"
+
+
+def scheduler_config(diffusion_cfg, *, clip_sample: bool) -> dict:
+  """diffusers DDIMScheduler config of our schedule (`diffusion.schedule_lib.make_schedule`)."""
+  kind, steps = diffusion_cfg.schedule, int(diffusion_cfg.num_steps)
+  if kind == "cosine":
+    betas = {"beta_schedule": "squaredcos_cap_v2", "beta_start": 0.0001, "beta_end": 0.02}  # unused by it
+  elif kind == "linear":
+    scale = 1000 / steps  # make_schedule scales Ho et al.'s betas to T steps
+    betas = {"beta_schedule": "linear", "beta_start": scale * 1e-4, "beta_end": scale * 0.02}
+  else:
+    raise ValueError(f"export: diffusion.schedule={kind!r} has no diffusers scheduler equivalent here")
+  return {
+      "_class_name": "DDIMScheduler",
+      "_diffusers_version": _diffusers.diffusers.__version__,
+      "num_train_timesteps": steps,
+      **betas,
+      "trained_betas": None,
+      "clip_sample": clip_sample,  # our pixel samplers clip x0 to [-1, 1]; latents are not clipped
+      "clip_sample_range": 1.0,
+      "set_alpha_to_one": True,  # our last step goes to abar = 1 (the clean image)
+      "steps_offset": 0,
+      "prediction_type": "epsilon",
+      "timestep_spacing": "linspace",  # round(linspace(0, T - 1, S)), as diffusion.sampling_timesteps
+      "rescale_betas_zero_snr": False,
+  }
+
+
+def _host(tree):
+  leaves = jax.tree.leaves(tree)
+  if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+    raise ValueError("export: run it as a single process (the parameters are spread over several hosts)")
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int | None = None) -> str:
+  """Exports checkpoint `step` (default: the latest) of `workdir` to `out_dir`; returns out_dir.
+
+  Args:
+    config: the config the workdir was trained with (checked against the checkpoint and keymap).
+    workdir: the training run's directory.
+    out_dir: where to write (default <workdir>/export); existing exported files are overwritten.
+    step: checkpoint step (default: the latest).
+  """
+  from solidmark_jax.evaluation import load_checkpoint  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  out_dir = os.path.abspath(out_dir or os.path.join(workdir, "export"))
+  exp = build_experiment(config)
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  ema, step, meta = load_checkpoint(exp, workdir, step, mesh)
+  ema = _host(ema)
+  os.makedirs(out_dir, exist_ok=True)
+
+  model = exp.model
+  unet = FlaxUNet2DConditionModel(cross_attention_dim=model.cross_attention_dim, **model.unet_kwargs)
+  unet.save_pretrained(os.path.join(out_dir, "unet"), ema["unet"])
+  condition = config.model.condition
+  info = {
+      "format": "solidmark-export/1",
+      "checkpoint_step": int(step),
+      "keymap_hash": exp.keymap.hash,
+      "config_fingerprint": ckpt.config_fingerprint(config),
+      "space": "latent" if exp.is_latent else "pixel",
+      "condition": condition,
+      "image_size": exp.image_size,
+      "channels": exp.channels,
+      "unet_sample_size": exp.model_size,
+      "marks": config.marks.to_dict(),
+      "diffusion": config.diffusion.to_dict(),
+  }
+  table = ema.get("condition_embedding", {}).get("embedding")
+  if table is not None:
+    np.savez(os.path.join(out_dir, EMBEDDING_FILE), embedding=table, null_id=np.int64(exp.null_id))
+    info["conditioning"] = (f"encoder_hidden_states = embedding[c][None] from {EMBEDDING_FILE} (a length-1 "
+                            f"sequence); c = class label / image id, null (unconditional) id {exp.null_id}")
+  elif exp.is_text:
+    info["conditioning"] = "encoder_hidden_states = text_encoder(tokenizer(caption)).last_hidden_state"
+
+  if exp.is_latent or exp.is_text:
+    frozen = load_frozen(exp, workdir, train=False, mesh=mesh)
+    if exp.is_latent:
+      from solidmark_jax.models.vae import save_vae  # pylint: disable=g-import-not-at-top
+      save_vae(exp.vae, _host(frozen["vae"]), os.path.join(out_dir, "vae"))
+      info["vae_scaling_factor"] = exp.vae.scaling_factor
+    if exp.is_text:
+      exp.text.save_pretrained(out_dir)
+
+  sched = scheduler_config(config.diffusion, clip_sample=not exp.is_latent)
+  os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+  with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+    json.dump(sched, f, indent=2, sort_keys=True)
+  if exp.is_latent and exp.is_text:
+    _write_model_index(out_dir)
+  shutil.copyfile(os.path.join(workdir, KEYMAP_FILE), os.path.join(out_dir, KEYMAP_FILE))
+  info["checkpoint_meta_keymap_hash"] = meta.get("keymap_hash")
+  with open(os.path.join(out_dir, EXPORT_FILE), "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=2, sort_keys=True, default=str)
+  log.info("exported checkpoint %d of %s to %s", step, workdir, out_dir)
+  return out_dir
+
+
+def _write_model_index(out_dir: str) -> None:
+  """The Stable Diffusion pipeline layout (no safety checker) over the exported folders."""
+  index = {
+      "_class_name": "StableDiffusionPipeline",
+      "_diffusers_version": _diffusers.diffusers.__version__,
+      "feature_extractor": [None, None],
+      "requires_safety_checker": False,
+      "safety_checker": [None, None],
+      "scheduler": ["diffusers", "DDIMScheduler"],
+      "text_encoder": ["transformers", "CLIPTextModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"],
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+  }
+  with open(os.path.join(out_dir, "model_index.json"), "w", encoding="utf-8") as f:
+    json.dump(index, f, indent=2)
+
+
+def main(argv):
+  del argv
+  from solidmark_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.setup()
+  export_diffusers(cli.FLAGS.config, cli.FLAGS.workdir, FLAGS.out, FLAGS.step)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from solidmark_jax import cli as _cli  # defines --config, --workdir  # pylint: disable=unused-import
+
+  flags.DEFINE_string("out", None, "Export directory (default: <workdir>/export).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  FLAGS = flags.FLAGS
+  app.run(main)
