@@ -134,6 +134,10 @@ def test_sharded_equals_unsharded(tiny_vae):
   out = sharded(p, x, mask, ids, jax.random.key(5))
   assert len(out["k_pred"].sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(out["k_pred"]), a, atol=1e-5)
+  # Under vmap the re-mask stays a real branch (stablehlo.case), not a select that would run the VAE
+  # round trip at every step.
+  hlo = plain._jitted.lower(p, x, mask, ids, jax.random.key(5), ids, 1, False).as_text()
+  assert hlo.count("stablehlo.case") == 1
 
 
 def test_guidance_with_array_null_condition_and_plain_sampling(tiny_vae):
