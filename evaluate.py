@@ -5,6 +5,11 @@
 
 Writes DIR/eval/: summary.json, summary.md, per_image.csv, plots and an image grid. Re-running
 after an interruption skips the images already scored.
+
+  python evaluate.py --config configs/fashion_mnist.py --workdir workdirs/fashion_mnist --generations
+
+instead scores plain generations with the paper's baseline metrics (normalised l2, Carlini et al.'s
+modified l2 and its patched variant, settings in eval.generations) into DIR/generations/.
 """
 
 from absl import app, flags
@@ -12,15 +17,21 @@ from absl import app, flags
 from solidmark_jax import cli
 
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_bool("generations", False, "Score plain generations with the baseline metrics instead.")
 
 
 def main(argv):
   del argv
   cli.setup()
+  import os
+  if cli.FLAGS.generations:
+    from solidmark_jax.generations import score_generations
+    if score_generations(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step) is not None:
+      print(open(os.path.join(os.path.abspath(cli.FLAGS.workdir), "generations", "summary.md")).read())
+    return
   from solidmark_jax.evaluation import evaluate
   summary = evaluate(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step)
   if summary is not None:
-    import os
     print(open(os.path.join(os.path.abspath(cli.FLAGS.workdir), "eval", "summary.md")).read())
 
 

@@ -21,6 +21,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.subset_mode = "first"  # "first" n or "random" n (by seed)
   c.data.duplicates = {}  # {copies: number of images}, e.g. {2: 50, 3: 50, 4: 50}
   c.data.on_bad_image = "error"  # or "skip" (skipped files are counted and logged)
+  # name == "shards" (data/shards.py): webdataset tars / parquet files with captions
+  c.data.shards = ml_collections.config_dict.placeholder(str)  # glob, folder or list: the training split
+  c.data.eval_shards = ml_collections.config_dict.placeholder(str)  # held-out shards (non-members)
+  c.data.image_column = ml_collections.config_dict.placeholder(str)  # parquet columns (None: auto)
+  c.data.caption_column = ml_collections.config_dict.placeholder(str)
+  c.data.label_column = ml_collections.config_dict.placeholder(str)
+  c.data.num_classes = ml_collections.config_dict.placeholder(int)  # labelled shards: class count
+  c.data.verify_images = "header"  # shards: "header" checks at open time, "full" decodes every image
+  c.data.captioned_format = "tar"  # name == "captioned_fashion_mnist": "tar", "parquet" or "folder"
 
   c.marks = ml_collections.ConfigDict()
   c.marks.pattern = "border"  # "border" (l_SM) or "centre" (l_CM)
@@ -48,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.text.num_layers = 2
   c.text.num_heads = 4
   c.text.intermediate_size = 128
+  c.text.num_merges = 2000  # fresh tokenizer: BPE merges learned from the training captions
 
   c.vae = ml_collections.ConfigDict()  # model.space == "latent"
   c.vae.pretrained = ml_collections.config_dict.placeholder(str)  # SD root (vae/) or a vae folder; None: stage 1
@@ -108,4 +118,29 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.augment = ml_collections.ConfigDict({"name": "none", "level": 0, "angle": 0.0, "seed": 0})
   c.eval.remask_every = 10  # latent models: decode, re-mask in pixels and re-encode every s steps
   c.eval.num_grid = 16  # images in the PNG grid
+  # Baseline metrics from plain generations (generations.py; `evaluate.py --generations`). None: as in eval.
+  c.eval.generations = ml_collections.ConfigDict({
+      "num_samples": 256, "seed": 0,
+      "batch_size": ml_collections.config_dict.placeholder(int),
+      "num_steps": ml_collections.config_dict.placeholder(int),
+      "sampler": ml_collections.config_dict.placeholder(str),
+      "eta": ml_collections.config_dict.placeholder(float),
+      "guidance_scale": ml_collections.config_dict.placeholder(float),
+      "num_neighbors": 50, "alpha": 0.5,  # Carlini et al.'s modified l2
+      "patch_grid": (4, 4), "patch_size": ml_collections.config_dict.placeholder(int),  # patched variant
+      "nn_batch_size": 1024, "backend": "jax",
+      "l2_thresholds": (0.1, 0.05, 0.02), "carlini_thresholds": (0.5, 0.3, 0.1),
+      "similarity_thresholds": (0.5, 0.75, 0.95),
+      "encoder": ml_collections.config_dict.placeholder(str), "num_grid": 8, "cache_train_mb": 1024,
+  })
+
+  # Sweeps (sweep.py, solidmark_jax/sweeps.py): several evaluation settings of one checkpoint in one
+  # process. kind: "mitigation" (eval.mitigation) or "augment" (eval.augment); either `name` with
+  # `values` (strengths, levels or angles) or `settings` as "name:value" strings (e.g. "gni:0.1",
+  # "crop:2", "none"). The identity setting ("none") is the baseline row; it is added if missing.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.kind = "mitigation"
+  c.sweep.name = ""
+  c.sweep.values = ()
+  c.sweep.settings = ()
   return c

@@ -228,8 +228,9 @@ def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh=None) -> dic
       if not train:
         raise FileNotFoundError(f"{path}: no trained VAE here (stage 1 of train.py writes it; or set vae.pretrained)")
       from solidmark_jax.training import vae_stage  # pylint: disable=g-import-not-at-top
-      vae_stage.train_vae(exp, workdir, mesh=mesh)
-    exp.vae, frozen["vae"] = vae_lib.load_vae(path, scaling_factor=cfg.get("scaling_factor"))
+      exp.vae, frozen["vae"] = vae_stage.train_vae(exp, workdir, mesh=mesh)
+    else:
+      exp.vae, frozen["vae"] = vae_lib.load_vae(path, scaling_factor=cfg.get("scaling_factor"))
   return frozen
 
 

@@ -4,7 +4,12 @@ diffusers 0.39 logs a deprecation message on every Flax module call; it is silen
 """
 
 import logging
+import os
 import warnings
+
+# transformers (imported by diffusers) would otherwise import TensorFlow for its image processors:
+# ~9 s per process start. TFDS still imports TensorFlow itself where it needs it.
+os.environ.setdefault("USE_TF", "0")
 
 try:
   import diffusers

@@ -109,12 +109,13 @@ def validate(model_cfg, image_size: int, channels: int) -> None:
   factor = 2 ** num_downsamplings(model_cfg)
   if image_size % factor:
     lo = image_size - image_size % factor
+    what = ("latent side" if model_cfg.get("space", "pixel") == "latent" else "image size")
     raise ValueError(
-        f"image size {image_size} (data.image_size + 2 * marks.pad for a border) is not divisible by "
+        f"{what} {image_size} (from data.image_size + 2 * marks.pad for a border) is not divisible by "
         f"{factor} = 2^{num_downsamplings(model_cfg)} down-samplings of model.block_out_channels={blocks}; "
         f"sizes that work include {lo} and {lo + factor}: change data.image_size or marks.pad, "
         "or use fewer blocks")
-  if channels not in (1, 3):
+  if model_cfg.get("space", "pixel") == "pixel" and channels not in (1, 3):
     raise ValueError(f"data.channels must be 1 or 3, got {channels}")
 
 
