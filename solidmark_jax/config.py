@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.layers_per_block = 1
   c.model.attention_head_dim = 8
   c.model.cross_attention_dim = 64
+  c.model.use_linear_projection = False  # True for Stable Diffusion 2.x's transformer blocks
 
   c.text = ml_collections.ConfigDict()  # model.condition == "text"
   c.text.pretrained = ml_collections.config_dict.placeholder(str)  # SD root (text_encoder/, tokenizer/) or None
@@ -63,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.vae.pretrained = ml_collections.config_dict.placeholder(str)  # SD root (vae/) or a vae folder; None: stage 1
   c.vae.block_out_channels = (32, 64)  # fresh VAE: 2^(len - 1) down-sampling
   c.vae.layers_per_block = 1
+  c.vae.norm_num_groups = 32  # GroupNorm groups: every width must be a multiple
   c.vae.latent_channels = 4
   c.vae.scaling_factor = ml_collections.config_dict.placeholder(float)  # None: 1 / std of the latents
   c.vae.cache_latents = False  # encode the training set once (posterior means) instead of every step
@@ -70,6 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.vae.batch_size = 32
   c.vae.learning_rate = 1e-3
   c.vae.kl_weight = 1e-6
+  c.vae.reconstruction = "l1"  # stage-1 reconstruction loss: "l1" or "l2"
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"
@@ -117,6 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
   # "rotate" (angle in degrees).
   c.eval.augment = ml_collections.ConfigDict({"name": "none", "level": 0, "angle": 0.0, "seed": 0})
   c.eval.remask_every = 10  # latent models: decode, re-mask in pixels and re-encode every s steps
+  c.eval.remask_from = "x0"  # latent re-mask decodes the predicted clean latent ("x0") or z_t ("noisy")
   c.eval.num_grid = 16  # images in the PNG grid
   # Baseline metrics from plain generations (generations.py; `evaluate.py --generations`). None: as in eval.
   c.eval.generations = ml_collections.ConfigDict({

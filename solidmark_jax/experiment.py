@@ -12,6 +12,7 @@ Conditions: int ids [M] (class / image / none) or token ids [M, L] of the captio
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -96,6 +97,8 @@ def build_experiment(config) -> Experiment:
   cond = config.model.condition
   if cond not in models.CONDITIONS:
     raise ValueError(f"model.condition must be one of {models.CONDITIONS}, got {cond!r}")
+  if config.model.get("pretrained"):
+    check_pretrained_scheduler(config)
   source = open_source(config.data, config.data.train_split)
   if config.marks.pattern == "centre" and config.marks.pad >= source.image_size:
     raise ValueError(f"marks.pad={config.marks.pad} must be smaller than the image ({source.image_size} px)")
@@ -125,6 +128,32 @@ def build_experiment(config) -> Experiment:
   return Experiment(config, source, instances, keymap, conditions, model, sched, size, source.channels,
                     model_size=model_size, model_channels=model_channels, text=text, vae=vae,
                     bad_input=bad_input, captions=captions)
+
+
+def check_pretrained_scheduler(config) -> None:
+  """A pretrained pipeline's noise schedule must be the config's, and epsilon-predicting.
+
+  Reads `<model.pretrained>/scheduler/scheduler_config.json` when the pretrained path is a pipeline
+  root (Stable Diffusion's layout); a bare UNet folder has none and is taken as is.
+  """
+  root = os.path.expanduser(config.model.pretrained)
+  path = os.path.join(root, "scheduler", "scheduler_config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    sched = json.load(f)
+  prediction = sched.get("prediction_type", "epsilon")
+  if prediction != "epsilon":
+    raise ValueError(f"{path}: prediction_type={prediction!r}; this project trains and samples epsilon-predicting "
+                     "UNets (for Stable Diffusion 2.1 use the 512 px 'stable-diffusion-2-1-base', not the 768 px "
+                     "v-prediction model)")
+  beta = sched.get("beta_schedule")
+  want = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}.get(beta)
+  if want != config.diffusion.schedule or int(sched.get("num_train_timesteps", 1000)) != config.diffusion.num_steps:
+    raise ValueError(f"{path}: the pretrained UNet was trained with beta_schedule={beta!r} over "
+                     f"{sched.get('num_train_timesteps')} steps; set diffusion.schedule={want!r} and "
+                     f"diffusion.num_steps={sched.get('num_train_timesteps')} (the config has "
+                     f"{config.diffusion.schedule!r}, {config.diffusion.num_steps})")
 
 
 def _num_conditions(cond: str, source, instances: Instances) -> int:
@@ -223,14 +252,13 @@ def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh=None) -> dic
   if exp.is_latent:
     from solidmark_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
     cfg = exp.config.vae
-    path = cfg.get("pretrained") or os.path.join(workdir, VAE_FOLDER)
-    if not cfg.get("pretrained") and not vae_lib.is_saved(path):
-      if not train:
-        raise FileNotFoundError(f"{path}: no trained VAE here (stage 1 of train.py writes it; or set vae.pretrained)")
-      from solidmark_jax.training import vae_stage  # pylint: disable=g-import-not-at-top
-      exp.vae, frozen["vae"] = vae_stage.train_vae(exp, workdir, mesh=mesh)
+    if cfg.get("pretrained"):
+      exp.vae, frozen["vae"] = vae_lib.load_vae(cfg.pretrained, scaling_factor=cfg.get("scaling_factor"))
     else:
-      exp.vae, frozen["vae"] = vae_lib.load_vae(path, scaling_factor=cfg.get("scaling_factor"))
+      from solidmark_jax.training import vae_stage  # pylint: disable=g-import-not-at-top
+      # Training runs (or resumes, or just checks) stage 1; evaluation needs it finished, for this config.
+      load = vae_stage.train_vae if train else lambda e, w, mesh: vae_stage.load_trained_vae(e.config, w)
+      exp.vae, frozen["vae"] = load(exp, workdir, mesh=mesh)
   return frozen
 
 
@@ -292,7 +320,7 @@ class Conditioner:
 
 def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", eta: float = 0.0,
                     jump_length: int = 10, resamples: int = 1, guidance_scale: float = 1.0, null_condition=None,
-                    remask_every: int = 10, mesh=None, return_images: bool = False):
+                    remask_every: int = 10, remask_from: str = "x0", mesh=None, return_images: bool = False):
   """The pixel or latent RePaint outpainter for this experiment's model (see `outpaint`).
 
   Params of a call: the UNet's params (pixel) or {"unet": ..., "vae": ...} (latent).
@@ -303,7 +331,8 @@ def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", e
                 null_condition=null_condition, return_images=return_images, mesh=mesh)
   if exp.is_latent:
     from solidmark_jax.outpaint import latent  # pylint: disable=g-import-not-at-top
-    return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, remask_every=remask_every, **kwargs)
+    return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, remask_every=remask_every,
+                                          remask_from=remask_from, **kwargs)
   return make_outpaint_fn(denoiser, exp.sched, jump_length=jump_length, resamples=resamples, **kwargs)
 
 

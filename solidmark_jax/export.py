@@ -52,6 +52,8 @@ def scheduler_config(diffusion_cfg, *, clip_sample: bool) -> dict:
   elif kind == "linear":
     scale = 1000 / steps  # make_schedule scales Ho et al.'s betas to T steps
     betas = {"beta_schedule": "linear", "beta_start": scale * 1e-4, "beta_end": scale * 0.02}
+  elif kind == "scaled_linear":
+    betas = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
   else:
     raise ValueError(f"export: diffusion.schedule={kind!r} has no diffusers scheduler equivalent here")
   return {

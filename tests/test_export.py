@@ -89,7 +89,7 @@ def test_pixel_class_model_round_trip(fashion_dir, tmp_path):
     export_diffusers(config, str(tmp_path / "empty"), str(tmp_path / "out2"))
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear"])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "scaled_linear"])
 def test_scheduler_config_matches_our_schedule(kind, tmp_path):
   from diffusers import FlaxDDIMScheduler
   cfg = ml_collections.ConfigDict({"schedule": kind, "num_steps": 100})

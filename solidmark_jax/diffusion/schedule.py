@@ -29,8 +29,12 @@ class NoiseSchedule:
 jax.tree_util.register_dataclass(NoiseSchedule, data_fields=["betas", "abar"], meta_fields=[])
 
 
+SCHEDULES = ("cosine", "linear", "scaled_linear")
+
+
 def make_schedule(kind: str = "cosine", num_steps: int = 1000) -> NoiseSchedule:
-  """Cosine (Nichol & Dhariwal 2021) or linear (Ho et al. 2020, scaled to T) schedule."""
+  """Cosine (Nichol & Dhariwal 2021), linear (Ho et al. 2020, scaled to T) or Stable Diffusion's
+  "scaled_linear" (betas = linspace(sqrt(0.00085), sqrt(0.012), T)^2, what SD 2.1 was trained with)."""
   if kind == "cosine":
     s = 0.008
     f = lambda t: math.cos((t / num_steps + s) / (1 + s) * math.pi / 2) ** 2
@@ -38,8 +42,10 @@ def make_schedule(kind: str = "cosine", num_steps: int = 1000) -> NoiseSchedule:
   elif kind == "linear":
     scale = 1000 / num_steps
     betas = np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+  elif kind == "scaled_linear":
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, num_steps, dtype=np.float64) ** 2
   else:
-    raise ValueError(f"schedule must be 'cosine' or 'linear', got {kind!r}")
+    raise ValueError(f"diffusion.schedule must be one of {SCHEDULES}, got {kind!r}")
   abar = np.cumprod(1.0 - betas)
   return NoiseSchedule(jnp.asarray(betas, jnp.float32), jnp.asarray(abar, jnp.float32))
 
