@@ -93,6 +93,26 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def broadcast_ids(ids) -> np.ndarray:
+  """Process 0's int64 id array [n] on every process (the others pass None, or anything).
+
+  Every process must call it at the same point: process 0 decides (e.g. which ids are left to do
+  after a resume, read from its store) and the others follow. With one process: `ids` as int64.
+  """
+  if jax.process_count() == 1:
+    if ids is None:
+      raise ValueError("broadcast_ids: process 0 must pass the ids, got None")
+    return np.asarray(ids, np.int64).reshape(-1)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  is_main = jax.process_index() == 0
+  if is_main and ids is None:
+    raise ValueError("broadcast_ids: process 0 must pass the ids, got None")
+  mine = np.asarray(ids, np.int64).reshape(-1) if is_main else None
+  n = int(multihost_utils.broadcast_one_to_all(np.int64(len(mine) if is_main else 0)))
+  buf = mine if is_main else np.zeros(n, np.int64)  # [n], the same shape on every process
+  return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.int64)
+
+
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
   """Starts `jax.distributed` when a coordinator is given (CPU processes use gloo collectives).
