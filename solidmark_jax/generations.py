@@ -4,11 +4,17 @@
 
 1. The EMA parameters of a checkpoint (`evaluation.load_checkpoint`: config and keymap checked).
 2. N generations without a known region: the project's jitted, batched sampler
-   (`outpaint.make_outpaint_fn` with an all-ones mask, the eval section's sampler settings).
+   (`experiment.make_outpainter` with an all-ones mask, the eval section's sampler settings): the
+   pixel RePaint loop, or for latent models (`model.space == "latent"`) the latent one, which
+   samples latents and decodes them with the workdir's VAE, so both give pixel images.
    Generation g is prompted with the training condition (class, image id, caption or null) of
    instance perm[g mod M], perm a random permutation of the M instances (by `seed`): every
    instance prompts once before any prompts twice, and generation g is the same for any N. Its
-   noise is seeded by g, so batches can be cut anywhere.
+   noise is seeded by g, so batches can be cut anywhere. Text models are prompted with that
+   instance's training caption (recorded per generation in scores.json), encoded by the frozen
+   text encoder (`experiment.Conditioner`, no mitigation); classifier-free guidance
+   (`guidance_scale` != 1) uses the Conditioner's null (the empty caption's embedding, or the
+   null id).
 3. Each finished batch is stored as it is made: the images (uint8, the whole marked-size
    generation) in samples/<first id>.npz, then a line in samples.jsonl (`report.ResultStore`:
    prompt instance, its key, the key read off the generation's own border). A re-run skips the
@@ -32,9 +38,6 @@ p x p key square is set to 0 in both (it then adds 0 to every distance). The key
 for itself is reported separately (`k_pred`, and its l_SM against the keys of its nearest training
 image).
 
-Latent models: generations are decoded to pixels before they are stored; the hook is
-`_to_pixels` (not implemented yet: a clear error up front).
-
 Config: `eval.generations` (optional; every field defaults, see `DEFAULTS`), plus the sampler
 settings of `eval` (num_steps, sampler, eta, guidance_scale, batch_size) unless overridden there.
 """
@@ -52,10 +55,9 @@ import numpy as np
 from tqdm import tqdm
 
 from solidmark_jax import marks, parallel, report
-from solidmark_jax.experiment import Experiment, build_experiment
+from solidmark_jax.experiment import Conditioner, Experiment, build_experiment, load_frozen, make_outpainter
+from solidmark_jax.experiment import outpaint_params
 from solidmark_jax.metrics import baselines
-from solidmark_jax.models import as_denoiser
-from solidmark_jax.outpaint import make_outpaint_fn
 from solidmark_jax.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -114,21 +116,14 @@ def generation_settings(config) -> dict:
   for k in ("l2_thresholds", "carlini_thresholds", "similarity_thresholds"):
     s[k] = baselines.validate_score_thresholds(s[k], f"eval.generations.{k}")
   s["patch_grid"] = None if s["patch_grid"] is None else tuple(int(v) for v in s["patch_grid"])
+  if float(s["guidance_scale"]) != 1.0 and config.model.condition == "none":
+    raise ValueError(f"eval.generations.guidance_scale={s['guidance_scale']} (or eval.guidance_scale) != 1 needs a "
+                     "conditional model (model.condition is 'none')")
   return s
 
 
 # ---------------------------------------------------------------------------------------------
 # Images: what is compared.
-
-
-def _to_pixels(exp: Experiment, x_model: np.ndarray) -> np.ndarray:
-  """Model-space samples [n, H, W, C] -> pixel-space [n, H, W, C] in [-1, 1].
-
-  The hook for latent models: decode the latents with the VAE here (e.g. `exp.vae.decode`), in
-  batches, before the images are stored. Pixel models: the identity.
-  """
-  del exp
-  return x_model
 
 
 def _to_uint8(x_model: np.ndarray) -> np.ndarray:
@@ -194,16 +189,6 @@ def prompt_instances(num_instances: int, ids: np.ndarray, seed: int) -> np.ndarr
   return perm[np.asarray(ids, np.int64) % num_instances]
 
 
-def _broadcast_ids(ids) -> np.ndarray:
-  """Process 0's id list on every process (multi-host runs)."""
-  if jax.process_count() == 1:
-    return np.asarray(ids, np.int64)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  n = int(multihost_utils.broadcast_one_to_all(np.int64(len(ids) if ids is not None else 0)))
-  buf = np.zeros(n, np.int64) if ids is None else np.asarray(ids, np.int64)
-  return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.int64)
-
-
 def _save_batch(samples_dir: str, ids: np.ndarray, images_u8: np.ndarray) -> None:
   os.makedirs(samples_dir, exist_ok=True)
   path = os.path.join(samples_dir, f"{int(ids[0]):07d}.npz")
@@ -228,17 +213,21 @@ def _load_images(samples_dir: str, ids: np.ndarray) -> np.ndarray:
   return np.stack([found[int(i)] for i in ids])
 
 
-def _sample_all(exp, params, s, ids, store, samples_dir, mesh, is_main) -> None:
-  """Generates the ids not yet stored, batch by batch, appending each batch as it finishes."""
-  op = make_outpaint_fn(as_denoiser(exp.model), exp.sched, num_steps=int(s["num_steps"]), sampler=s["sampler"],
-                        eta=float(s["eta"]), resamples=1, guidance_scale=float(s["guidance_scale"]),
-                        null_condition=exp.null_id, return_images=True, mesh=mesh)
-  todo = _broadcast_ids(store.remaining(GROUP, ids) if is_main else None)
+def _sample_all(exp, params, conditioner: Conditioner, s, ids, store, samples_dir, mesh, is_main) -> None:
+  """Generates the ids not yet stored, batch by batch, appending each batch as it finishes.
+
+  params: the UNet's (pixel) or `outpaint_params` {"unet", "vae"} (latent); either way the
+  outpainter returns pixel images in model space [-1, 1], which are stored as uint8.
+  """
+  op = make_outpainter(exp, num_steps=int(s["num_steps"]), sampler=s["sampler"], eta=float(s["eta"]), resamples=1,
+                       guidance_scale=float(s["guidance_scale"]), null_condition=conditioner.null,
+                       remask_every=exp.config.eval.get("remask_every", 10), mesh=mesh, return_images=True)
+  todo = parallel.broadcast_ids(store.remaining(GROUP, ids) if is_main else None)
   done = len(ids) - len(todo)
   if is_main and done:
     log.info("%s: %d of %d generations already made; sampling the other %d", store.path, done, len(ids), len(todo))
-  size, c = exp.image_size, exp.channels
-  mask = np.ones((size, size, 1), np.float32)  # all unknown: plain sampling
+  size, c = exp.image_size, exp.channels  # pixels, also for latent models
+  mask = np.ones((size, size, 1), np.float32)  # all unknown: plain sampling (latent: no re-mask)
   key_mask = exp.mask
   rng = jax.random.key(int(s["seed"]))
   batch_size = int(s["batch_size"])
@@ -246,11 +235,12 @@ def _sample_all(exp, params, s, ids, store, samples_dir, mesh, is_main) -> None:
   for start in range(0, len(todo), batch_size):
     batch = todo[start:start + batch_size]
     prompts = prompt_instances(len(exp.instances), batch, s["seed"])
-    conditions = np.asarray(exp.conditions)[prompts].astype(np.int32)
+    # [n] ids, or text: caption token ids [n, L] -> embeddings [n, L, D] (the same on every process)
+    conditions = conditioner(np.asarray(exp.conditions)[prompts], prompts)
     known = np.zeros((len(batch), size, size, c), np.float32)
     out = op.run(params, known, mask, conditions, rng, 1, ids=batch, batch_size=batch_size, return_images=True)
     if is_main:
-      images = _to_uint8(_to_pixels(exp, out["images"][:, 0]))  # [n, H, W, C]
+      images = _to_uint8(out["images"][:, 0])  # [n, H, W, C] pixels
       k_pred = np.asarray(marks.predicted_key(marks.to_model_space(images.astype(np.float32) / 255.0), key_mask))
       _save_batch(samples_dir, batch, images)  # images first: a listed generation always has them
       store.append(GROUP, batch, exp.keymap.lookup(prompts), k_pred)
@@ -305,7 +295,7 @@ def score(exp: Experiment, images_u8: np.ndarray, ids: np.ndarray, k_pred: np.nd
     nearest = int(metrics[""]["nearest"][j])
     near_keys = exp.keymap.lookup(np.array(copies[nearest]))
     rec = {"id": int(g), "prompt_instance": int(prompts[j]), "prompt_image": int(prompt_image[j]),
-           "condition": np.asarray(exp.conditions)[prompts[j]].tolist(), "k_pred": float(k_pred[j]),
+           **_prompt(exp, int(prompts[j])), "k_pred": float(k_pred[j]),
            "l_sm_prompt": float(abs(k_pred[j] - exp.keymap.lookup(prompts[j:j + 1])[0])),
            "nearest_image": nearest, "nearest_instances": copies[nearest],
            "l_sm_nearest": float(np.min(np.abs(k_pred[j] - near_keys)))}
@@ -326,6 +316,13 @@ def score(exp: Experiment, images_u8: np.ndarray, ids: np.ndarray, k_pred: np.nd
     summary["similarity"] = baselines.score_summary(emb["similarity"], s["similarity_thresholds"], "higher")
   nearest_is_prompt = float(np.mean(metrics[""]["nearest"] == prompt_image))
   return {"summary": summary, "nearest_is_prompt_rate": nearest_is_prompt, "generations": records}
+
+
+def _prompt(exp: Experiment, instance: int) -> dict:
+  """What prompted a generation: {"caption": ...} (text models) or {"condition": id}."""
+  if exp.captions is not None:
+    return {"caption": exp.captions[instance]}
+  return {"condition": np.asarray(exp.conditions)[instance].tolist()}
 
 
 METRIC_DOCS = {
@@ -360,13 +357,20 @@ def summary_markdown(result: dict) -> str:
                  f"{s['tail_95']:.4f} ({tail}) | {s['extreme']:.4f} ({ext}) | {s['median']:.4f} | {counts} |")
   gens = sorted(result["generations"], key=lambda r: (r["carlini"], r["id"]))[:10]
   lines += ["", "Closest generations (lowest Carlini score):", "",
-            "| generation | prompt image | nearest image (copies: instances) | l2 | Carlini | patched Carlini | "
-            "k_pred | l_SM to nearest's keys |", "|---|---|---|---|---|---|---|---|"]
+            "| generation | prompt | prompt image | nearest image (copies: instances) | l2 | Carlini | "
+            "patched Carlini | k_pred | l_SM to nearest's keys |", "|---|---|---|---|---|---|---|---|---|"]
   for r in gens:
     patched = f"{r['patched_carlini']:.4f}" if "patched_carlini" in r else "-"
-    lines.append(f"| {r['id']} | {r['prompt_image']} | {r['nearest_image']} ({r['nearest_instances']}) | "
+    prompt = _cell(r["caption"]) if "caption" in r else f"condition {r['condition']}"
+    lines.append(f"| {r['id']} | {prompt} | {r['prompt_image']} | {r['nearest_image']} ({r['nearest_instances']}) | "
                  f"{r['l2']:.4f} | {r['carlini']:.4f} | {patched} | {r['k_pred']:.4f} | {r['l_sm_nearest']:.4f} |")
   return "\n".join(lines) + "\n"
+
+
+def _cell(text: str, width: int = 60) -> str:
+  """A caption as one markdown table cell: no pipes or newlines, at most `width` characters."""
+  text = " ".join(str(text).replace("|", "/").split())
+  return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _write_grid(path, exp, result, gen_u8, ids, train, num) -> None:
@@ -415,26 +419,28 @@ def score_generations(config, workdir: str, out_dir: str | None = None, num_samp
     if int(num_samples) < 1:
       raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     s["num_samples"] = int(num_samples)
-  if config.model.get("space", "pixel") != "pixel":
-    raise NotImplementedError("score_generations: latent models need a VAE decode before storing; see the "
-                              "hook generations._to_pixels")
   if encoder is None and s["encoder"] is not None:
     encoder = ENCODERS[s["encoder"]]()
   exp = build_experiment(config)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   if int(s["batch_size"]) % mesh.size:
     raise ValueError(f"eval.generations.batch_size={s['batch_size']} must be divisible by the {mesh.size} devices")
-  params, step, _ = load_checkpoint(exp, workdir, step, mesh)
+  ema, step, _ = load_checkpoint(exp, workdir, step, mesh)
+  # Frozen text encoder / VAE (latent: the workdir's stage-1 VAE, which also sets exp.vae).
+  frozen = jax.device_put(load_frozen(exp, workdir, train=False, mesh=mesh), parallel.replicated(mesh))
+  params = outpaint_params(exp, ema, frozen)  # UNet params, or {"unet", "vae"}
+  conditioner = Conditioner(exp, frozen)
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, GENERATIONS_DIR))
   sampling = {k: s[k] for k in ("seed", "num_steps", "sampler", "eta", "guidance_scale")}
   meta = {"checkpoint_step": int(step), "keymap_hash": exp.keymap.hash,
           "config_fingerprint": ckpt.config_fingerprint(config), "sampling": sampling,
-          "image_size": exp.image_size, "channels": exp.channels}
+          "image_size": exp.image_size, "channels": exp.channels,
+          "model": {"space": config.model.get("space", "pixel"), "condition": config.model.condition}}
   is_main = jax.process_index() == 0
   store = report.ResultStore(os.path.join(out_dir, "samples.jsonl"), meta=meta) if is_main else None
   ids = np.arange(s["num_samples"], dtype=np.int64)
   samples_dir = os.path.join(out_dir, "samples")
-  _sample_all(exp, params, s, ids, store, samples_dir, mesh, is_main)
+  _sample_all(exp, params, conditioner, s, ids, store, samples_dir, mesh, is_main)
   if not is_main:
     return None
 

@@ -1,7 +1,8 @@
 """score_generations end to end on a tiny trained workdir: sampling, storage, scoring against the
-unmarked training images, the report, resume after an interruption, bad settings.
+unmarked training images, the report, resume after an interruption, bad settings; and the same for a
+latent text-to-image model (configs/tiny_latent.py: VAE decode, caption prompts, guidance).
 
-One in-process `train()` of 2 steps (8 fake CPU devices, see conftest.py) makes the workdir.
+One in-process `train()` of 2 steps (8 fake CPU devices, see conftest.py) makes each workdir.
 """
 
 import json
@@ -11,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import tiny
+from configs import tiny, tiny_latent
 from solidmark_jax import generations, report
 from solidmark_jax.experiment import build_experiment
 from solidmark_jax.metrics import baselines
@@ -139,3 +140,107 @@ def test_bad_settings(fashion_dir, trained, reference):
   with pytest.raises(ValueError, match="samples.jsonl: the stored results were made with different settings"):
     generations.score_generations(_config(fashion_dir, num_steps=5), str(trained), out_dir=str(out))
   assert (out / "samples.jsonl").read_text() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent text-to-image: configs/tiny_latent.py (VAE stage 1 of 2 steps, UNet of 2 steps on 8x8x4 latents,
+# captions through a fresh text encoder, eval.guidance_scale = 2).
+
+LATENT_OVERRIDES = {"model.block_out_channels": (32,), "model.down_block_types": ("DownBlock2D",),
+                    "model.up_block_types": ("UpBlock2D",), "data.subset_size": 16, "vae.train_steps": 2,
+                    "train.num_steps": 2, "train.checkpoint_every": 2}
+LATENT_GEN = {"num_samples": 12, "batch_size": 8, "num_steps": 3, "num_neighbors": 5, "patch_size": 4,
+              "patch_grid": None, "num_grid": 2}
+
+
+def _latent_config(fashion_dir, **gen):
+  c = tiny_latent.get_config()
+  c.update_from_flattened_dict({**LATENT_OVERRIDES, "data.data_dir": fashion_dir})
+  c.eval.generations = ml_collections.ConfigDict({**LATENT_GEN, **gen})
+  return c
+
+
+@pytest.fixture(scope="module")
+def latent_trained(fashion_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("gen_latent") / "wd"
+  train(_latent_config(fashion_dir), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def latent_reference(fashion_dir, latent_trained, tmp_path_factory):
+  """scores.json of the latent workdir, and the settings each outpainter was built with."""
+  out = tmp_path_factory.mktemp("gen_latent_ref")
+  built = []
+  real = generations.make_outpainter
+
+  def spy(exp, **kwargs):
+    built.append({"latent": exp.is_latent, "scaling_factor": exp.vae.scaling_factor, **kwargs})
+    return real(exp, **kwargs)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(generations, "make_outpainter", spy)
+    result = generations.score_generations(_latent_config(fashion_dir), str(latent_trained), out_dir=str(out))
+  return out, result, built
+
+
+def test_latent_text_generations_end_to_end(fashion_dir, latent_trained, latent_reference):
+  out, result, built = latent_reference
+  exp = build_experiment(_latent_config(fashion_dir))
+  assert result == json.loads((out / "scores.json").read_text())
+  meta = result["meta"]
+  assert meta["model"] == {"space": "latent", "condition": "text"}
+  assert meta["sampling"]["guidance_scale"] == 2.0 and meta["image_size"] == 16 and meta["channels"] == 1
+  # the latent sampler, with the workdir's stage-1 VAE (its measured scaling factor), guided towards the
+  # caption and away from the empty caption's embedding [L, D]
+  vae_cfg = json.loads((latent_trained / "vae" / "config.json").read_text())
+  assert len(built) == 1 and built[0]["latent"] and built[0]["scaling_factor"] == vae_cfg["scaling_factor"]
+  assert built[0]["guidance_scale"] == 2.0
+  null = np.asarray(exp.text.encode(exp.text.params, np.asarray(exp.text.null_ids, np.int32)[None]))[0]
+  assert null.shape == (32, 32)
+  np.testing.assert_allclose(np.asarray(built[0]["null_condition"]), null, rtol=1e-5, atol=1e-6)
+  # prompts are the training captions of the prompt instances, recorded per generation
+  gens = result["generations"]
+  assert [g["id"] for g in gens] == list(range(12))
+  prompts = [g["prompt_instance"] for g in gens]
+  assert len(set(prompts)) == 12 and all(0 <= p < 16 for p in prompts)
+  assert [g["caption"] for g in gens] == [exp.captions[p] for p in prompts]
+  assert all(isinstance(g["caption"], str) and g["caption"] for g in gens) and "condition" not in gens[0]
+  # decoded to pixels before storing: marked-size uint8 images, not 8x8x4 latents
+  images = generations._load_images(str(out / "samples"), np.arange(12))
+  assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8 and images.std() > 0
+  # every baseline metric is finite, and each generation's k_pred is a key in [0, 1]
+  for name in ("l2", "carlini", "patched_l2", "patched_carlini", "k_pred", "l_sm_prompt", "l_sm_nearest"):
+    values = np.array([g[name] for g in gens], np.float64)
+    assert np.all(np.isfinite(values)), name
+  assert all(0.0 <= g["k_pred"] <= 1.0 for g in gens)
+  assert set(result["summary"]) == {"l2", "carlini", "patched_l2", "patched_carlini"}
+  assert all(np.isfinite(v["tail_95"]) and np.isfinite(v["extreme"]) for v in result["summary"].values())
+  assert meta["num_train_images"] == 16 and meta["keymap_hash"] == exp.keymap.hash
+  md = (out / "summary.md").read_text()
+  best = min(gens, key=lambda g: (g["carlini"], g["id"]))
+  assert generations._cell(best["caption"]) in md
+
+
+def test_latent_resume_after_interruption(fashion_dir, latent_trained, latent_reference, tmp_path, monkeypatch):
+  out = tmp_path / "gen"
+  real_append = report.ResultStore.append
+  calls = []
+
+  def crash_on_second_batch(self, group, ids, keys, k_pred):
+    calls.append(list(ids))
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    real_append(self, group, ids, keys, k_pred)
+
+  monkeypatch.setattr(report.ResultStore, "append", crash_on_second_batch)
+  with pytest.raises(KeyboardInterrupt):
+    generations.score_generations(_latent_config(fashion_dir), str(latent_trained), out_dir=str(out))
+  assert not (out / "scores.json").exists()
+  monkeypatch.setattr(report.ResultStore, "append", real_append)
+  saved = []
+  real_save = generations._save_batch
+  monkeypatch.setattr(generations, "_save_batch", lambda d, ids, im: saved.append(list(ids)) or real_save(d, ids, im))
+  result = generations.score_generations(_latent_config(fashion_dir), str(latent_trained), out_dir=str(out))
+  assert saved == [list(range(8, 12))]  # only what was not stored
+  assert result == latent_reference[1]  # noise seeded per generation id: the same images, the same scores
