@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -324,13 +325,17 @@ def main(argv=None):
       ts = alternate({"jax": call}, args.repeats)["jax"]
       calls = b * op.num_denoiser_calls
       row = {"batch": b, "median_s": med(ts), "keys_per_s": b / med(ts), "evals_per_s": calls / med(ts),
-             "compile_s": compile_s, "temp_bytes": mem.temp_size_in_bytes,
-             "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+             "compile_s": compile_s, "devices": mesh.size,
+             # per device (the SPMD module): temporaries, arguments (params + its rows), outputs
+             "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
+             "output_bytes": mem.output_size_in_bytes,
+             # process peak RSS so far (batches run in the order given, so ascending order shows growth)
+             "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
              "times_s": ts}
       rows.append(row)
       print(f"batch {b:5d}: {row['keys_per_s']:8.2f} keys/s {row['evals_per_s']:8.1f} evals/s  temp "
-            f"{mem.temp_size_in_bytes / 2**20:8.1f} MiB  args {mem.argument_size_in_bytes / 2**20:6.1f} MiB  "
-            f"compile {compile_s:.1f} s", flush=True)
+            f"{mem.temp_size_in_bytes / 2**20:8.1f} MiB/device  args {mem.argument_size_in_bytes / 2**20:6.1f} MiB  "
+            f"peak RSS {row['process_peak_rss_bytes'] / 2**20:7.0f} MiB  compile {compile_s:.1f} s", flush=True)
     result["sweep"] = rows
     name = args.name or f"{config_name}_{len(jax.devices())}dev_sweep"
     _write(args.out_dir, name, result)
