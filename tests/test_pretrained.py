@@ -110,3 +110,27 @@ def test_sd21_configs_sizes():
     models.validate(c.model, 288 // 8, 4)  # the paper's 256 + 2 x 16 = 288 px does not
   c.sd_root = "/elsewhere"
   assert c.text.pretrained == "/elsewhere" and c.vae.pretrained == "/elsewhere"
+
+
+def test_cached_latents_are_the_posterior_means(sd_root, fashion_dir, tmp_path):
+  from solidmark_jax.data.pipeline import BatchPlan
+  from solidmark_jax.training.loop import _cache_latents, make_prepare
+  root, _ = sd_root
+  c = _config(root, fashion_dir)
+  c.vae.cache_latents = True
+  exp = build_experiment(c)
+  mesh = parallel.make_mesh(-1, 1)
+  frozen = jax.device_put(load_frozen(exp, str(tmp_path), train=False, mesh=mesh), parallel.replicated(mesh))
+  latents = _cache_latents(exp, frozen, mesh, BatchPlan(len(exp.instances), 8, 0))  # [M, 8, 8, 4]
+  assert latents.shape == (len(exp.instances), 8, 8, 4)
+  ids = np.array([0, 5, 31])
+  direct = np.asarray(exp.vae.encode(frozen["vae"], exp.read_marked(ids)["image"]))
+  np.testing.assert_allclose(latents[ids], direct, atol=1e-5)
+  # the train step then denoises exactly those latents; on the fly it draws posterior samples instead
+  batch = {"latent": latents[ids], "condition": exp.conditions[ids]}
+  x0, cond, null = make_prepare(exp, cached_latents=True)(frozen, batch, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(x0), latents[ids])
+  assert cond.shape == (3, c.text.max_length, 32) and null.shape == (c.text.max_length, 32)
+  sampled, _, _ = make_prepare(exp)(frozen, {"image": exp.read_marked(ids)["image"], "condition": batch["condition"]},
+                                    jax.random.key(0))
+  assert not np.allclose(np.asarray(sampled), latents[ids])
