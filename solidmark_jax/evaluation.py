@@ -7,11 +7,22 @@ Groups (SPEC section 3):
   "image"/"none" models): the empirical null;
 - random_init (optional): the members, outpainted by a randomly initialised model.
 
-Results are appended to DIR/eval/results.jsonl as batches finish; a re-run skips what is done.
+`Evaluator` builds the experiment, loads the checkpoint and the frozen parts, picks the groups and
+builds the outpainter once; `Evaluator.score` then scores one setting (an inference-time mitigation
+and a query augmentation) into its own directory. Several settings of one evaluator (a sweep,
+sweeps.py) share the compiled outpainter: a mitigation changes the conditions on the host (same
+shapes, no recompile), each augmentation level is one compile of the augmentation. `evaluate` is
+one setting, the config's own.
+
+Results are appended to <out>/results.jsonl as batches finish; a re-run skips what is done. With
+`data.duplicates`, the members are also scored per duplication level (any evaluation of an image
+against any of its keys, metrics/duplication.py) into <out>/duplication.{md,json}.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 
@@ -24,6 +35,7 @@ from solidmark_jax.data import open_source
 from solidmark_jax.data.pipeline import marked_batch, select_records
 from solidmark_jax.experiment import KEYMAP_FILE, Conditioner, Experiment, build_experiment, load_frozen
 from solidmark_jax.experiment import make_outpainter, outpaint_params, source_captions
+from solidmark_jax.metrics import duplication
 from solidmark_jax.models import init_params
 from solidmark_jax.outpaint import augment as augment_lib
 from solidmark_jax.training import checkpoint as ckpt
@@ -33,6 +45,7 @@ from solidmark_jax.training.step import make_optimizer
 log = logging.getLogger(__name__)
 
 NONMEMBER_KEY_SALT = 0x0E1D  # non-member keys: keys_for(key_seed + salt, record index)
+DUPLICATION_FILES = ("duplication.json", "duplication.md")
 
 
 def _validate(config, mesh) -> tuple[tuple[float, ...], mitigations.Mitigation, augment_lib.Augmentation]:
@@ -130,71 +143,201 @@ def load_checkpoint(exp: Experiment, workdir: str, step: int | None, mesh):
   return state["ema_params"], step, meta
 
 
+class Evaluator:
+  """One checkpoint, its groups and its outpainter, built once; scores any number of settings.
+
+  Args:
+    config: the experiment config (`eval` section: groups, sampler, thresholds; its `mitigation`
+      and `augment` are only the defaults of `score`).
+    workdir: the training workdir (checkpoints, keymap, frozen parts).
+    step: checkpoint step (default: the latest).
+
+  Attributes:
+    exp, mesh, thresholds, step, groups (list of `_Group`), mitigation and augmentation (the
+    config's), is_main (process 0 writes).
+  """
+
+  def __init__(self, config, workdir: str, step: int | None = None):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.exp = exp = build_experiment(config)
+    self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    self.thresholds, self.mitigation, self.augmentation = _validate(config, self.mesh)
+    c = config.eval
+    self.groups = [_member_group(exp, c.num_members, c.seed), _nonmember_group(exp, config)]
+    self.ema, self.step, _ = load_checkpoint(exp, self.workdir, step, self.mesh)
+    self.frozen = jax.device_put(load_frozen(exp, self.workdir, train=False, mesh=self.mesh),
+                                 parallel.replicated(self.mesh))
+    self.params = outpaint_params(exp, self.ema, self.frozen)
+    self.param_sets = {"members": self.params, "non_members": self.params}
+    self.is_main = jax.process_index() == 0
+    self._ops: dict = {}  # outpainters by the kind of null condition (guidance) they bake in
+    self._random_init = bool(c.random_init_baseline)
+    if self._random_init:
+      self.groups.append(_member_group(exp, c.num_members, c.seed, name="random_init"))
+
+  # -- shared pieces -----------------------------------------------------------------------------
+
+  def _random_params(self):
+    if "random_init" not in self.param_sets:
+      exp = self.exp
+      shardings = jax.tree.map(lambda x: x.sharding, self.ema)
+      random = jax.jit(lambda r: init_params(exp.model, r, exp.model_size, exp.model_channels),
+                       out_shardings=shardings)(jax.random.key(self.config.seed + 7))
+      self.param_sets["random_init"] = outpaint_params(exp, random, self.frozen)
+    return self.param_sets["random_init"]
+
+  def conditioner(self, mitigation: mitigations.Mitigation) -> Conditioner:
+    """Conditions -> denoiser input under `mitigation` (validated against the model's condition)."""
+    mitigations.check_condition(mitigation, self.config.model.condition)
+    return Conditioner(self.exp, self.frozen, mitigation, self.ema)
+
+  def outpainter(self, conditioner: Conditioner):
+    """The compiled outpainter for this conditioner's null condition; one per kind, built once."""
+    null = conditioner.null
+    if isinstance(null, (int, np.integer)):
+      kind = ("id", int(null))
+    else:
+      null = np.asarray(null)
+      kind = ("embedding", null.shape, null.tobytes())
+    if kind not in self._ops:
+      c = self.config.eval
+      self._ops[kind] = make_outpainter(
+          self.exp, num_steps=c.num_steps, sampler=c.sampler, eta=c.eta, jump_length=c.jump_length,
+          resamples=c.resamples, guidance_scale=c.guidance_scale, null_condition=null,
+          remask_every=c.get("remask_every", 10), mesh=self.mesh)
+    return self._ops[kind]
+
+  @property
+  def trace_count(self) -> int:
+    """Traces of every outpainter built so far (one per distinct shape / static arguments)."""
+    return sum(op.trace_count for op in self._ops.values())
+
+  @property
+  def images_per_setting(self) -> int:
+    return sum(len(g.ids) for g in self.groups)
+
+  def meta(self, mitigation: mitigations.Mitigation, augmentation: augment_lib.Augmentation) -> dict:
+    """The metadata of one setting's result store and report."""
+    c = self.config.eval
+    ev = {k: v for k, v in c.to_dict().items() if k not in ("num_grid", "thresholds", "score")}
+    ev["mitigation"] = dataclasses.asdict(mitigation)
+    ev["augment"] = dataclasses.asdict(augmentation)
+    return {
+        "checkpoint_step": int(self.step),
+        "keymap_hash": self.exp.keymap.hash,
+        "config_fingerprint": ckpt.config_fingerprint(self.config),
+        "eval": ev,
+        "nonmember_split": self.config.data.eval_split,
+        "model": {"space": self.config.model.get("space", "pixel"), "condition": self.config.model.condition},
+        "bad_input": {"train": self.exp.bad_input, "non_members": self.groups[1].bad_input},
+    }
+
+  def open_store(self, out_dir: str, mitigation, augmentation) -> report.ResultStore | None:
+    """The setting's result store (process 0; None elsewhere). Other settings' results there are an error."""
+    if not self.is_main:
+      return None
+    return report.ResultStore(os.path.join(out_dir, "results.jsonl"), meta=self.meta(mitigation, augmentation))
+
+  def done_count(self, store) -> int:
+    """Images of this setting already in `store`, the same on every process."""
+    done = sum(len(g.ids) - len(store.remaining(g.name, g.ids)) for g in self.groups) if self.is_main else 0
+    return int(parallel.to_host(_broadcast(done)))
+
+  # -- one setting -------------------------------------------------------------------------------
+
+  def score(self, out_dir: str, mitigation: mitigations.Mitigation | None = None,
+            augmentation: augment_lib.Augmentation | None = None, *, bar=None, store=None,
+            write_grid: bool = True) -> dict | None:
+    """Outpaints every group under one setting, writes its report to `out_dir`, returns the summary.
+
+    Args:
+      out_dir: the setting's directory (results.jsonl, summary.json/.md, per_image.csv, plots, and
+        duplication.{json,md} with `data.duplicates`).
+      mitigation: inference-time mitigation (default: the config's `eval.mitigation`).
+      augmentation: query augmentation (default: the config's `eval.augment`).
+      bar: a tqdm bar to advance (a sweep's); default: a bar of this setting.
+      store: the setting's store if already opened (`open_store`).
+      write_grid: write outpaintings.png (`eval.num_grid` members).
+
+    Returns:
+      The summary (summary.json; with "duplication" for duplicated data) on process 0, else None.
+    """
+    mitigation = self.mitigation if mitigation is None else mitigation
+    augmentation = self.augmentation if augmentation is None else augmentation
+    c = self.config.eval
+    conditioner = self.conditioner(mitigation)
+    # Opened before anything is compiled: results of other settings in out_dir fail fast, untouched.
+    store = store if store is not None else self.open_store(out_dir, mitigation, augmentation)
+    op = self.outpainter(conditioner)
+    if self._random_init:
+      self._random_params()
+    own_bar = bar is None
+    if own_bar:
+      done = self.done_count(store)
+      total = self.images_per_setting
+      if self.is_main and done:
+        log.info("%s: %d of %d images already scored; outpainting the other %d", store.path, done, total,
+                 total - done)
+      bar = tqdm(total=total, initial=done, desc="outpaint", unit="img", dynamic_ncols=True,
+                 disable=not self.is_main)
+    mask = self.exp.mask
+    rng = jax.random.key(c.seed)
+    for gi, g in enumerate(self.groups):
+      todo = _broadcast_ids(store.remaining(g.name, g.ids) if self.is_main else None)
+      g_rng = jax.random.fold_in(rng, gi)  # the same noise for every setting: settings differ only by the setting
+      for start in range(0, len(todo), c.batch_size):
+        ids = todo[start:start + c.batch_size]
+        k_pred = _outpaint_batch(op, self.param_sets[g.name], g, ids, c.batch_size, mask, g_rng, c.repeats,
+                                 self.mesh, conditioner, augmentation)
+        if self.is_main:
+          pos = np.searchsorted(g.ids, ids)
+          store.append(g.name, ids, g.keys[pos], k_pred)
+        bar.update(len(ids))
+    if own_bar:
+      bar.close()
+
+    summary = None
+    if self.is_main:
+      results = store.results()
+      summary = report.write_report(out_dir, results, self.thresholds, statistic=c.score,
+                                    metadata=self.meta(mitigation, augmentation))
+      if self.exp.config.data.get("duplicates"):
+        summary["duplication"] = write_duplication_report(self.exp, results, self.thresholds, out_dir)
+    if write_grid and c.num_grid:
+      _write_grid(op, self.params, self.groups[0], c, mask, rng, self.mesh, out_dir, self.is_main, conditioner,
+                  augmentation)
+    return summary
+
+
+def write_duplication_report(exp: Experiment, results: report.Results, thresholds, out_dir: str) -> dict:
+  """Members scored per duplication level (any evaluation x any key): duplication.json and .md.
+
+  Every evaluated member instance is a query of its distinct image (copies share the image and its
+  condition; only their keys differ), so an image with c evaluated copies and r repeats has c x r
+  evaluations, scored against all c keys of its training copies.
+  """
+  members = results.select("members")
+  inst = exp.instances
+  all_ids = np.arange(len(inst.image_id), dtype=np.int64)
+  summary = duplication.summarize_duplication(inst.image_id, exp.keymap.lookup(all_ids),
+                                              inst.image_id[members.instance_id], members.k_pred, thresholds)
+  tmp = os.path.join(out_dir, "duplication.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(summary, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, os.path.join(out_dir, "duplication.json"))
+  with open(os.path.join(out_dir, "duplication.md"), "w") as f:
+    f.write(duplication.duplication_markdown(summary))
+  return summary
+
+
 def evaluate(config, workdir: str, step: int | None = None, out_dir: str | None = None) -> dict:
   """Outpaints members and non-members, writes the report under DIR/eval/, returns the summary."""
-  workdir = os.path.abspath(workdir)
-  exp = build_experiment(config)
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  thresholds, mitigation, augmentation = _validate(config, mesh)
-  c = config.eval
-  groups = [_member_group(exp, c.num_members, c.seed), _nonmember_group(exp, config)]
-  ema, step, _ = load_checkpoint(exp, workdir, step, mesh)
-  frozen = jax.device_put(load_frozen(exp, workdir, train=False, mesh=mesh), parallel.replicated(mesh))
-  params = outpaint_params(exp, ema, frozen)
-  conditioner = Conditioner(exp, frozen, mitigation, ema)
-  out_dir = out_dir or os.path.join(workdir, "eval")
-  op = make_outpainter(exp, num_steps=c.num_steps, sampler=c.sampler, eta=c.eta, jump_length=c.jump_length,
-                       resamples=c.resamples, guidance_scale=c.guidance_scale, null_condition=conditioner.null,
-                       remask_every=c.get("remask_every", 10), mesh=mesh)
-  meta = {
-      "checkpoint_step": int(step),
-      "keymap_hash": exp.keymap.hash,
-      "config_fingerprint": ckpt.config_fingerprint(config),
-      "eval": {k: v for k, v in c.to_dict().items() if k not in ("num_grid", "thresholds", "score")},
-      "nonmember_split": config.data.eval_split,
-      "model": {"space": config.model.get("space", "pixel"), "condition": config.model.condition},
-      "bad_input": {"train": exp.bad_input, "non_members": groups[1].bad_input},
-  }
-  is_main = jax.process_index() == 0
-  # Opened once every setting is validated and before anything is compiled: results of other
-  # settings in out_dir fail fast, untouched.
-  store = report.ResultStore(os.path.join(out_dir, "results.jsonl"), meta=meta) if is_main else None
-  param_sets = {"members": params, "non_members": params}
-  if c.random_init_baseline:
-    groups.append(_member_group(exp, c.num_members, c.seed, name="random_init"))
-    shardings = jax.tree.map(lambda x: x.sharding, ema)
-    random = jax.jit(lambda r: init_params(exp.model, r, exp.model_size, exp.model_channels),
-                     out_shardings=shardings)(jax.random.key(config.seed + 7))
-    param_sets["random_init"] = outpaint_params(exp, random, frozen)
-  mask = exp.mask
-  rng = jax.random.key(c.seed)
-  total = sum(len(g.ids) for g in groups)
-  done = sum(len(g.ids) - len(store.remaining(g.name, g.ids)) for g in groups) if is_main else 0
-  done = int(parallel.to_host(_broadcast(done)))
-  if is_main and done:
-    log.info("%s: %d of %d images already scored; outpainting the other %d", store.path, done, total,
-             total - done)
-  bar = tqdm(total=total, initial=done, desc="outpaint", unit="img", dynamic_ncols=True, disable=not is_main)
-  for gi, g in enumerate(groups):
-    todo = store.remaining(g.name, g.ids) if is_main else None
-    todo = _broadcast_ids(todo)
-    g_rng = jax.random.fold_in(rng, gi)
-    for start in range(0, len(todo), c.batch_size):
-      ids = todo[start:start + c.batch_size]
-      k_pred = _outpaint_batch(op, param_sets[g.name], g, ids, c.batch_size, mask, g_rng, c.repeats, mesh,
-                               conditioner, augmentation)
-      if is_main:
-        pos = np.searchsorted(g.ids, ids)
-        store.append(g.name, ids, g.keys[pos], k_pred)
-      bar.update(len(ids))
-  bar.close()
-
-  summary = None
-  if is_main:
-    summary = report.write_report(out_dir, store.results(), thresholds, statistic=c.score, metadata=meta)
-  if c.num_grid:
-    _write_grid(op, params, groups[0], c, mask, rng, mesh, out_dir, is_main, conditioner, augmentation)
-  if is_main:
+  evaluator = Evaluator(config, workdir, step)
+  out_dir = out_dir or os.path.join(evaluator.workdir, "eval")
+  summary = evaluator.score(out_dir)
+  if evaluator.is_main:
     log.info("report written to %s", out_dir)
   return summary
 

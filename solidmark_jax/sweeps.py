@@ -1,0 +1,368 @@
+"""Sweeps: one checkpoint scored under several settings (mitigation strengths, augmentation levels) in one process.
+
+A sweep is a config plus a list of settings (`config.sweep`, see config.py):
+
+  sweep.kind = "mitigation"; sweep.name = "gni"; sweep.values = (0.0, 0.1, 0.5)
+  sweep.kind = "augment"; sweep.settings = ("none", "crop:1", "blur:2")
+
+`run_sweep` builds the experiment, checkpoint, groups and outpainter once (`evaluation.Evaluator`),
+then scores every setting into its own store under DIR/sweeps/settings/<setting>/ (results.jsonl,
+summary.json/.md, ...). A mitigation only changes the conditions on the host and an augmentation
+level is one compile of the augmentation, so the outpainter compiles once per shape for the whole
+sweep. One tqdm bar runs over settings x images; a re-run skips finished settings and, within an
+interrupted one, the images already scored. Settings are shared between sweeps of one workdir with
+the same eval section (the Table 3 and GNI sweeps share their "gni_0.1" row); a store made with
+other eval settings is an error.
+
+The sweep's table (DIR/sweeps/<name>/table.md and sweep.json; a row per setting, the members'
+eidetic counts at every threshold, the reduction against the baseline (identity) row as the paper's
+Table 3 reports it: (count_baseline - count) / count_baseline, chance and the non-members' rates)
+is printed; a one-parameter numeric sweep also gets sweep.png (rate against strength, the GNI
+figure). If the workdir has no checkpoint at train.num_steps, training runs first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from solidmark_jax import mitigations
+from solidmark_jax.evaluation import DUPLICATION_FILES, Evaluator
+from solidmark_jax.outpaint import augment as augment_lib
+
+log = logging.getLogger(__name__)
+
+KINDS = ("mitigation", "augment")
+SETTINGS_DIR = "settings"  # DIR/sweeps/settings/<setting>/: one store per setting, shared by sweeps
+SWEEP_FORMAT = "solidmark-sweep/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One evaluation setting: an inference-time mitigation and a query augmentation.
+
+  Attributes:
+    name: directory name, e.g. "none", "gni_0.1", "crop_2".
+    mitigation: `mitigations.Mitigation`.
+    augmentation: `augment.Augmentation`.
+    value: the swept strength / level / angle (0 for the identity).
+  """
+
+  name: str
+  mitigation: mitigations.Mitigation
+  augmentation: augment_lib.Augmentation
+  value: float = 0.0
+
+  @property
+  def is_identity(self) -> bool:
+    return self.mitigation.is_identity and self.augmentation.is_identity
+
+  @property
+  def method(self) -> str:
+    """The mitigation or augmentation name ("none" for the plain query)."""
+    return self.mitigation.name if self.mitigation.name != "none" else self.augmentation.name
+
+
+def _number(text: str, field: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise ValueError(f"{field}: {text!r} is not a number") from None
+  if not math.isfinite(value):
+    raise ValueError(f"{field}: {text!r} is not a finite number")
+  return value
+
+
+def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: str = "sweep") -> Setting:
+  """The setting `name` at `value` of a sweep of `kind`; a clear error naming `field` for bad input.
+
+  Args:
+    kind: "mitigation" (value: GNI sigma, or RT / CWR / RNA / random_words iterations) or "augment"
+      (value: crop / blur level 1-4, or rotate angle in degrees).
+    name: e.g. "gni", "crop"; "none" for the plain query (value 0).
+    value: strength, level or angle.
+    seed: the config's mitigation / augmentation seed.
+    field: named in errors, e.g. "sweep.settings[2]".
+  """
+  if kind not in KINDS:
+    raise ValueError(f"sweep.kind must be one of {KINDS}, got {kind!r}")
+  none_m, none_a = mitigations.Mitigation(seed=seed), augment_lib.Augmentation(seed=seed)
+  try:
+    if name == "none":
+      if value != 0:
+        raise ValueError(f"'none' takes no value, got {value:g}")
+      return Setting("none", none_m, none_a, 0.0)
+    if kind == "mitigation":
+      if name not in mitigations.MITIGATIONS:
+        raise ValueError(f"unknown mitigation {name!r}; one of {mitigations.MITIGATIONS}")
+      strength = value if name == "gni" else (int(value) if value == int(value) else value)
+      m, a = mitigations.Mitigation(name, strength, seed), none_a
+    else:
+      if name not in augment_lib.AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; one of {augment_lib.AUGMENTATIONS}")
+      if name == "rotate":
+        a = augment_lib.Augmentation(name, angle=float(value), seed=seed)
+      else:
+        if value != int(value):
+          raise ValueError(f"{name} levels are integers 1-4, got {value:g}")
+        a = augment_lib.Augmentation(name, level=int(value), seed=seed)
+      m = none_m
+  except ValueError as e:
+    raise ValueError(f"{field} ({name}:{value:g}): {e}") from None
+  return Setting(f"{name}_{value:g}", m, a, float(value))
+
+
+def settings_from_config(config) -> list[Setting]:
+  """The sweep's settings from `config.sweep`, the baseline (identity) row first.
+
+  Either `sweep.settings` ("name:value" strings, "none") or `sweep.name` with `sweep.values`. The
+  first identity setting is the baseline; "none" is added in front when the list has none.
+  """
+  s = config.sweep
+  kind = s.get("kind", "mitigation")
+  if kind not in KINDS:
+    raise ValueError(f"sweep.kind must be one of {KINDS}, got {kind!r}")
+  seed = int((config.eval.mitigation if kind == "mitigation" else config.eval.augment).get("seed", 0) or 0)
+  listed, name, values = tuple(s.get("settings") or ()), s.get("name") or "", tuple(s.get("values") or ())
+  if listed and (name or values):
+    raise ValueError("sweep: set either sweep.settings (\"name:value\" strings) or sweep.name with sweep.values, "
+                     f"not both (settings={listed}, name={name!r}, values={values})")
+  out = []
+  if listed:
+    for i, item in enumerate(listed):
+      field = f"sweep.settings[{i}]"
+      if not isinstance(item, str):
+        raise ValueError(f"{field}: expected a \"name:value\" string such as \"gni:0.1\", got {item!r}")
+      head, sep, tail = item.partition(":")
+      if not sep and head.strip() != "none":
+        raise ValueError(f"{field}: expected \"name:value\" (e.g. \"gni:0.1\", \"crop:2\") or \"none\", got {item!r}")
+      out.append(make_setting(kind, head.strip(), _number(tail.strip(), field) if sep else 0.0, seed=seed,
+                              field=field))
+  elif name:
+    if not values:
+      raise ValueError(f"sweep.values: give the strengths / levels of sweep.name={name!r}, e.g. (0.0, 0.1, 0.5)")
+    for i, v in enumerate(values):
+      out.append(make_setting(kind, name, _number(str(v), f"sweep.values[{i}]"), seed=seed,
+                              field=f"sweep.values[{i}]"))
+  else:
+    raise ValueError("sweep: no settings; set sweep.settings (e.g. (\"none\", \"gni:0.1\")) or sweep.name and "
+                     "sweep.values")
+  names = [x.name for x in out]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ValueError(f"sweep: settings listed twice: {dup}")
+  base = next((i for i, x in enumerate(out) if x.is_identity), None)
+  if base is None:
+    out.insert(0, make_setting(kind, "none", 0.0, seed=seed))
+  else:
+    out.insert(0, out.pop(base))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The table.
+
+
+def reduction(count: int, baseline: int) -> float | None:
+  """Reduction of eidetic memorisations against the baseline row: (baseline - count) / baseline (None if 0)."""
+  return (baseline - count) / baseline if baseline > 0 else None
+
+
+def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], *, name: str = "", kind: str = "") -> dict:
+  """Rows of a sweep (the baseline first) from each setting's summary (summary.json)."""
+  if len(settings) != len(summaries):
+    raise ValueError(f"sweep_table: {len(settings)} settings but {len(summaries)} summaries")
+  thresholds = summaries[0]["thresholds"]
+  base = summaries[0]["groups"]["members"]
+  rows = []
+  for setting, summary in zip(settings, summaries):
+    m = summary["groups"]["members"]
+    row = {
+        "setting": setting.name, "method": setting.method, "value": setting.value,
+        "mitigation": dataclasses.asdict(setting.mitigation), "augment": dataclasses.asdict(setting.augmentation),
+        "n": m["n"], "repeats": m["repeats"], "counts": m["counts"], "rates": m["rates"],
+        "chance_expected": m["chance_expected"], "chance_probability": m["chance_probability"],
+        "reduction": [reduction(c, b) for c, b in zip(m["counts"], base["counts"])],
+        "l_sm_mean": m["l_sm"]["mean"],
+    }
+    nm = summary["groups"].get("non_members")
+    if nm is not None:
+      row["non_members"] = {"n": nm["n"], "counts": nm["counts"], "rates": nm["rates"], "l_sm_mean": nm["l_sm"]["mean"]}
+    if "duplication" in summary:
+      row["duplication"] = {k: {"counts": v["counts"], "n": v["n"], "chance_expected": v["chance_expected"]}
+                            for k, v in summary["duplication"]["levels"].items()}
+    rows.append(row)
+  return {"format": SWEEP_FORMAT, "name": name, "kind": kind, "thresholds": thresholds,
+          "statistic": summaries[0]["statistic"], "baseline": settings[0].name,
+          "checkpoint_step": summaries[0].get("checkpoint_step"), "rows": rows}
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def table_markdown(table: dict) -> str:
+  """The sweep as Markdown: counts (%) per threshold, reduction vs the baseline row, chance, non-members."""
+  th = table["thresholds"]
+  rows = table["rows"]
+  r0 = rows[0]
+  lines = [f"# Sweep {table['name']} ({table['kind']})", "",
+           f"Members: n = {r0['n']}, r = {r0['repeats']} evaluations each, scored: {table['statistic']} over r. "
+           f"Reduction: (count of `{table['baseline']}` - count) / count of `{table['baseline']}`, "
+           "the paper's Table 3 measure. Chance: expected count if k_pred were independent of the key.", ""]
+  head = (["setting"] + [f"(l_SM, {d:g})" for d in th] + [f"reduction {d:g}" for d in th] + ["mean l_SM"])
+  has_nm = "non_members" in r0
+  if has_nm:
+    head += [f"non-members (l_SM, {d:g})" for d in th]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [r["setting"]]
+    cells += [f"{c} / {r['n']} ({_pct(p)})" for c, p in zip(r["counts"], r["rates"])]
+    cells += [_pct(x) for x in r["reduction"]]
+    cells.append("-" if r["l_sm_mean"] is None else f"{r['l_sm_mean']:.4f}")
+    if has_nm:
+      nm = r["non_members"]
+      cells += [f"{c} / {nm['n']} ({_pct(p)})" for c, p in zip(nm["counts"], nm["rates"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  chance = [f"{e:.1f} ({_pct(p)})" for e, p in zip(r0["chance_expected"], r0["chance_probability"])]
+  lines.append("| chance (members) | " + " | ".join(chance) + " |" + " |" * (len(head) - 1 - len(th)))
+  return "\n".join(lines) + "\n"
+
+
+def plot_sweep(path: str, table: dict) -> str | None:
+  """Members' eidetic rate against the swept value, a line per threshold, chance dashed (the GNI figure).
+
+  Only for sweeps of one method over numeric values (the baseline at 0); returns None otherwise.
+  """
+  rows = table["rows"]
+  methods = {r["method"] for r in rows if r["method"] != "none"}
+  if len(methods) != 1 or len(rows) < 2:
+    return None
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  x = np.array([r["value"] for r in rows])
+  order = np.argsort(x, kind="stable")
+  fig = Figure(figsize=(6.4, 4.0))
+  ax = fig.add_subplot()
+  for t, d in enumerate(table["thresholds"]):
+    y = np.array([r["rates"][t] for r in rows])
+    line, = ax.plot(x[order], 100 * y[order], marker="o", label=f"(l_SM, {d:g})")
+    ax.axhline(100 * rows[0]["chance_probability"][t], color=line.get_color(), linestyle="--", linewidth=0.8)
+  method = methods.pop()
+  ax.set_xlabel({"gni": "GNI sigma", "crop": "crop level", "blur": "blur level",
+                 "rotate": "angle (degrees)"}.get(method, f"{method} strength"))
+  ax.set_ylabel("members eidetically memorised (%)")
+  ax.set_ylim(-2, 102)
+  ax.set_title(f"{table['name']}: members' rate (dashed: chance)")
+  ax.legend(fontsize=8)
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a sweep.
+
+
+def _latest_step(workdir: str) -> int | None:
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+  return max(steps) if steps else None
+
+
+def ensure_trained(config, workdir: str) -> None:
+  """Trains (or resumes training) when the workdir has no checkpoint at train.num_steps."""
+  latest = _latest_step(workdir)
+  if latest is not None and latest >= config.train.num_steps:
+    return
+  log.info("%s: %s; training to step %d first", workdir,
+           "no checkpoint" if latest is None else f"latest checkpoint {latest}", config.train.num_steps)
+  from solidmark_jax.training.loop import train  # pylint: disable=g-import-not-at-top
+  train(config, workdir)
+
+
+def _finished(out_dir: str, has_duplicates: bool) -> dict | None:
+  path = os.path.join(out_dir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  if has_duplicates and not os.path.exists(os.path.join(out_dir, DUPLICATION_FILES[0])):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  if has_duplicates:
+    with open(os.path.join(out_dir, DUPLICATION_FILES[0])) as f:
+      summary["duplication"] = json.load(f)
+  return summary
+
+
+def run_sweep(config, workdir: str, *, name: str | None = None, step: int | None = None, train: bool = True,
+              evaluator: Evaluator | None = None) -> dict | None:
+  """Scores every setting of `config.sweep` on one checkpoint; writes and returns the sweep table.
+
+  Args:
+    config: the experiment config with its `sweep` section.
+    workdir: the training workdir; trained first (`train=True`) if it has no final checkpoint.
+    name: the sweep's name (its folder DIR/sweeps/<name>/); default "<kind>_<method>".
+    step: checkpoint step (default: the latest).
+    train: train first when needed (`ensure_trained`); step must then be None.
+    evaluator: an `Evaluator` of this config and workdir to reuse (tests); built otherwise.
+
+  Returns:
+    The table (sweep.json) on process 0, None elsewhere.
+  """
+  workdir = os.path.abspath(workdir)
+  settings = settings_from_config(config)  # bad settings fail before anything is trained or loaded
+  kind = config.sweep.kind
+  name = name or f"{kind}_{config.sweep.get('name') or 'settings'}"
+  if train and step is None and evaluator is None:
+    ensure_trained(config, workdir)
+  ev = evaluator or Evaluator(config, workdir, step)
+  root = os.path.join(workdir, "sweeps")
+  dirs = [os.path.join(root, SETTINGS_DIR, s.name) for s in settings]
+  has_dup = bool(config.data.get("duplicates"))
+  # Every store opened (and checked against its stored settings) before anything is compiled.
+  stores = [ev.open_store(d, s.mitigation, s.augmentation) for d, s in zip(dirs, settings)]
+  per = ev.images_per_setting
+  done = [ev.done_count(st) for st in stores]
+  finished = [_finished(d, has_dup) if n == per and ev.is_main else None for d, n in zip(dirs, done)]
+  if ev.is_main and sum(done):
+    log.info("sweep %s: %d of %d settings finished, %d of %d images already scored", name,
+             sum(f is not None for f in finished), len(settings), sum(done), per * len(settings))
+  bar = tqdm(total=per * len(settings), initial=sum(done), desc=f"sweep {name}", unit="img", dynamic_ncols=True,
+             disable=not ev.is_main)
+  summaries = []
+  for setting, d, store, summary in zip(settings, dirs, stores, finished):
+    if summary is None or jax.process_count() > 1:
+      bar.set_postfix_str(setting.name)
+      summary = ev.score(d, setting.mitigation, setting.augmentation, bar=bar, store=store,
+                         write_grid=bool(config.eval.num_grid))
+    summaries.append(summary)
+  bar.close()
+  if not ev.is_main:
+    return None
+  table = sweep_table(settings, summaries, name=name, kind=kind)
+  table["outpainter_traces"] = ev.trace_count  # compilations of the outpainter in this process (one per shape)
+  out = os.path.join(root, name)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "sweep.json"), "w") as f:
+    json.dump(table, f, indent=2)
+    f.write("\n")
+  text = table_markdown(table)
+  if has_dup:
+    text += "\n" + "\n".join(f"## {s.name}\n\n" + open(os.path.join(d, DUPLICATION_FILES[1])).read()
+                             for s, d in zip(settings, dirs))
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(text)
+  plot_sweep(os.path.join(out, "sweep.png"), table)
+  log.info("sweep %s written to %s", name, out)
+  return table

@@ -1,0 +1,35 @@
+"""Score one checkpoint under several settings (mitigation strengths, augmentation levels) in one process.
+
+  python sweep.py --config configs/paper_gni_figure.py --workdir workdirs/paper_text
+  python sweep.py --config configs/tiny.py --workdir /tmp/tiny --config.sweep.name=gni \
+      --config.sweep.values="(0.0, 0.5)"
+
+Trains first when the workdir has no checkpoint at train.num_steps. Writes one report per setting
+under DIR/sweeps/settings/<setting>/ and the sweep's table (and plot) under DIR/sweeps/<name>/
+(default name: the config file's name), then prints the table. Re-running after an interruption
+skips finished settings and the images already scored.
+"""
+
+import os
+
+from absl import app, flags
+
+from solidmark_jax import cli
+
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest; no training then).")
+flags.DEFINE_string("name", None, "The sweep's name, its folder under DIR/sweeps/ (default: the config's file name).")
+
+
+def main(argv):
+  del argv
+  cli.setup()
+  from solidmark_jax.sweeps import run_sweep
+  config_path = flags.FLAGS["config"].config_filename
+  name = cli.FLAGS.name or os.path.splitext(os.path.basename(config_path))[0]
+  table = run_sweep(cli.FLAGS.config, cli.FLAGS.workdir, name=name, step=cli.FLAGS.step)
+  if table is not None:
+    print(open(os.path.join(os.path.abspath(cli.FLAGS.workdir), "sweeps", name, "table.md")).read())
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,268 @@
+"""Sweeps (sweeps.py): settings parsing, one process over several GNI strengths (trains first, compiles
+the outpainter once per shape, a report per setting, resumes after an interruption without redoing
+finished work, GNI rows differ from sigma = 0), and duplication scoring end to end.
+
+In-process on configs/tiny.py with one UNet block, trained 2 steps (8 fake CPU devices, conftest.py).
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import paper_table3_mitigations, tiny
+from solidmark_jax import report
+from solidmark_jax.evaluation import Evaluator
+from solidmark_jax.metrics import duplication, memorisation
+from solidmark_jax import sweeps
+
+ONE_BLOCK = {"model.block_out_channels": (32,), "model.down_block_types": ("CrossAttnDownBlock2D",),
+             "model.up_block_types": ("CrossAttnUpBlock2D",)}
+SIGMAS = (0.0, 0.5, 2.0)
+
+
+def _config(fashion_dir, **extra):
+  c = tiny.get_config()
+  c.update_from_flattened_dict({
+      **ONE_BLOCK, "data.data_dir": fashion_dir, "train.num_steps": 2, "train.checkpoint_every": 2,
+      "eval.num_members": 8, "eval.num_nonmembers": 8, "eval.batch_size": 8, "eval.repeats": 2,
+      "eval.num_steps": 4, "eval.num_grid": 0, "sweep.kind": "mitigation", "sweep.name": "gni",
+      "sweep.values": SIGMAS})
+  c.update_from_flattened_dict({k.replace("__", "."): v for k, v in extra.items()})
+  return c
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for this module: the second evaluator of one model compiles from it."""
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def _rows(path) -> list[dict]:
+  return [json.loads(line) for line in open(path).read().splitlines()[1:]]
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _count_appends(monkeypatch, fail_at: int | None = None) -> list:
+  """Counts ResultStore.append calls; raises _Interrupt at call `fail_at` (before it writes)."""
+  calls = []
+  original = report.ResultStore.append
+
+  def append(self, group, ids, keys, k_pred):
+    calls.append((os.path.basename(os.path.dirname(self.path)), group, len(ids)))
+    if fail_at is not None and len(calls) == fail_at:
+      raise _Interrupt("interrupted")
+    return original(self, group, ids, keys, k_pred)
+
+  monkeypatch.setattr(report.ResultStore, "append", append)
+  return calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: parsed from the config, bad input named.
+
+
+def test_settings_from_config_orders_the_baseline_first():
+  c = paper_table3_mitigations.get_config()
+  names = [s.name for s in sweeps.settings_from_config(c)]
+  assert names[0] == "none" and "gni_0.1" in names and "rna_8" in names
+  c.sweep.settings = ("gni:0.5", "rt:2")  # no identity: "none" is added in front
+  got = sweeps.settings_from_config(c)
+  assert [s.name for s in got] == ["none", "gni_0.5", "rt_2"]
+  assert got[1].mitigation.sigma == 0.5 and got[2].mitigation.iterations == 2
+  c.sweep.settings, c.sweep.name, c.sweep.values = (), "gni", (0.5, 0.0)  # the identity row moves first
+  assert [s.name for s in sweeps.settings_from_config(c)] == ["gni_0", "gni_0.5"]
+  c.sweep.kind, c.sweep.name, c.sweep.values = "augment", "", ()
+  c.sweep.settings = ("crop:2", "blur:4", "rotate:30")
+  got = sweeps.settings_from_config(c)
+  assert [s.name for s in got] == ["none", "crop_2", "blur_4", "rotate_30"]
+  assert got[1].augmentation.crop_size == pytest.approx(0.6) and got[2].augmentation.kernel_size == 17
+
+
+@pytest.mark.parametrize("sweep, match", [
+    ({"kind": "noise"}, r"sweep.kind must be one of \('mitigation', 'augment'\), got 'noise'"),
+    ({"settings": ("gni=0.1",)}, r"sweep.settings\[0\]: expected \"name:value\""),
+    ({"settings": ("none", "gni:x")}, r"sweep.settings\[1\]: 'x' is not a number"),
+    ({"settings": ("gni:-1",)}, r"sweep.settings\[0\] \(gni:-1\): .*strength must be >= 0"),
+    ({"settings": ("rt:1.5",)}, r"sweep.settings\[0\] \(rt:1.5\): .*non-negative integer"),
+    ({"settings": ("blurr:1",)}, r"unknown mitigation 'blurr'"),
+    ({"kind": "augment", "settings": ("crop:5",)}, r"sweep.settings\[0\] \(crop:5\): .*level must be in 0..4"),
+    ({"settings": ("gni:0.1", "gni:0.1")}, r"settings listed twice: \['gni_0.1'\]"),
+    ({"name": "gni", "values": (0.1,), "settings": ("none",)}, r"either sweep.settings .* not both"),
+    ({"name": "gni"}, r"sweep.values: give the strengths"),
+    ({}, r"sweep: no settings"),
+])
+def test_bad_sweep_settings_are_named(sweep, match):
+  c = tiny.get_config()
+  c.sweep.update(sweep)
+  with pytest.raises(ValueError, match=match):
+    sweeps.settings_from_config(c)
+
+
+def test_reduction_and_table_as_the_paper_reports_it():
+  assert sweeps.reduction(8, 10) == pytest.approx(0.2)
+  assert sweeps.reduction(12, 10) == pytest.approx(-0.2)  # more memorisation than the baseline: negative
+  assert sweeps.reduction(0, 0) is None
+
+  def summary(counts):
+    g = {"n": 10, "repeats": 1, "counts": counts, "rates": [c / 10 for c in counts], "chance_expected": [1.9, 1.0],
+         "chance_probability": [0.19, 0.0975], "l_sm": {"mean": 0.1}}
+    return {"thresholds": [0.1, 0.05], "statistic": "best", "groups": {"members": g}}
+
+  c = tiny.get_config()
+  c.sweep.settings = ("none", "gni:0.5")
+  table = sweeps.sweep_table(sweeps.settings_from_config(c), [summary([10, 5]), summary([8, 5])], name="t",
+                             kind="mitigation")
+  assert [r["reduction"] for r in table["rows"]] == [[0.0, 0.0], [pytest.approx(0.2), 0.0]]
+  text = sweeps.table_markdown(table)
+  assert "| gni_0.5 | 8 / 10 (80.0%) | 5 / 10 (50.0%) | 20.0% | 0.0% | 0.1000 |" in text
+  assert "| chance (members) | 1.9 (19.0%) | 1.0 (9.8%) |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# A GNI sweep end to end: trains first, interrupted mid-sweep, resumed.
+
+
+@pytest.fixture(scope="module")
+def interrupted(fashion_dir, tmp_path_factory):
+  """run_sweep on an empty workdir (so it trains), interrupted on the 4th stored batch, then resumed.
+
+  Each setting is 8 members + 8 non-members = 2 batches of 8: the interruption leaves gni_0 finished,
+  gni_0.5 with its members only, gni_2 untouched.
+  """
+  mp = pytest.MonkeyPatch()
+  workdir = str(tmp_path_factory.mktemp("sweep") / "wd")
+  config = _config(fashion_dir)
+  first = _count_appends(mp, fail_at=4)
+  with pytest.raises(_Interrupt):
+    sweeps.run_sweep(config, workdir, name="gni")
+  root = os.path.join(workdir, "sweeps", "settings")
+  before = {s: {f: os.stat(os.path.join(root, s, f)).st_mtime_ns for f in os.listdir(os.path.join(root, s))}
+            for s in os.listdir(root)}
+  lines = {s: len(_rows(os.path.join(root, s, "results.jsonl"))) for s in os.listdir(root)}
+  mp.undo()
+  second = _count_appends(mp)
+  table = sweeps.run_sweep(config, workdir, name="gni")
+  mp.undo()
+  return {"workdir": workdir, "config": config, "first": first, "second": second, "before": before,
+          "lines": lines, "table": table}
+
+
+def test_sweep_trains_first_and_writes_a_report_per_setting(interrupted):
+  workdir, table = interrupted["workdir"], interrupted["table"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]  # trained by the sweep itself
+  names = ["gni_0", "gni_0.5", "gni_2"]
+  assert [r["setting"] for r in table["rows"]] == names and table["baseline"] == "gni_0"
+  for name in names:
+    d = os.path.join(workdir, "sweeps", "settings", name)
+    assert {"results.jsonl", "summary.json", "summary.md", "per_image.csv"} <= set(os.listdir(d))
+    summary = json.load(open(os.path.join(d, "summary.json")))
+    assert summary["metadata"]["eval"]["mitigation"]["strength"] == float(name.split("_")[1])
+    assert [summary["groups"][g]["n"] for g in ("members", "non_members")] == [8, 8]
+  out = os.path.join(workdir, "sweeps", "gni")
+  assert json.load(open(os.path.join(out, "sweep.json")))["rows"] == table["rows"]
+  text = open(os.path.join(out, "table.md")).read()
+  assert all(f"| {n} |" in text for n in names) and "reduction 0.05" in text
+  assert os.path.getsize(os.path.join(out, "sweep.png")) > 1000  # the GNI figure
+  for r in table["rows"]:
+    assert r["n"] == 8 and r["repeats"] == 2 and len(r["counts"]) == 4
+    assert r["reduction"][0] == sweeps.reduction(r["counts"][0], table["rows"][0]["counts"][0])
+
+
+def test_sweep_resumes_without_redoing_finished_work(interrupted):
+  first, second, before, lines = (interrupted[k] for k in ("first", "second", "before", "lines"))
+  assert first[:3] == [("gni_0", "members", 8), ("gni_0", "non_members", 8), ("gni_0.5", "members", 8)]
+  assert lines == {"gni_0": 16, "gni_0.5": 8, "gni_2": 0}
+  # resumed: only gni_0.5's non-members and gni_2, nothing of the finished gni_0
+  assert second == [("gni_0.5", "non_members", 8), ("gni_2", "members", 8), ("gni_2", "non_members", 8)]
+  root = os.path.join(interrupted["workdir"], "sweeps", "settings")
+  assert {f: os.stat(os.path.join(root, "gni_0", f)).st_mtime_ns for f in before["gni_0"]} == before["gni_0"]
+  assert interrupted["table"]["outpainter_traces"] == 1  # only the GNI (embedding) outpainter ran, once
+
+
+def test_sweep_compiles_once_per_shape_and_matches_the_resumed_run(interrupted, tmp_path):
+  """An uninterrupted sweep on a copy of the checkpoint: one trace per condition shape, same results."""
+  workdir = str(tmp_path / "wd")
+  shutil.copytree(interrupted["workdir"], workdir, ignore=shutil.ignore_patterns("sweeps"))
+  config = interrupted["config"]
+  ev = Evaluator(config, workdir)
+  table = sweeps.run_sweep(config, workdir, name="gni", evaluator=ev)
+  # sigma = 0 passes class ids [8]; sigma > 0 noised condition rows [8, D]: two shapes, each traced once,
+  # for 3 settings x 2 groups x 1 batch
+  assert sorted(op.trace_count for op in ev._ops.values()) == [1, 1]
+  assert table["outpainter_traces"] == 2
+  resumed = os.path.join(interrupted["workdir"], "sweeps", "settings")
+  fresh = os.path.join(workdir, "sweeps", "settings")
+  for name in ("gni_0", "gni_0.5", "gni_2"):
+    a = open(os.path.join(resumed, name, "per_image.csv"), "rb").read()
+    assert a == open(os.path.join(fresh, name, "per_image.csv"), "rb").read(), name
+  assert table["rows"] == interrupted["table"]["rows"]
+
+
+def test_gni_rows_differ_from_sigma_zero(interrupted):
+  root = os.path.join(interrupted["workdir"], "sweeps", "settings")
+  k = {}
+  for name in ("gni_0", "gni_0.5", "gni_2"):
+    rows = report.Results.from_records(_rows(os.path.join(root, name, "results.jsonl")))
+    members = rows.select("members")
+    assert list(members.instance_id) == sorted(members.instance_id)
+    k[name] = members.k_pred  # [8, 2]
+  # The same noise for every setting (seeded by instance id): only the noised condition differs.
+  assert np.max(np.abs(k["gni_0.5"] - k["gni_0"])) > 1e-4
+  assert np.max(np.abs(k["gni_2"] - k["gni_0"])) > np.max(np.abs(k["gni_0.5"] - k["gni_0"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplication: every copy evaluated, any evaluation x any key, per level with exact chance.
+
+
+def test_duplication_scoring_end_to_end(fashion_dir, tmp_path):
+  # 4 images: seen once, twice, three and four times = 10 instances, every one evaluated twice
+  config = _config(fashion_dir, data__subset_size=4, model__condition="image", eval__num_members=10,
+                   eval__num_nonmembers=8, sweep__name="", sweep__values=(), sweep__settings=("none",))
+  config.data.duplicates = {2: 1, 3: 1, 4: 1}
+  workdir = str(tmp_path / "wd")
+  table = sweeps.run_sweep(config, workdir, name="dup")
+  d = os.path.join(workdir, "sweeps", "settings", "none")
+  summary = json.load(open(os.path.join(d, "duplication.json")))
+  assert list(summary["levels"]) == ["1x", "2x", "3x", "4x"]
+  for c, level in enumerate(summary["levels"].values(), start=1):
+    assert level["n"] == 1 and level["evaluations"] == [2 * c]  # copies x repeats
+  # Recompute from the stored per-instance results: group copies by image, best over evaluations x keys.
+  rows = _rows(os.path.join(d, "results.jsonl"))
+  members = [r for r in rows if r["group"] == "members"]
+  assert len(members) == 10
+  from solidmark_jax.experiment import build_experiment
+  exp = build_experiment(config)
+  image_of = exp.instances.image_id
+  keys = exp.keymap.lookup(np.arange(10))
+  copies = np.bincount(image_of)
+  for t, delta in enumerate(summary["thresholds"]):
+    for c in (1, 2, 3, 4):
+      count, chance = 0, 0.0
+      for img in np.flatnonzero(copies == c):
+        preds = np.concatenate([r["k_pred"] for r in members if image_of[r["instance_id"]] == img])
+        ks = keys[image_of == img]
+        l = np.abs(memorisation.snap_to_key_grid(preds)[:, None] - ks[None]).min()
+        count += int(l <= delta)
+        chance += float(duplication.chance_probability(ks[None], delta, [len(preds)])[0])
+      level = summary["levels"][f"{c}x"]
+      assert level["counts"][t] == count, (delta, c)
+      assert level["chance_expected"][t] == pytest.approx(chance)
+  # chance rises with copies x evaluations
+  assert [lv["chance_rate"][0] for lv in summary["levels"].values()] == \
+      sorted(lv["chance_rate"][0] for lv in summary["levels"].values())
+  text = open(os.path.join(workdir, "sweeps", "dup", "table.md")).read()
+  assert "Memorisation by duplication level" in text and "| 4x | 1 | 8 |" in text
+  assert table["rows"][0]["duplication"]["4x"]["n"] == 1
