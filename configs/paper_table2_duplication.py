@@ -1,0 +1,51 @@
+"""The paper's Table 2 in miniature: memorisation rises with duplication.
+
+24 Fashion-MNIST images (12 px + 2 px border = 16 px): 6 seen once, 6 duplicated 2 times, 6 three
+times, 6 four times (60 training instances), each copy with its own key; copies share the image and
+its condition (one id per distinct image, like a caption). Every instance is evaluated with
+eval.repeats outpaintings, so a c-times duplicated image gets c x repeats evaluations, and it counts
+as memorised when any evaluation lies within delta of any of its c keys; the exact chance level of
+that (which rises with c) is printed beside each count (metrics/duplication.py). One command (trains
+first if the workdir has no final checkpoint):
+
+  python sweep.py --config configs/paper_table2_duplication.py --workdir workdirs/paper_duplication
+
+Writes DIR/sweeps/settings/none/duplication.{md,json} and prints the table.
+"""
+
+from solidmark_jax.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.data.name = "fashion_mnist"
+  c.data.image_size = 12
+  c.data.channels = 1
+  c.data.subset_size = 24
+  c.data.duplicates = {2: 6, 3: 6, 4: 6}
+  c.data.eval_split = "test[:64]"
+  c.marks.pad = 2
+  c.model.condition = "image"
+  c.model.block_out_channels = (32, 64)
+  c.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
+  c.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
+  c.model.cross_attention_dim = 64
+  c.train.batch_size = 20
+  c.train.num_steps = 2000  # 667 passes over the 60 instances: a 4x image is seen about 2670 times, a 1x image 667
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 50
+  c.train.ema_decay = 0.995
+  c.train.cond_dropout = 0.1
+  c.train.log_every = 100
+  c.train.checkpoint_every = 250
+  c.train.keep_checkpoints = 2
+  c.train.sample_every = 0
+  c.eval.num_members = 60  # every instance: each copy is a query of its image
+  c.eval.num_nonmembers = 16
+  c.eval.repeats = 2
+  c.eval.batch_size = 20
+  c.eval.num_steps = 50
+  c.eval.num_grid = 0
+  c.sweep.kind = "mitigation"
+  c.sweep.settings = ("none",)
+  return c
