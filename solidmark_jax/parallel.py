@@ -98,6 +98,8 @@ def broadcast_ids(ids) -> np.ndarray:
 
   Every process must call it at the same point: process 0 decides (e.g. which ids are left to do
   after a resume, read from its store) and the others follow. With one process: `ids` as int64.
+  The ids travel as pairs of int32 words: without `jax_enable_x64`, JAX would cast int64 to int32
+  and silently wrap ids >= 2**31.
   """
   if jax.process_count() == 1:
     if ids is None:
@@ -107,10 +109,11 @@ def broadcast_ids(ids) -> np.ndarray:
   is_main = jax.process_index() == 0
   if is_main and ids is None:
     raise ValueError("broadcast_ids: process 0 must pass the ids, got None")
-  mine = np.asarray(ids, np.int64).reshape(-1) if is_main else None
-  n = int(multihost_utils.broadcast_one_to_all(np.int64(len(mine) if is_main else 0)))
-  buf = mine if is_main else np.zeros(n, np.int64)  # [n], the same shape on every process
-  return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.int64)
+  mine = np.ascontiguousarray(np.asarray(ids, np.int64).reshape(-1)) if is_main else None
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(mine) if is_main else 0)))
+  words = (mine if is_main else np.zeros(n, np.int64)).view(np.int32)  # [2n], the same shape everywhere
+  words = np.ascontiguousarray(multihost_utils.broadcast_one_to_all(words), np.int32)
+  return words.view(np.int64).copy()  # [n]
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,

@@ -7,13 +7,17 @@ One in-process `train()` of 2 steps (8 fake CPU devices, see conftest.py) makes 
 
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import tiny, tiny_latent
-from solidmark_jax import generations, report
+from solidmark_jax import generations, parallel, report
 from solidmark_jax.experiment import build_experiment
 from solidmark_jax.metrics import baselines
 from solidmark_jax.training.loop import train
@@ -143,33 +147,44 @@ def test_bad_settings(fashion_dir, trained, reference):
 
 
 # ---------------------------------------------------------------------------------------------
-# Latent text-to-image: configs/tiny_latent.py (VAE stage 1 of 2 steps, UNet of 2 steps on 8x8x4 latents,
-# captions through a fresh text encoder, eval.guidance_scale = 2).
+# Latent text-to-image: configs/tiny_latent.py (UNet of 2 steps on 8x8x4 latents, captions through a fresh
+# text encoder, eval.guidance_scale = 2). Its VAE is a saved random one (`vae.pretrained`, as in
+# test_pretrained.py), which skips stage 1: on 2 loaded cores the stage-1 compile alone took ~30 s, and
+# loading the workdir's stage-1 VAE is covered by test_latent_e2e.py.
 
 LATENT_OVERRIDES = {"model.block_out_channels": (32,), "model.down_block_types": ("DownBlock2D",),
-                    "model.up_block_types": ("UpBlock2D",), "data.subset_size": 16, "vae.train_steps": 2,
-                    "train.num_steps": 2, "train.checkpoint_every": 2}
+                    "model.up_block_types": ("UpBlock2D",), "data.subset_size": 16, "train.num_steps": 2,
+                    "train.checkpoint_every": 2}
 LATENT_GEN = {"num_samples": 12, "batch_size": 8, "num_steps": 3, "num_neighbors": 5, "patch_size": 4,
               "patch_grid": None, "num_grid": 2}
+VAE_SCALING = 0.5  # the saved VAE's; the config's default is 1
 
 
-def _latent_config(fashion_dir, **gen):
+def _latent_config(fashion_dir, vae_dir, **gen):
   c = tiny_latent.get_config()
-  c.update_from_flattened_dict({**LATENT_OVERRIDES, "data.data_dir": fashion_dir})
+  c.update_from_flattened_dict({**LATENT_OVERRIDES, "data.data_dir": fashion_dir, "vae.pretrained": str(vae_dir)})
   c.eval.generations = ml_collections.ConfigDict({**LATENT_GEN, **gen})
   return c
 
 
 @pytest.fixture(scope="module")
 def latent_trained(fashion_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("gen_latent") / "wd"
-  train(_latent_config(fashion_dir), str(workdir))
-  return workdir
+  """(config, workdir) of a latent text model trained for 2 steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from solidmark_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("gen_latent")
+  c = tiny_latent.get_config()
+  vae = vae_lib.build_vae(c.vae, 1, 16).with_scaling_factor(VAE_SCALING)
+  vae_lib.save_vae(vae, vae_lib.init_vae_params(vae, jax.random.key(4), 16, 1), str(root / "vae"))
+  config = _latent_config(fashion_dir, root / "vae")
+  train(config, str(root / "wd"))
+  return config, root / "wd"
 
 
 @pytest.fixture(scope="module")
-def latent_reference(fashion_dir, latent_trained, tmp_path_factory):
+def latent_reference(latent_trained, tmp_path_factory):
   """scores.json of the latent workdir, and the settings each outpainter was built with."""
+  config, workdir = latent_trained
   out = tmp_path_factory.mktemp("gen_latent_ref")
   built = []
   real = generations.make_outpainter
@@ -180,22 +195,22 @@ def latent_reference(fashion_dir, latent_trained, tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(generations, "make_outpainter", spy)
-    result = generations.score_generations(_latent_config(fashion_dir), str(latent_trained), out_dir=str(out))
+    result = generations.score_generations(config, str(workdir), out_dir=str(out))
   return out, result, built
 
 
-def test_latent_text_generations_end_to_end(fashion_dir, latent_trained, latent_reference):
+def test_latent_text_generations_end_to_end(latent_trained, latent_reference):
+  config, _ = latent_trained
   out, result, built = latent_reference
-  exp = build_experiment(_latent_config(fashion_dir))
+  exp = build_experiment(config)
   assert result == json.loads((out / "scores.json").read_text())
   meta = result["meta"]
   assert meta["model"] == {"space": "latent", "condition": "text"}
   assert meta["sampling"]["guidance_scale"] == 2.0 and meta["image_size"] == 16 and meta["channels"] == 1
-  # the latent sampler, with the workdir's stage-1 VAE (its measured scaling factor), guided towards the
-  # caption and away from the empty caption's embedding [L, D]
-  vae_cfg = json.loads((latent_trained / "vae" / "config.json").read_text())
-  assert len(built) == 1 and built[0]["latent"] and built[0]["scaling_factor"] == vae_cfg["scaling_factor"]
-  assert built[0]["guidance_scale"] == 2.0
+  # the latent sampler with the frozen VAE, guided towards the caption and away from the empty
+  # caption's embedding [L, D]
+  assert len(built) == 1 and built[0]["latent"] and built[0]["scaling_factor"] == VAE_SCALING
+  assert built[0]["guidance_scale"] == 2.0 and built[0]["return_images"]
   null = np.asarray(exp.text.encode(exp.text.params, np.asarray(exp.text.null_ids, np.int32)[None]))[0]
   assert null.shape == (32, 32)
   np.testing.assert_allclose(np.asarray(built[0]["null_condition"]), null, rtol=1e-5, atol=1e-6)
@@ -211,8 +226,7 @@ def test_latent_text_generations_end_to_end(fashion_dir, latent_trained, latent_
   assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8 and images.std() > 0
   # every baseline metric is finite, and each generation's k_pred is a key in [0, 1]
   for name in ("l2", "carlini", "patched_l2", "patched_carlini", "k_pred", "l_sm_prompt", "l_sm_nearest"):
-    values = np.array([g[name] for g in gens], np.float64)
-    assert np.all(np.isfinite(values)), name
+    assert np.all(np.isfinite(np.array([g[name] for g in gens], np.float64))), name
   assert all(0.0 <= g["k_pred"] <= 1.0 for g in gens)
   assert set(result["summary"]) == {"l2", "carlini", "patched_l2", "patched_carlini"}
   assert all(np.isfinite(v["tail_95"]) and np.isfinite(v["extreme"]) for v in result["summary"].values())
@@ -222,25 +236,66 @@ def test_latent_text_generations_end_to_end(fashion_dir, latent_trained, latent_
   assert generations._cell(best["caption"]) in md
 
 
-def test_latent_resume_after_interruption(fashion_dir, latent_trained, latent_reference, tmp_path, monkeypatch):
+def test_latent_resume_after_interruption(latent_trained, latent_reference, tmp_path, monkeypatch):
+  """The state an interruption in the second batch leaves (test_resume_after_interruption_gives_the_same_result
+  makes it by a real crash): both batches' images stored, only the first batch's results listed."""
+  config, workdir = latent_trained
+  ref_out, reference, _ = latent_reference
   out = tmp_path / "gen"
-  real_append = report.ResultStore.append
-  calls = []
-
-  def crash_on_second_batch(self, group, ids, keys, k_pred):
-    calls.append(list(ids))
-    if len(calls) == 2:
-      raise KeyboardInterrupt
-    real_append(self, group, ids, keys, k_pred)
-
-  monkeypatch.setattr(report.ResultStore, "append", crash_on_second_batch)
-  with pytest.raises(KeyboardInterrupt):
-    generations.score_generations(_latent_config(fashion_dir), str(latent_trained), out_dir=str(out))
-  assert not (out / "scores.json").exists()
-  monkeypatch.setattr(report.ResultStore, "append", real_append)
+  shutil.copytree(ref_out / "samples", out / "samples")
+  lines = (ref_out / "samples.jsonl").read_text().splitlines(keepends=True)
+  assert len(lines) == 1 + 12
+  (out / "samples.jsonl").write_text("".join(lines[:1 + 8]))  # metadata + the first batch
   saved = []
   real_save = generations._save_batch
   monkeypatch.setattr(generations, "_save_batch", lambda d, ids, im: saved.append(list(ids)) or real_save(d, ids, im))
-  result = generations.score_generations(_latent_config(fashion_dir), str(latent_trained), out_dir=str(out))
-  assert saved == [list(range(8, 12))]  # only what was not stored
-  assert result == latent_reference[1]  # noise seeded per generation id: the same images, the same scores
+  result = generations.score_generations(config, str(workdir), out_dir=str(out))
+  assert saved == [list(range(8, 12))]  # only what was not listed
+  assert result == reference  # noise seeded per generation id: the same images, the same scores
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel.broadcast_ids: what process 0 decided, on every process.
+
+_BROADCAST = """
+import json, sys
+import numpy as np
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from solidmark_jax import parallel
+main = jax.process_index() == 0
+out = [parallel.broadcast_ids([7, 3, 2**40] if main else None),
+       parallel.broadcast_ids(np.arange(10)[::2] if main else [9, 9]),  # strided; the others' value is ignored
+       parallel.broadcast_ids([] if main else None)]
+print(json.dumps([[str(a.dtype), a.tolist()] for a in out]))
+"""
+
+
+def test_broadcast_ids_one_process():
+  got = parallel.broadcast_ids([4, 1, 2])
+  assert got.dtype == np.int64 and got.tolist() == [4, 1, 2]
+  assert parallel.broadcast_ids(np.zeros(0, np.int32)).dtype == np.int64
+  with pytest.raises(ValueError, match="process 0 must pass the ids"):
+    parallel.broadcast_ids(None)
+
+
+def test_broadcast_ids_two_processes(tmp_path):
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{sock.getsockname()[1]}"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": root}
+  procs = [subprocess.Popen([sys.executable, "-c", _BROADCAST, address, str(i)], env=env, cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, text in zip(procs, outputs):
+    assert p.returncode == 0, text
+  want = [["int64", [7, 3, 2**40]], ["int64", [0, 2, 4, 6, 8]], ["int64", []]]
+  assert [json.loads(text.strip().splitlines()[-1]) for text in outputs] == [want, want]
