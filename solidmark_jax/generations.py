@@ -6,7 +6,8 @@
 2. N generations without a known region: the project's jitted, batched sampler
    (`experiment.make_outpainter` with an all-ones mask, the eval section's sampler settings): the
    pixel RePaint loop, or for latent models (`model.space == "latent"`) the latent one, which
-   samples latents and decodes them with the workdir's VAE, so both give pixel images.
+   samples latents and decodes them with the frozen VAE (`vae.pretrained`, or the workdir's
+   stage-1 VAE), so both give pixel images.
    Generation g is prompted with the training condition (class, image id, caption or null) of
    instance perm[g mod M], perm a random permutation of the M instances (by `seed`): every
    instance prompts once before any prompts twice, and generation g is the same for any N. Its
@@ -436,6 +437,8 @@ def score_generations(config, workdir: str, out_dir: str | None = None, num_samp
           "config_fingerprint": ckpt.config_fingerprint(config), "sampling": sampling,
           "image_size": exp.image_size, "channels": exp.channels,
           "model": {"space": config.model.get("space", "pixel"), "condition": config.model.condition}}
+  if exp.is_latent:  # the decoder of the stored images: a resumed run must use the same one
+    meta["vae_scaling_factor"] = float(exp.vae.scaling_factor)
   is_main = jax.process_index() == 0
   store = report.ResultStore(os.path.join(out_dir, "samples.jsonl"), meta=meta) if is_main else None
   ids = np.arange(s["num_samples"], dtype=np.int64)

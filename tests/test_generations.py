@@ -205,7 +205,7 @@ def test_latent_text_generations_end_to_end(latent_trained, latent_reference):
   exp = build_experiment(config)
   assert result == json.loads((out / "scores.json").read_text())
   meta = result["meta"]
-  assert meta["model"] == {"space": "latent", "condition": "text"}
+  assert meta["model"] == {"space": "latent", "condition": "text"} and meta["vae_scaling_factor"] == VAE_SCALING
   assert meta["sampling"]["guidance_scale"] == 2.0 and meta["image_size"] == 16 and meta["channels"] == 1
   # the latent sampler with the frozen VAE, guided towards the caption and away from the empty
   # caption's embedding [L, D]
