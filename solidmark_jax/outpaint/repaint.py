@@ -318,7 +318,7 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
 
 
 def sample(outpainter: Outpainter, params, conditions: np.ndarray, rng, image_shape: tuple[int, int, int],
-           repeats: int = 1, batch_size: int | None = None) -> np.ndarray:
+           repeats: int = 1, batch_size: int | None = None, ids: np.ndarray | None = None) -> np.ndarray:
   """Plain sampling (no known region) through the same function: images [N, r, H, W, C] in model space.
 
   Args:
@@ -329,11 +329,13 @@ def sample(outpainter: Outpainter, params, conditions: np.ndarray, rng, image_sh
     image_shape: (H, W, C).
     repeats: samples per condition.
     batch_size: pad rows to this size (see `Outpainter.run`).
+    ids: [N] ids seeding each sample's noise (default the row index): with ids, a sample does not
+      depend on how the rows are batched.
   """
   h, w, c = image_shape
   n = len(conditions)
   known = np.zeros((n, h, w, c), np.float32)
   mask = np.ones((h, w, 1), np.float32)
-  out = outpainter.run(params, known, mask, conditions, rng, repeats, batch_size=batch_size,
+  out = outpainter.run(params, known, mask, conditions, rng, repeats, ids=ids, batch_size=batch_size,
                        return_images=True)
   return out["images"]
