@@ -228,8 +228,9 @@ def test_gni_rows_differ_from_sigma_zero(interrupted):
 
 
 def test_duplication_scoring_end_to_end(fashion_dir, tmp_path):
-  # 4 images: seen once, twice, three and four times = 10 instances, every one evaluated twice
-  config = _config(fashion_dir, data__subset_size=4, model__condition="image", eval__num_members=10,
+  # 4 images: seen once, twice, three and four times = 10 instances, every one evaluated twice. The
+  # class-conditional model of the GNI sweep (copies share their class): its compilations are cached.
+  config = _config(fashion_dir, data__subset_size=4, eval__num_members=10,
                    eval__num_nonmembers=8, sweep__name="", sweep__values=(), sweep__settings=("none",))
   config.data.duplicates = {2: 1, 3: 1, 4: 1}
   workdir = str(tmp_path / "wd")
