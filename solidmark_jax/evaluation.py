@@ -205,7 +205,7 @@ class Evaluator:
       self._ops[kind] = make_outpainter(
           self.exp, num_steps=c.num_steps, sampler=c.sampler, eta=c.eta, jump_length=c.jump_length,
           resamples=c.resamples, guidance_scale=c.guidance_scale, null_condition=null,
-          remask_every=c.get("remask_every", 10), mesh=self.mesh)
+          remask_every=c.get("remask_every", 10), remask_from=c.get("remask_from", "x0"), mesh=self.mesh)
     return self._ops[kind]
 
   @property
@@ -284,7 +284,7 @@ class Evaluator:
     mask = self.exp.mask
     rng = jax.random.key(c.seed)
     for gi, g in enumerate(self.groups):
-      todo = _broadcast_ids(store.remaining(g.name, g.ids) if self.is_main else None)
+      todo = parallel.broadcast_ids(store.remaining(g.name, g.ids) if self.is_main else None)
       g_rng = jax.random.fold_in(rng, gi)  # the same noise for every setting: settings differ only by the setting
       for start in range(0, len(todo), c.batch_size):
         ids = todo[start:start + c.batch_size]
@@ -348,14 +348,6 @@ def _broadcast(x):
     return np.asarray(x)
   from jax.experimental import multihost_utils
   return multihost_utils.broadcast_one_to_all(np.asarray(x))
-
-
-def _broadcast_ids(ids):
-  if jax.process_count() == 1:
-    return np.asarray(ids, np.int64)
-  n = int(_broadcast(len(ids) if ids is not None else 0))
-  buf = np.zeros(n, np.int64) if ids is None else np.asarray(ids, np.int64)
-  return np.asarray(_broadcast(buf), np.int64)
 
 
 def _outpaint_batch(op, params, g: _Group, ids, batch_size, mask, rng, repeats, mesh, conditioner, augmentation,
