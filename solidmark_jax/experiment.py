@@ -284,7 +284,10 @@ class Conditioner:
     self._table = None
     if exp.is_text:
       text, params = exp.text, frozen["text"]
-      self._encode = jax.jit(lambda ids: text.encode(params, ids))
+      if getattr(exp, "_encode_text", None) is None:  # one compilation per experiment, not per Conditioner
+        exp._encode_text = jax.jit(text.encode)  # pylint: disable=protected-access
+      encode = exp._encode_text  # pylint: disable=protected-access
+      self._encode = lambda ids: encode(params, ids)
       self.null = np.asarray(self._encode(np.asarray(text.null_ids, np.int32)[None]))[0]  # [L, D]
       self._tokens = mitigations.TokenSpec.from_tokenizer(text.tokenizer) if self.spec.stage == "tokens" else None
       self._vocabulary = None

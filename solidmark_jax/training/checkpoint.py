@@ -30,16 +30,30 @@ def config_fingerprint(config) -> str:
   return hashlib.sha256(json.dumps(fingerprint_fields(config), sort_keys=True).encode()).hexdigest()
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _diff(a: dict, b: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+  """Fields where checkpoint record `a` and config `b` differ.
+
+  A field the checkpoint's record lacks (added to the project after it was written) counts as equal
+  when the config holds that field's default (`defaults`, from `default_config`), which reproduces
+  what the older code did.
+  """
   keys = sorted(set(a) | set(b))
   out = []
   for k in keys:
     va, vb = a.get(k), b.get(k)
+    d = (defaults or {}).get(k) if isinstance(defaults, dict) else None
     if isinstance(va, dict) and isinstance(vb, dict):
-      out += _diff(va, vb, f"{prefix}{k}.")
+      out += _diff(va, vb, f"{prefix}{k}.", d if isinstance(d, dict) else None)
+    elif k not in a and defaults is not None and k in defaults and vb == d:
+      continue
     elif va != vb:
       out.append(f"{prefix}{k}: checkpoint {va!r} vs config {vb!r}")
   return out
+
+
+def _default_fields() -> dict:
+  from solidmark_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  return fingerprint_fields(default_config())
 
 
 class Checkpointer:
@@ -82,7 +96,10 @@ class Checkpointer:
     meta = self.read_meta(step)
     theirs = meta.get("fingerprint_fields", {})
     if meta.get("config_fingerprint") != config_fingerprint(config):
-      diffs = _diff(theirs, fingerprint_fields(config)) or ["(fingerprint differs)"]
+      diffs = _diff(theirs, fingerprint_fields(config), defaults=_default_fields()) if theirs else [
+          "(fingerprint differs)"]
+      if not diffs:  # only fields added since, at their defaults
+        return meta
       raise ValueError(
           f"{self.directory}: checkpoint {step} was written by a different config; differing fields:\n  "
           + "\n  ".join(diffs) + "\nUse another --workdir, or the config it was trained with.")
