@@ -13,39 +13,17 @@ first if the workdir has no final checkpoint):
 Writes DIR/sweeps/settings/none/duplication.{md,json} and prints the table.
 """
 
-from solidmark_jax.config import default_config
+from configs import paper_border
 
 
 def get_config():
-  c = default_config()
-  c.data.name = "fashion_mnist"
-  c.data.image_size = 12
-  c.data.channels = 1
+  c = paper_border.get_config()  # 12 px + 2 px border, one condition per distinct image, the same UNet
   c.data.subset_size = 24
   c.data.duplicates = {2: 6, 3: 6, 4: 6}
-  c.data.eval_split = "test[:64]"
-  c.marks.pad = 2
-  c.model.condition = "image"
-  c.model.block_out_channels = (32, 64)
-  c.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
-  c.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
-  c.model.cross_attention_dim = 64
   c.train.batch_size = 20
   c.train.num_steps = 4000  # 1333 passes over the 60 instances: a 4x image is seen about 5330 times, a 1x image 1333
-  c.train.learning_rate = 1e-3
-  c.train.warmup_steps = 50
-  c.train.ema_decay = 0.995
-  c.train.cond_dropout = 0.1
-  c.train.log_every = 100
-  c.train.checkpoint_every = 250
-  c.train.keep_checkpoints = 2
-  c.train.sample_every = 0
   c.eval.num_members = 60  # every instance: each copy is a query of its image
   c.eval.num_nonmembers = 16
   c.eval.repeats = 2
   c.eval.batch_size = 20
-  c.eval.num_steps = 50
-  c.eval.num_grid = 0
-  c.sweep.kind = "mitigation"
-  c.sweep.settings = ("none",)
   return c
