@@ -1,6 +1,22 @@
 """The default config every experiment in configs/ starts from; field meanings documented here."""
 
+from typing import Any, Sequence
+
 import ml_collections
+
+
+def section_items(section: Any, field: str, known: Sequence[str]) -> dict[str, Any]:
+  """A config section (ConfigDict, dict or None) as a plain dict; unknown keys are an error naming `field`."""
+  if section is None:
+    return {}
+  try:
+    items = dict(section.items())
+  except AttributeError:
+    raise ValueError(f"{field} must be a config section with fields {tuple(known)}, got {section!r}") from None
+  unknown = sorted(set(items) - set(known))
+  if unknown:
+    raise ValueError(f"{field}: unknown fields {unknown}; the fields are {tuple(known)}")
+  return items
 
 
 def default_config() -> ml_collections.ConfigDict:

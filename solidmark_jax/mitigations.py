@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from solidmark_jax.config import section_items
+
 MITIGATIONS = ("none", "gni", "rt", "cwr", "rna", "random_words")
 Stage = Literal["caption", "tokens", "embedding"]
 STAGES: dict[str, Stage | None] = {
@@ -62,20 +64,6 @@ RNA_MAX = 10**6  # RNA draws integers in [0, RNA_MAX)
 # Per-mitigation salts of the random streams, so two mitigations with one seed are independent.
 _SALTS = {"gni": 0x6E1, "rt": 0x271, "cwr": 0xC3A, "rna": 0x3AA, "random_words": 0x3D5}
 _CONFIG_FIELDS = ("name", "strength", "seed")
-
-
-def _section_items(section: Any, field: str, known: Sequence[str]) -> dict[str, Any]:
-  """A config section (ConfigDict, dict or None) as a plain dict; unknown keys are an error."""
-  if section is None:
-    return {}
-  try:
-    items = dict(section.items())
-  except AttributeError:
-    raise ValueError(f"{field} must be a config section with fields {tuple(known)}, got {section!r}") from None
-  unknown = sorted(set(items) - set(known))
-  if unknown:
-    raise ValueError(f"{field}: unknown fields {unknown}; the fields are {tuple(known)}")
-  return items
 
 
 def _check_seed(seed: Any, field: str) -> int:
@@ -125,7 +113,7 @@ class Mitigation:
       section: e.g. `config.eval.mitigation` (a ConfigDict or dict), or None.
       field: the section's path, named in errors.
     """
-    items = _section_items(section, field, _CONFIG_FIELDS)
+    items = section_items(section, field, _CONFIG_FIELDS)
     spec = object.__new__(cls)  # validate with the config's field names, not the class's
     for name, default in (("name", "none"), ("strength", 0.0), ("seed", 0)):
       value = items.get(name, default)

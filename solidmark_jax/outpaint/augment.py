@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from solidmark_jax.config import section_items
+
 AUGMENTATIONS = ("none", "crop", "blur", "rotate")
 CROP_SIZES = (1.0, 0.8, 0.6, 0.4, 0.2)  # crop level -> relative side of the window (level 0: identity)
 BLUR_KERNELS = (1, 5, 9, 13, 17)  # blur level -> Gaussian kernel size (level 0: identity)
@@ -42,20 +44,6 @@ LEVELS = tuple(range(len(CROP_SIZES)))
 _SALT = 0xA06  # Augmentation.key(): fold_in(key(seed), salt)
 _CONFIG_FIELDS = ("name", "level", "angle", "seed")
 _TRACES = [0]  # times the jitted core was traced (tests check that an angle does not recompile)
-
-
-def _section_items(section: Any, field: str) -> dict[str, Any]:
-  """A config section (ConfigDict, dict or None) as a plain dict; unknown keys are an error."""
-  if section is None:
-    return {}
-  try:
-    items = dict(section.items())
-  except AttributeError:
-    raise ValueError(f"{field} must be a config section with fields {_CONFIG_FIELDS}, got {section!r}") from None
-  unknown = sorted(set(items) - set(_CONFIG_FIELDS))
-  if unknown:
-    raise ValueError(f"{field}: unknown fields {unknown}; the fields are {_CONFIG_FIELDS}")
-  return items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +94,7 @@ class Augmentation:
       section: e.g. `config.eval.augment` (a ConfigDict or dict), or None.
       field: the section's path, named in errors.
     """
-    items = _section_items(section, field)
+    items = section_items(section, field, _CONFIG_FIELDS)
     spec = object.__new__(cls)  # validate with the config's field names, not the class's
     for name, default in (("name", "none"), ("level", 0), ("angle", 0.0), ("seed", 0)):
       value = items.get(name, default)
