@@ -240,7 +240,7 @@ VAE_FOLDER = "vae"
 
 
 def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh=None) -> dict:
-  """The frozen parameters of latent / text models: {"text": ..., "vae": ...} (empty for pixel ids).
+  """The frozen parameters of latent / text models: {"text", "text_null", "vae"} (empty for pixel ids).
 
   The VAE comes from `vae.pretrained`, or from the workdir's stage-1 result (`DIR/vae/`), which
   training produces first when it is missing (`training.vae_stage`); evaluation needs it there.
@@ -249,6 +249,8 @@ def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh=None) -> dic
   frozen = {}
   if exp.is_text:
     frozen["text"] = exp.text.params
+    # the empty caption's embedding [L, D]: the null condition, computed once here, not per train step
+    frozen["text_null"] = np.asarray(exp.text.encode(exp.text.params, np.asarray(exp.text.null_ids, np.int32)[None]))[0]
   if exp.is_latent:
     from solidmark_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
     cfg = exp.config.vae
@@ -288,7 +290,7 @@ class Conditioner:
         exp._encode_text = jax.jit(text.encode)  # pylint: disable=protected-access
       encode = exp._encode_text  # pylint: disable=protected-access
       self._encode = lambda ids: encode(params, ids)
-      self.null = np.asarray(self._encode(np.asarray(text.null_ids, np.int32)[None]))[0]  # [L, D]
+      self.null = np.asarray(frozen["text_null"])  # [L, D]
       self._tokens = mitigations.TokenSpec.from_tokenizer(text.tokenizer) if self.spec.stage == "tokens" else None
       self._vocabulary = None
       if self.spec.name == "random_words":  # random words of the training captions

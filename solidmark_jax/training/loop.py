@@ -8,7 +8,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -82,8 +81,7 @@ def make_prepare(exp: Experiment, cached_latents: bool = False):
     if text is None:
       return x0, batch["condition"], null_id
     cond = text.encode(frozen["text"], batch["condition"])  # [B, L, D]
-    null = text.encode(frozen["text"], jnp.asarray(text.null_ids, jnp.int32)[None])[0]  # [L, D]
-    return x0, cond, null
+    return x0, cond, frozen["text_null"]  # [L, D]
 
   return prepare
 
