@@ -363,3 +363,27 @@ def test_open_source_captioned_fashion_mnist(fashion_dir):
   assert folder.captions == train.captions
   with pytest.raises(ValueError, match="data.captioned_format must be one of"):
     open_source(cfg(name="captioned_fashion_mnist", data_dir=fashion_dir, captioned_format="zip"), "train[:16]")
+
+
+def test_skipped_and_truncated_inputs_are_counted_for_the_report(tmp_path):
+  """A text model on shards with bad records: skipped records and truncated captions reach
+  `Experiment.bad_input`, which evaluation writes into the report's metadata."""
+  from configs import tiny
+  from solidmark_jax.experiment import build_experiment
+  c = tiny.get_config()
+  c.data.name = "shards"
+  c.data.shards = bad_tar(tmp_path)
+  c.data.on_bad_image = "skip"
+  c.data.image_size = 8
+  c.data.channels = 3
+  c.data.subset_size = None
+  c.model.condition = "text"
+  c.text.hidden_size = 32
+  c.text.num_heads = 2
+  c.text.max_length = 3  # start + end + one token: "also fine" (two words) cannot fit
+  exp = build_experiment(c)
+  assert exp.bad_input == {"skipped_records": len(TAR_REASONS), "truncated_captions": 1}
+  assert exp.captions == ["fine", "also fine"] and exp.conditions.shape == (2, 3)
+  c.text.on_too_long = "error"
+  with pytest.raises(ValueError, match="also fine|too long|max_length"):
+    build_experiment(c)
