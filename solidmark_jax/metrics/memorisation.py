@@ -50,23 +50,34 @@ def snap_to_key_grid(k_pred, key_bits: int = marks.KEY_BITS) -> np.ndarray:
 
 
 def l_sm(k_pred, keys, key_bits: int | None = marks.KEY_BITS) -> np.ndarray:
-  """l_SM = |k_pred - k| (float64).
+  """l_SM = |k_pred - k| per evaluation (float64); with m keys per image, the largest of the m.
+
+  An evaluation with m keys (`marks.num_keys`) is a hit at delta only when every key is within
+  delta, i.e. when max_s |k_pred_s - k_s| <= delta, so that maximum is its l_SM.
 
   Args:
-    k_pred: [N] or [N, r] predicted keys in [0, 1].
-    keys: [N] true keys.
+    k_pred: [N] or [N, r] predicted keys in [0, 1]; [N, r, m] with m keys per image.
+    keys: [N] true keys; [N, m] with m keys per image.
     key_bits: read k_pred on the key grid (`snap_to_key_grid`); None compares raw values.
 
   Returns:
-    Same shape as k_pred.
+    [N] or [N, r] (the shape of k_pred without its key axis).
   """
   k_pred = np.asarray(k_pred, np.float64)
   keys = np.asarray(keys, np.float64)
-  if k_pred.ndim == 2:
+  multi = keys.ndim == 2
+  if multi and k_pred.ndim != 3:
+    raise ValueError(f"l_sm: keys [N, m] = {keys.shape} need k_pred [N, r, m], got {k_pred.shape}")
+  if multi and k_pred.shape[2] != keys.shape[1]:
+    raise ValueError(f"l_sm: {keys.shape[1]} keys per image but k_pred has {k_pred.shape[2]}")
+  if multi:
+    keys = keys[:, None, :]
+  elif k_pred.ndim == 2:
     keys = keys[:, None]
   if key_bits is not None:
     k_pred = snap_to_key_grid(k_pred, key_bits)
-  return np.abs(k_pred - keys)
+  out = np.abs(k_pred - keys)
+  return out.max(axis=-1) if multi else out
 
 
 def reduce_repeats(l: np.ndarray) -> dict[str, np.ndarray]:
