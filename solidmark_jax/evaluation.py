@@ -15,14 +15,14 @@ shapes, no recompile), each augmentation level is one compile of the augmentatio
 one setting, the config's own.
 
 Results are appended to <out>/results.jsonl as batches finish; a re-run skips what is done. With
-`data.duplicates`, the members are also scored per duplication level (any evaluation of an image
-against any of its keys, metrics/duplication.py) into <out>/duplication.{md,json}.
+`data.duplicates`, the members are distinct images (each queried eval.repeats times whatever its
+copies, as the paper) and are also scored per duplication level (any evaluation of an image against
+any of its keys, exact chance per image, metrics/duplication.py) into <out>/duplication.{md,json}.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -80,7 +80,14 @@ class _Group:
 
 
 def _member_group(exp: Experiment, n: int, seed: int, name: str = "members") -> _Group:
-  ids = select_records(len(exp.instances), n, "random", seed, field="eval.num_members")
+  """n training instances chosen by `seed`; with duplicated data, n distinct images, each queried once
+  (through its first copy) so that every image gets eval.repeats evaluations whatever its copies."""
+  if exp.config.data.get("duplicates"):
+    _, first = np.unique(exp.instances.image_id, return_index=True)
+    candidates = np.sort(first).astype(np.int64)
+    ids = candidates[select_records(len(candidates), n, "random", seed, field="eval.num_members (distinct images)")]
+  else:
+    ids = select_records(len(exp.instances), n, "random", seed, field="eval.num_members")
   captions = [exp.captions[i] for i in ids] if exp.captions is not None else None
   return _Group(name, ids, exp.keymap.lookup(ids), exp.conditions[ids],
                 lambda rows: exp.read_marked(rows)["image"], captions=captions)
@@ -313,22 +320,16 @@ class Evaluator:
 def write_duplication_report(exp: Experiment, results: report.Results, thresholds, out_dir: str) -> dict:
   """Members scored per duplication level (any evaluation x any key): duplication.json and .md.
 
-  Every evaluated member instance is a query of its distinct image (copies share the image and its
-  condition; only their keys differ), so an image with c evaluated copies and r repeats has c x r
-  evaluations, scored against all c keys of its training copies.
+  Every evaluated member is one distinct image (copies share the image and its condition; only
+  their keys differ) with its r evaluations, scored against all c keys of its training copies.
   """
   members = results.select("members")
   inst = exp.instances
   all_ids = np.arange(len(inst.image_id), dtype=np.int64)
   summary = duplication.summarize_duplication(inst.image_id, exp.keymap.lookup(all_ids),
                                               inst.image_id[members.instance_id], members.k_pred, thresholds)
-  tmp = os.path.join(out_dir, "duplication.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, os.path.join(out_dir, "duplication.json"))
-  with open(os.path.join(out_dir, "duplication.md"), "w") as f:
-    f.write(duplication.duplication_markdown(summary))
+  report.writer.write_json(os.path.join(out_dir, DUPLICATION_FILES[0]), summary)
+  report.writer.write_text(os.path.join(out_dir, DUPLICATION_FILES[1]), duplication.duplication_markdown(summary))
   return summary
 
 

@@ -15,9 +15,9 @@ the same eval section (the Table 3 and GNI sweeps share their "gni_0.1" row); a 
 other eval settings is an error.
 
 The sweep's table (DIR/sweeps/<name>/table.md and sweep.json; a row per setting, the members'
-eidetic counts at every threshold, the reduction against the baseline (identity) row as the paper's
-Table 3 reports it: (count_baseline - count) / count_baseline, chance and the non-members' rates)
-is printed; a one-parameter numeric sweep also gets sweep.png (rate against strength, the GNI
+eidetic counts at every threshold beside their exact chance, and each setting's effect against the
+baseline (identity) row on the same images: the reduction of the excess over chance with a paired
+bootstrap interval and McNemar's test, not the raw reduction of counts) is printed; a one-parameter numeric sweep also gets sweep.png (rate against strength, the GNI
 figure). If the workdir has no checkpoint at train.num_steps, training runs first.
 """
 
@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import mitigations
+from solidmark_jax import metrics, mitigations, report
 from solidmark_jax.evaluation import DUPLICATION_FILES, Evaluator
 from solidmark_jax.outpaint import augment as augment_lib
 
@@ -171,37 +171,48 @@ def settings_from_config(config) -> list[Setting]:
 # The table.
 
 
-def reduction(count: int, baseline: int) -> float | None:
-  """Reduction of eidetic memorisations against the baseline row: (baseline - count) / baseline (None if 0)."""
-  return (baseline - count) / baseline if baseline > 0 else None
+def _members(results) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  m = results.select("members")
+  return m.instance_id, m.k_pred, m.key
 
 
-def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], *, name: str = "", kind: str = "") -> dict:
-  """Rows of a sweep (the baseline first) from each setting's summary (summary.json)."""
-  if len(settings) != len(summaries):
-    raise ValueError(f"sweep_table: {len(settings)} settings but {len(summaries)} summaries")
+def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], results: Sequence, *, name: str = "",
+                kind: str = "") -> dict:
+  """Rows of a sweep (the baseline first) from each setting's summary and results (same members).
+
+  Each row has the members' counts beside their exact chance, and the setting's effect against the
+  baseline row on the same images (`metrics.paired_effect`: reduction of the excess over chance with
+  a paired bootstrap interval, McNemar's exact test).
+  """
+  if not len(settings) == len(summaries) == len(results):
+    raise ValueError(f"sweep_table: {len(settings)} settings, {len(summaries)} summaries, {len(results)} results")
   thresholds = summaries[0]["thresholds"]
-  base = summaries[0]["groups"]["members"]
+  statistic = summaries[0]["statistic"]
+  base_ids, base_pred, base_keys = _members(results[0])
   rows = []
-  for setting, summary in zip(settings, summaries):
+  for setting, summary, res in zip(settings, summaries, results):
     m = summary["groups"]["members"]
+    ids, pred, _ = _members(res)
+    if not np.array_equal(ids, base_ids):
+      raise ValueError(f"sweep: setting {setting.name!r} scored other members than the baseline "
+                       f"{settings[0].name!r}; a paired comparison needs the same images")
+    effect = metrics.paired_effect(base_pred, pred, base_keys, thresholds, statistic=statistic)
     row = {
         "setting": setting.name, "method": setting.method, "value": setting.value,
         "mitigation": dataclasses.asdict(setting.mitigation), "augment": dataclasses.asdict(setting.augmentation),
         "n": m["n"], "repeats": m["repeats"], "counts": m["counts"], "rates": m["rates"],
-        "chance_expected": m["chance_expected"], "chance_probability": m["chance_probability"],
-        "reduction": [reduction(c, b) for c, b in zip(m["counts"], base["counts"])],
-        "l_sm_mean": m["l_sm"]["mean"],
+        "chance": m["chance"], "effect": effect, "l_sm_mean": m["l_sm"]["mean"],
     }
     nm = summary["groups"].get("non_members")
     if nm is not None:
-      row["non_members"] = {"n": nm["n"], "counts": nm["counts"], "rates": nm["rates"], "l_sm_mean": nm["l_sm"]["mean"]}
+      row["non_members"] = {"n": nm["n"], "counts": nm["counts"], "rates": nm["rates"], "l_sm_mean": nm["l_sm"]["mean"],
+                            "chance_expected": nm["chance"]["expected"], "p_value": nm["chance"]["p_value"]}
     if "duplication" in summary:
-      row["duplication"] = {k: {"counts": v["counts"], "n": v["n"], "chance_expected": v["chance_expected"]}
+      row["duplication"] = {k: {"counts": v["counts"], "n": v["n"], "chance_expected": v["chance"]["expected"]}
                             for k, v in summary["duplication"]["levels"].items()}
     rows.append(row)
   return {"format": SWEEP_FORMAT, "name": name, "kind": kind, "thresholds": thresholds,
-          "statistic": summaries[0]["statistic"], "baseline": settings[0].name,
+          "statistic": statistic, "baseline": settings[0].name,
           "checkpoint_step": summaries[0].get("checkpoint_step"), "rows": rows}
 
 
@@ -209,31 +220,49 @@ def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _p(p) -> str:
+  return "-" if p is None else (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}")
+
+
 def table_markdown(table: dict) -> str:
-  """The sweep as Markdown: counts (%) per threshold, reduction vs the baseline row, chance, non-members."""
+  """The sweep as Markdown: members' hits beside exact chance per setting, then each setting's effect."""
   th = table["thresholds"]
   rows = table["rows"]
   r0 = rows[0]
+  base = table["baseline"]
   lines = [f"# Sweep {table['name']} ({table['kind']})", "",
            f"Members: n = {r0['n']}, r = {r0['repeats']} evaluations each, scored: {table['statistic']} over r. "
-           f"Reduction: (count of `{table['baseline']}` - count) / count of `{table['baseline']}`, "
-           "the paper's Table 3 measure. Chance: expected count if k_pred were independent of the key.", ""]
-  head = (["setting"] + [f"(l_SM, {d:g})" for d in th] + [f"reduction {d:g}" for d in th] + ["mean l_SM"])
+           "Chance: the expected hits if the keys were independent of the model, exact given each setting's own "
+           "predictions; p: P(chance count >= hits).", ""]
+  head = ["setting"] + [f"(l_SM, {d:g}): hits / n, chance, p" for d in th] + ["mean l_SM"]
   has_nm = "non_members" in r0
   if has_nm:
-    head += [f"non-members (l_SM, {d:g})" for d in th]
+    head += [f"non-members (l_SM, {d:g}), chance" for d in th]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
+    c = r["chance"]
     cells = [r["setting"]]
-    cells += [f"{c} / {r['n']} ({_pct(p)})" for c, p in zip(r["counts"], r["rates"])]
-    cells += [_pct(x) for x in r["reduction"]]
+    cells += [f"{k} / {r['n']} ({_pct(rate)}), {e:.2f}, {_p(p)}"
+              for k, rate, e, p in zip(r["counts"], r["rates"], c["expected"], c["p_value"])]
     cells.append("-" if r["l_sm_mean"] is None else f"{r['l_sm_mean']:.4f}")
     if has_nm:
       nm = r["non_members"]
-      cells += [f"{c} / {nm['n']} ({_pct(p)})" for c, p in zip(nm["counts"], nm["rates"])]
+      cells += [f"{k} / {nm['n']}, {e:.2f}" for k, e in zip(nm["counts"], nm["chance_expected"])]
     lines.append("| " + " | ".join(cells) + " |")
-  chance = [f"{e:.1f} ({_pct(p)})" for e, p in zip(r0["chance_expected"], r0["chance_probability"])]
-  lines.append("| chance (members) | " + " | ".join(chance) + " |" + " |" * (len(head) - 1 - len(th)))
+  lines += ["", f"Effect against `{base}` on the same images: reduction of the excess over chance "
+            "(excess = hits - chance expected; 1 = all excess removed) [95% paired bootstrap interval]; "
+            "McNemar's exact two-sided p on the images hit under one setting only (baseline only / this only).", ""]
+  head = ["setting"] + [f"(l_SM, {d:g}): reduction of excess, McNemar p (discordant)" for d in th]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows[1:]:
+    e = r["effect"]
+    cells = [r["setting"]]
+    for t in range(len(th)):
+      ci = e["reduction_ci"][t]
+      ci_txt = "" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"
+      cells.append(f"{_pct(e['reduction'][t])}{ci_txt}, {_p(e['mcnemar_p'][t])} "
+                   f"({e['discordant'][t][0]} / {e['discordant'][t][1]})")
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -255,13 +284,14 @@ def plot_sweep(path: str, table: dict) -> str | None:
   for t, d in enumerate(table["thresholds"]):
     y = np.array([r["rates"][t] for r in rows])
     line, = ax.plot(x[order], 100 * y[order], marker="o", label=f"(l_SM, {d:g})")
-    ax.axhline(100 * rows[0]["chance_probability"][t], color=line.get_color(), linestyle="--", linewidth=0.8)
+    chance_rate = np.array([r["chance"]["rate"][t] for r in rows])
+    ax.plot(x[order], 100 * chance_rate[order], color=line.get_color(), linestyle="--", linewidth=0.8)
   method = methods.pop()
   ax.set_xlabel({"gni": "GNI sigma", "crop": "crop level", "blur": "blur level",
                  "rotate": "angle (degrees)"}.get(method, f"{method} strength"))
   ax.set_ylabel("members eidetically memorised (%)")
   ax.set_ylim(-2, 102)
-  ax.set_title(f"{table['name']}: members' rate (dashed: chance)")
+  ax.set_title(f"{table['name']}: members' rate (dashed: exact chance per setting)")
   ax.legend(fontsize=8)
   FigureCanvasAgg(fig)
   fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -340,29 +370,72 @@ def run_sweep(config, workdir: str, *, name: str | None = None, step: int | None
              sum(f is not None for f in finished), len(settings), sum(done), per * len(settings))
   bar = tqdm(total=per * len(settings), initial=sum(done), desc=f"sweep {name}", unit="img", dynamic_ncols=True,
              disable=not ev.is_main)
-  summaries = []
+  summaries, results = [], []
   for setting, d, store, summary in zip(settings, dirs, stores, finished):
     if summary is None or jax.process_count() > 1:
       bar.set_postfix_str(setting.name)
       summary = ev.score(d, setting.mitigation, setting.augmentation, bar=bar, store=store,
                          write_grid=bool(config.eval.num_grid))
     summaries.append(summary)
+    results.append(store.results() if ev.is_main else None)
   bar.close()
   if not ev.is_main:
     return None
-  table = sweep_table(settings, summaries, name=name, kind=kind)
+  table = sweep_table(settings, summaries, results, name=name, kind=kind)
   table["outpainter_traces"] = ev.trace_count  # compilations of the outpainter in this process (one per shape)
   out = os.path.join(root, name)
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "sweep.json"), "w") as f:
-    json.dump(table, f, indent=2)
-    f.write("\n")
+  report.writer.write_json(os.path.join(out, "sweep.json"), table)
   text = table_markdown(table)
   if has_dup:
     text += "\n" + "\n".join(f"## {s.name}\n\n" + open(os.path.join(d, DUPLICATION_FILES[1])).read()
                              for s, d in zip(settings, dirs))
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(text)
+  report.writer.write_text(os.path.join(out, "table.md"), text)
   plot_sweep(os.path.join(out, "sweep.png"), table)
   log.info("sweep %s written to %s", name, out)
   return table
+
+
+def compare_runs(base_dir: str, other_dir: str, out_dir: str, *, labels: tuple[str, str] = ("base", "other"),
+                 thresholds: Sequence[float] | None = None, statistic: str | None = None) -> dict:
+  """Two evaluations of the same members (e.g. border vs centre models), compared per image against chance.
+
+  Reads each directory's results.jsonl (an eval directory or a sweep setting), pairs the members by
+  instance id and writes `metrics.paired_effect` of `other` against `base` to out_dir/comparison.{json,md}.
+  Thresholds and statistic default to the base run's summary.json.
+  """
+  runs = []
+  for d in (base_dir, other_dir):
+    meta, res = report.store.read_results(os.path.join(d, "results.jsonl"))
+    runs.append(res.select("members"))
+  if not np.array_equal(runs[0].instance_id, runs[1].instance_id):
+    raise ValueError(f"{base_dir} and {other_dir} scored different members; a paired comparison needs the same "
+                     "images (same data subset and eval.seed)")
+  if not np.array_equal(runs[0].key, runs[1].key):
+    raise ValueError(f"{base_dir} and {other_dir}: the members' keys differ (another keymap)")
+  if thresholds is None or statistic is None:
+    with open(os.path.join(base_dir, "summary.json")) as f:
+      base_summary = json.load(f)
+    thresholds = thresholds or base_summary["thresholds"]
+    statistic = statistic or base_summary["statistic"]
+  summaries = [metrics.summarize(r.k_pred, r.key, thresholds, statistic=statistic) for r in runs]
+  effect = metrics.paired_effect(runs[0].k_pred, runs[1].k_pred, runs[0].key, thresholds, statistic=statistic)
+  out = {"format": SWEEP_FORMAT, "labels": list(labels), "dirs": [base_dir, other_dir], "thresholds": list(thresholds),
+         "statistic": statistic, "summaries": dict(zip(labels, summaries)), "effect": effect}
+  os.makedirs(out_dir, exist_ok=True)
+  report.writer.write_json(os.path.join(out_dir, "comparison.json"), out)
+  lines = [f"# {labels[1]} against {labels[0]} on the same {len(runs[0].instance_id)} members", "",
+           "| threshold | " + " | ".join(f"{l}: hits, chance, p" for l in labels)
+           + f" | reduction of excess ({labels[1]} vs {labels[0]}) [95% CI] | McNemar p (discordant) |",
+           "|---|---|---|---|---|"]
+  for t, d in enumerate(thresholds):
+    cells = [f"(l_SM, {d:g})"]
+    for s in summaries:
+      cells.append(f"{s['counts'][t]} / {s['n']}, {s['chance']['expected'][t]:.2f}, {_p(s['chance']['p_value'][t])}")
+    ci = effect["reduction_ci"][t]
+    cells.append(_pct(effect["reduction"][t]) + ("" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"))
+    cells.append(f"{_p(effect['mcnemar_p'][t])} ({effect['discordant'][t][0]} / {effect['discordant'][t][1]})")
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"A negative reduction: {labels[1]} recovers more keys beyond chance than {labels[0]}."]
+  report.writer.write_text(os.path.join(out_dir, "comparison.md"), "\n".join(lines) + "\n")
+  return out

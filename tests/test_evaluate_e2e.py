@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from e2e_helpers import _command, _config, _run, _snapshot, cli_env  # noqa: F401  (cli_env is a fixture)
-from solidmark_jax import marks
+from solidmark_jax import marks, metrics
 from solidmark_jax.evaluation import NONMEMBER_KEY_SALT, evaluate
 from solidmark_jax.metrics import memorisation
 from solidmark_jax.training import checkpoint as ckpt
@@ -64,9 +64,11 @@ def _result_rows(path) -> list[str]:
   return data[:data.rfind(b"\n") + 1].decode().splitlines()[1:]
 
 
-def _chance(n: int, d: float, r: int) -> float:
-  p = 2 * d - d * d
-  return n * (1 - (1 - p) ** r)
+def _exact_chance(rows: list[dict], group: str) -> np.ndarray:
+  """Expected chance hits per threshold, recomputed from the per-image predictions in per_image.csv."""
+  mine = [r for r in rows if r["group"] == group]
+  k_pred = np.array([[float(r[c]) for c in r if c.startswith("k_pred_")] for r in mine])
+  return metrics.hit_probabilities(k_pred, THRESHOLDS).sum(axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,12 +119,14 @@ def test_evaluate_end_to_end(reference, fashion_dir):
     assert len(g["counts"]) == len(g["ci"]) == len(THRESHOLDS)
     assert all(0 <= c <= 64 for c in g["counts"])
     assert g["counts"] == sorted(g["counts"], reverse=True)  # a smaller delta never counts more
-    np.testing.assert_allclose(g["chance_expected"], [_chance(64, d, 1) for d in THRESHOLDS])
   assert set(summary["comparisons"]) == {"members_vs_non_members"}
 
   rows = _read_csv(out / "per_image.csv")
-  assert list(rows[0]) == ["instance_id", "group", "member", "key", "k_pred_0", "l_sm_best", "l_sm_mean"]
+  assert list(rows[0]) == ["instance_id", "group", "member", "key", "k_pred_0", "l_sm_best", "l_sm_mean",
+                           *[f"chance_{d:g}" for d in THRESHOLDS]]
   assert len(rows) == 128
+  for name, g in summary["groups"].items():
+    np.testing.assert_allclose(g["chance"]["expected"], _exact_chance(rows, name))
   members = [r for r in rows if r["group"] == "members"]
   nonmembers = [r for r in rows if r["group"] == "non_members"]
   assert len(members) == len(nonmembers) == 64
@@ -173,11 +177,11 @@ def test_step_repeats_and_random_init(options_eval):
   assert summary == json.loads((workdir / "eval" / "summary.json").read_text())
   assert summary["checkpoint_step"] == 2
   assert list(summary["groups"]) == ["members", "non_members", "random_init"]
-  for g in summary["groups"].values():
-    assert g["n"] == 8 and g["repeats"] == 3
-    np.testing.assert_allclose(g["chance_expected"], [_chance(8, d, 3) for d in THRESHOLDS])
-  assert set(summary["comparisons"]) == {"members_vs_non_members", "members_vs_random_init"}
   rows = _read_csv(workdir / "eval" / "per_image.csv")
+  for name, g in summary["groups"].items():
+    assert g["n"] == 8 and g["repeats"] == 3
+    np.testing.assert_allclose(g["chance"]["expected"], _exact_chance(rows, name))
+  assert set(summary["comparisons"]) == {"members_vs_non_members", "members_vs_random_init"}
   assert len(rows) == 24
   assert [c for c in rows[0] if c.startswith("k_pred")] == ["k_pred_0", "k_pred_1", "k_pred_2"]
   k_pred = np.array([[float(r[f"k_pred_{j}"]) for j in range(3)] for r in rows])  # every repeat filled

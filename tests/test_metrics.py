@@ -45,21 +45,12 @@ def test_threshold_validation():
     metrics.eidetic_counts([0.1], (0.1, 2.0))
 
 
-def test_chance_probability_and_expected_counts():
-  d = np.array(metrics.DEFAULT_THRESHOLDS)
-  np.testing.assert_allclose(metrics.chance_probability(d), 2 * d - d * d)
-  np.testing.assert_allclose(metrics.chance_probability(0.1, repeats=3), 1 - (1 - 0.19)**3)
-  # Monte Carlo check of the closed forms.
-  rs = np.random.default_rng(0)
-  k, kp = rs.random(200_000), rs.random((200_000, 3))
-  l = np.abs(kp - k[:, None])
-  assert abs(np.mean(l[:, 0] <= 0.1) - 0.19) < 0.004
-  assert abs(np.mean(l.min(1) <= 0.1) - metrics.chance_probability(0.1, 3)) < 0.004
-  mean_chance = metrics.chance_probability(0.2, 3, "mean")
-  assert abs(np.mean(l.mean(1) <= 0.2) - mean_chance) < 0.005
-  s = metrics.summarize(np.full((200, 1), 0.5), (0.1, 0.01))
-  np.testing.assert_allclose(s["chance_expected"], [200 * 0.19, 200 * 0.0199])
-  assert s["counts"] == [0, 0] and s["n"] == 200
+def test_l_sm_several_keys_is_the_largest_distance():
+  keys = np.array([[0.2, 0.8], [0.5, 0.5]])
+  k_pred = np.array([[[0.25, 0.8], [0.2, 0.6]], [[0.5, 0.5], [0.9, 0.5]]])  # [N, r, m]
+  np.testing.assert_allclose(metrics.l_sm(k_pred, keys, key_bits=None), [[0.05, 0.2], [0.0, 0.4]], atol=1e-15)
+  with pytest.raises(ValueError, match=r"k_pred \[N, r, m\]"):
+    metrics.l_sm(k_pred[:, 0], keys)
 
 
 @pytest.mark.parametrize("count,n", [(0, 10), (3, 10), (10, 10), (37, 5000), (1, 1)])
@@ -100,21 +91,24 @@ def test_summarize_and_compare():
   keys = rs.random(300)
   members = np.clip(keys[:, None] + rs.normal(0, 0.01, (300, 2)), 0, 1)  # memorised
   others = rs.random((300, 2))  # chance
-  l_m = metrics.l_sm(members, keys)
-  l_o = metrics.l_sm(others, keys)
-  s = metrics.summarize(l_m, statistic="best")
-  assert s["repeats"] == 2 and s["statistic"] == "best"
+  s = metrics.summarize(members, keys, statistic="best", num_permutations=50)
+  assert s["repeats"] == 2 and s["statistic"] == "best" and s["num_keys"] == 1
   for c, (lo, hi), rate in zip(s["counts"], s["ci"], s["rates"]):
     assert lo <= rate <= hi and rate == c / 300
-  np.testing.assert_allclose(s["chance_probability"], 1 - (1 - (2 * np.array(metrics.DEFAULT_THRESHOLDS)
-                                                              - np.array(metrics.DEFAULT_THRESHOLDS)**2))**2)
-  comp = metrics.compare(l_m, l_o)
+  d = np.array(metrics.DEFAULT_THRESHOLDS)
+  np.testing.assert_allclose(s["reference_chance"]["rate"], 1 - (1 - (2 * d - d**2))**2)
+  np.testing.assert_allclose(s["chance"]["expected"],
+                             metrics.hit_probabilities(members, d).sum(axis=0))
+  score = lambda k, kk=keys: {"scores": metrics.per_image_scores(k, kk),
+                              "counts": metrics.eidetic_counts(metrics.per_image_scores(k, kk))}
+  comp = metrics.compare(score(members), score(others))
   assert all(p < 1e-10 for p in comp["fisher_p"][:2])
   assert comp["mann_whitney"]["p_value"] < 1e-20
-  null = metrics.compare(l_o[:150], l_o[150:])
+  assert comp["membership_inference"]["auc"] > 0.95
+  null = metrics.compare(score(others[:150], keys[:150]), score(others[150:], keys[150:]))
   assert min(null["fisher_p"]) > 1e-3
   with pytest.raises(ValueError, match="statistic"):
-    metrics.summarize(l_m, statistic="median")
+    metrics.summarize(members, keys, statistic="median")
 
 
 def test_baseline_distances():

@@ -51,7 +51,7 @@ def test_report_files_and_fields(tmp_path):
   assert run(store)
   out = str(tmp_path / "report")
   summary = write_report(out, store.results(), metadata=META)
-  for name in ("summary.json", "per_image.csv", "summary.md", "l_sm_hist.png", "eidetic_rates.png"):
+  for name in ("summary.json", "per_image.csv", "summary.md", "l_sm_hist.png", "eidetic_rates.png", "roc.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   with open(os.path.join(out, "summary.json")) as f:
     s = json.load(f)
@@ -60,8 +60,14 @@ def test_report_files_and_fields(tmp_path):
   assert s["statistic"] == "best" and s["keymap_hash"] == META["keymap_hash"] and s["checkpoint_step"] == 3000
   assert list(s["groups"]) == ["members", "non_members", "random_init"]
   m = s["groups"]["members"]
-  for field in ("n", "repeats", "counts", "rates", "ci", "chance_expected", "chance_probability", "l_sm"):
+  for field in ("n", "repeats", "counts", "rates", "ci", "chance", "permutation", "reference_chance", "l_sm"):
     assert field in m
+  for field in ("expected", "rate", "band", "p_value", "excess", "corrected", "corrected_ci"):
+    assert len(m["chance"][field]) == 4, field
+  assert m["chance"]["p_value"][1] < 1e-6  # 20 of the 40 members are memorised
+  assert s["groups"]["non_members"]["chance"]["p_value"][0] > 0.01  # guesses
+  mi = s["comparisons"]["members_vs_non_members"]["membership_inference"]
+  assert 0.5 < mi["auc"] <= 1.0 and set(mi["tpr_at_fpr"]) == {"0.01", "0.001"}
   assert m["n"] == 40 and m["repeats"] == R and s["groups"]["non_members"]["n"] == 30
   assert m["counts"][0] >= 20  # the even ids are memorised
   assert set(m["l_sm"]) == {"mean", "median"}
@@ -71,15 +77,16 @@ def test_report_files_and_fields(tmp_path):
     rows = list(csv.DictReader(f))
   assert len(rows) == 40 + 30 + 40
   assert list(rows[0]) == ["instance_id", "group", "member", "key", "k_pred_0", "k_pred_1", "k_pred_2",
-                           "l_sm_best", "l_sm_mean"]
+                           "l_sm_best", "l_sm_mean", *[f"chance_{d:g}" for d in metrics.DEFAULT_THRESHOLDS]]
   row = rows[0]
   kp = np.array([float(row[f"k_pred_{j}"]) for j in range(R)])
   l = metrics.l_sm(kp[None], np.array([float(row["key"])]))[0]
   assert float(row["l_sm_best"]) == l.min() and float(row["l_sm_mean"]) == l.mean()
   assert {r["member"] for r in rows if r["group"] == "members"} == {"1"}
   md = open(os.path.join(out, "summary.md")).read()
-  assert "| threshold |" in md and "(l_SM, 0.005)" in md and "members count (%)" in md
-  assert md.count("\n| (l_SM,") == 4
+  assert "| threshold | group |" in md and "(l_SM, 0.005)" in md and "chance expected" in md
+  assert md.count("\n| (l_SM,") == 4 * 3 + 4  # a row per threshold and group, then the Fisher table
+  assert "members vs non members" in md and "AUC" in md
 
 
 def test_store_resume_skips_done_and_drops_torn_line(tmp_path):

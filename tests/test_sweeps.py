@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from configs import paper_table3_mitigations, tiny
-from solidmark_jax import report
+from solidmark_jax import marks, report
 from solidmark_jax.evaluation import Evaluator
-from solidmark_jax.metrics import duplication, memorisation
+from solidmark_jax.metrics import chance, memorisation
 from solidmark_jax import sweeps
 
 ONE_BLOCK = {"model.block_out_channels": (32,), "model.down_block_types": ("CrossAttnDownBlock2D",),
@@ -110,24 +110,54 @@ def test_bad_sweep_settings_are_named(sweep, match):
     sweeps.settings_from_config(c)
 
 
-def test_reduction_and_table_as_the_paper_reports_it():
-  assert sweeps.reduction(8, 10) == pytest.approx(0.2)
-  assert sweeps.reduction(12, 10) == pytest.approx(-0.2)  # more memorisation than the baseline: negative
-  assert sweeps.reduction(0, 0) is None
+def test_table_reports_chance_and_the_paired_effect_against_the_baseline():
+  rs = np.random.default_rng(0)
+  n = 40
+  keys = marks.keys_for(0, np.arange(n))
 
-  def summary(counts):
-    g = {"n": 10, "repeats": 1, "counts": counts, "rates": [c / 10 for c in counts], "chance_expected": [1.9, 1.0],
-         "chance_probability": [0.19, 0.0975], "l_sm": {"mean": 0.1}}
-    return {"thresholds": [0.1, 0.05], "statistic": "best", "groups": {"members": g}}
+  def results(k_pred):
+    return report.Results.from_records([{"group": "members", "instance_id": i, "key": float(keys[i]),
+                                         "k_pred": k_pred[i].tolist()} for i in range(n)])
 
+  memorised = np.clip(keys[:, None] + rs.normal(0, 0.002, (n, 2)), 0, 1)
+  half = memorised.copy()
+  half[::2] = rs.random((n // 2, 2))  # the setting hides every other image's key
+  res = [results(memorised), results(half)]
+  summaries = [report.summarize_results(r, (0.1, 0.05), num_permutations=20) for r in res]
   c = tiny.get_config()
   c.sweep.settings = ("none", "gni:0.5")
-  table = sweeps.sweep_table(sweeps.settings_from_config(c), [summary([10, 5]), summary([8, 5])], name="t",
-                             kind="mitigation")
-  assert [r["reduction"] for r in table["rows"]] == [[0.0, 0.0], [pytest.approx(0.2), 0.0]]
+  settings = sweeps.settings_from_config(c)
+  table = sweeps.sweep_table(settings, summaries, res, name="t", kind="mitigation")
+  base, gni = table["rows"]
+  assert base["effect"]["reduction"] == [0.0, 0.0] and base["effect"]["discordant"] == [[0, 0], [0, 0]]
+  # Half the images lose their key: about half of the excess over chance goes.
+  assert 0.35 < gni["effect"]["reduction"][1] < 0.65
+  assert gni["effect"]["mcnemar_p"][1] < 1e-4
+  assert gni["chance"]["expected"] == summaries[1]["groups"]["members"]["chance"]["expected"]
   text = sweeps.table_markdown(table)
-  assert "| gni_0.5 | 8 / 10 (80.0%) | 5 / 10 (50.0%) | 20.0% | 0.0% | 0.1000 |" in text
-  assert "| chance (members) | 1.9 (19.0%) | 1.0 (9.8%) |" in text
+  assert "| gni_0.5 | " in text and "reduction of the excess over chance" in text and "McNemar" in text
+  fewer = report.Results.from_records([{"group": "members", "instance_id": i, "key": float(keys[i]),
+                                        "k_pred": half[i].tolist()} for i in range(n // 2)])
+  with pytest.raises(ValueError, match="other members"):
+    sweeps.sweep_table(settings, summaries, [res[0], fewer], name="t")
+
+
+def test_compare_runs_pairs_the_same_members(tmp_path):
+  rs = np.random.default_rng(1)
+  n = 30
+  keys = marks.keys_for(0, np.arange(n))
+  dirs = []
+  for name, k_pred in (("border", rs.random((n, 2))), ("centre", np.clip(keys[:, None] + 0.001, 0, 1))):
+    d = str(tmp_path / name)
+    store = report.ResultStore(os.path.join(d, "results.jsonl"), {"run": name})
+    store.append("members", np.arange(n), keys, k_pred)
+    report.write_report(d, store.results(), (0.1, 0.05), plots_enabled=False, num_permutations=10)
+    dirs.append(d)
+  out = sweeps.compare_runs(dirs[0], dirs[1], str(tmp_path / "cmp"), labels=("border", "centre"))
+  assert out["effect"]["reduction"][1] is None or out["effect"]["reduction"][1] < 0  # centre recovers more keys
+  assert out["effect"]["discordant"][1][1] > 20 and out["effect"]["mcnemar_p"][1] < 1e-5
+  md = open(tmp_path / "cmp" / "comparison.md").read()
+  assert "centre against border on the same 30 members" in md
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,9 +258,10 @@ def test_gni_rows_differ_from_sigma_zero(interrupted):
 
 
 def test_duplication_scoring_end_to_end(fashion_dir, tmp_path):
-  # 4 images: seen once, twice, three and four times = 10 instances, every one evaluated twice. The
-  # class-conditional model of the GNI sweep (copies share their class): its compilations are cached.
-  config = _config(fashion_dir, data__subset_size=4, eval__num_members=10,
+  # 4 images: seen once, twice, three and four times = 10 instances; every distinct image evaluated
+  # twice whatever its copies. The class-conditional model of the GNI sweep (copies share their class):
+  # its compilations are cached.
+  config = _config(fashion_dir, data__subset_size=4, eval__num_members=4,
                    eval__num_nonmembers=8, sweep__name="", sweep__values=(), sweep__settings=("none",))
   config.data.duplicates = {2: 1, 3: 1, 4: 1}
   workdir = str(tmp_path / "wd")
@@ -238,32 +269,31 @@ def test_duplication_scoring_end_to_end(fashion_dir, tmp_path):
   d = os.path.join(workdir, "sweeps", "settings", "none")
   summary = json.load(open(os.path.join(d, "duplication.json")))
   assert list(summary["levels"]) == ["1x", "2x", "3x", "4x"]
-  for c, level in enumerate(summary["levels"].values(), start=1):
-    assert level["n"] == 1 and level["evaluations"] == [2 * c]  # copies x repeats
-  # Recompute from the stored per-instance results: group copies by image, best over evaluations x keys.
+  for level in summary["levels"].values():
+    assert level["n"] == 1 and level["evaluations"] == [2]  # the same evaluations whatever the copies
+  # Recompute from the stored results: one query per image, best over evaluations x all its keys.
   rows = _rows(os.path.join(d, "results.jsonl"))
   members = [r for r in rows if r["group"] == "members"]
-  assert len(members) == 10
+  assert len(members) == 4
   from solidmark_jax.experiment import build_experiment
   exp = build_experiment(config)
   image_of = exp.instances.image_id
+  assert len({int(image_of[r["instance_id"]]) for r in members}) == 4  # distinct images
   keys = exp.keymap.lookup(np.arange(10))
   copies = np.bincount(image_of)
   for t, delta in enumerate(summary["thresholds"]):
     for c in (1, 2, 3, 4):
-      count, chance = 0, 0.0
+      count, expected = 0, 0.0
       for img in np.flatnonzero(copies == c):
         preds = np.concatenate([r["k_pred"] for r in members if image_of[r["instance_id"]] == img])
         ks = keys[image_of == img]
         l = np.abs(memorisation.snap_to_key_grid(preds)[:, None] - ks[None]).min()
         count += int(l <= delta)
-        chance += float(duplication.chance_probability(ks[None], delta, [len(preds)])[0])
+        expected += float(chance.hit_probability(preds[None], delta, copies=c)[0])
       level = summary["levels"][f"{c}x"]
       assert level["counts"][t] == count, (delta, c)
-      assert level["chance_expected"][t] == pytest.approx(chance)
-  # chance rises with copies x evaluations
-  assert [lv["chance_rate"][0] for lv in summary["levels"].values()] == \
-      sorted(lv["chance_rate"][0] for lv in summary["levels"].values())
+      assert level["chance"]["expected"][t] == pytest.approx(expected)
+  assert len(summary["trend"]) == len(summary["thresholds"])
   text = open(os.path.join(workdir, "sweeps", "dup", "table.md")).read()
-  assert "Memorisation by duplication level" in text and "| 4x | 1 | 8 |" in text
+  assert "Memorisation by duplication level" in text and "| 4x | 1 | 2 |" in text
   assert table["rows"][0]["duplication"]["4x"]["n"] == 1

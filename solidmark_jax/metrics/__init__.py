@@ -1,4 +1,4 @@
-"""Memorisation scores: l_SM, eidetic counts, chance level, significance, baseline distances."""
+"""Memorisation scores: l_SM, eidetic counts, exact chance, nulls, significance, membership inference, baselines."""
 
 from solidmark_jax.metrics.baselines import carlini_l2, normalized_l2, pairwise_l2, percentile_score
 from solidmark_jax.metrics.baselines import (
@@ -9,19 +9,24 @@ from solidmark_jax.metrics.baselines import (
     pooled_pixels_encoder,
     score_summary,
 )
-from solidmark_jax.metrics.duplication import duplication_markdown, summarize_duplication, union_measure
+from solidmark_jax.metrics.duplication import duplication_markdown, summarize_duplication, trend_test
 from solidmark_jax.metrics.memorisation import (
     DEFAULT_THRESHOLDS,
     STATISTICS,
     binomial_ci,
-    chance_probability,
     compare,
     eidetic_counts,
     fisher_exact,
     l_sm,
     mann_whitney,
+    membership_inference,
+    paired_effect,
+    per_image_scores,
+    permutation_null,
     reduce_repeats,
+    roc_curve,
     snap_to_key_grid,
     summarize,
     validate_thresholds,
 )
+from solidmark_jax.metrics.chance import hit_probabilities, hit_probability, poisson_binomial_pmf

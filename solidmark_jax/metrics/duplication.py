@@ -1,21 +1,20 @@
-"""SolidMark scoring of duplicated training images (SPEC section 6, the paper's Table 2).
+"""SolidMark scoring of duplicated training images (the paper's Table 2).
 
 A distinct image duplicated c times is c training instances, each with its own key k_1 .. k_c
-(`data.duplicates`, `data.pipeline.make_instances`). It is queried e times (the same centre and
-condition; e = evaluated copies x repeats), giving predictions k_pred_1 .. k_pred_e, and counts as
+(`data.duplicates`, `data.pipeline.make_instances`). As in the paper, every distinct image is
+queried the same number of times e whatever its copies (the same centre and condition; e =
+`eval.repeats`, 10 in the paper), giving predictions k_pred_1 .. k_pred_e, and counts as
 (l_SM, delta)-memorised when ANY evaluation matches ANY of its keys:
 
   l_dup = min over (j, i) of |k_pred_j - k_i| <= delta.
 
-Chance level, exactly for the image's own keys: if each k_pred is uniform on [0, 1] and independent
-of everything else, one evaluation hits with probability
-
-  p = |union_i [k_i - delta, k_i + delta] ∩ [0, 1]|,
-
-the measure of the union of the c intervals (overlapping intervals and the edges of [0, 1] count
-once), and e independent evaluations hit with 1 - (1 - p)^e. For c = 1 averaged over k ~ U(0, 1)
-this is SPEC's 2 delta - delta^2 (per evaluation); with more keys and more evaluations chance
-rises fast (delta = 0.1, c = 4, e = 10: above 0.99), so counts are always shown beside it.
+Chance, exactly given the image's predictions: its c keys are independent and uniform under the
+null, each lands in the union U of [k_pred_j - delta, k_pred_j + delta] with probability |U|
+(metrics/chance.py), so the image is a hit with 1 - (1 - |U|)^c. Chance rises with c, so a level's
+count means something only beside its own chance: per level the table gives hits, exact chance,
+its band and p-value, and the memorised fraction beyond chance; across levels a one-sided score
+test of a trend of the excess over chance with the number of copies (no between-level test that
+ignores chance).
 
 Shapes: N distinct images, c keys (NaN-padded to the most copies), e evaluations (NaN-padded),
 T thresholds. Host numpy.
@@ -27,55 +26,10 @@ import math
 from typing import Sequence
 
 import numpy as np
+from scipy import stats
 
 from solidmark_jax import marks
-from solidmark_jax.metrics import memorisation
-
-
-def union_measure(keys, delta: float) -> np.ndarray:
-  """|union_i [k_i - delta, k_i + delta] ∩ [0, 1]| per row.
-
-  Args:
-    keys: [c] or [N, c] keys in [0, 1]; NaN entries are ignored (padding).
-    delta: half-width, > 0.
-
-  Returns:
-    float64 [] or [N]: for sorted keys k_(1) <= .. <= k_(c): min(k_(1), delta) + min(1 - k_(c), delta)
-    + sum_i min(k_(i+1) - k_(i), 2 delta); 0 for a row without keys.
-  """
-  k = np.asarray(keys, np.float64)
-  scalar = k.ndim == 1
-  k = np.atleast_2d(k)
-  if not delta > 0:
-    raise ValueError(f"union_measure: delta must be > 0, got {delta}")
-  finite = k[np.isfinite(k)]
-  if finite.size and (finite.min() < 0 or finite.max() > 1):
-    raise ValueError(f"union_measure: keys must lie in [0, 1], got range [{finite.min()}, {finite.max()}]")
-  k = np.sort(k, axis=1)  # NaNs last
-  count = np.sum(np.isfinite(k), axis=1)
-  rows = np.arange(len(k))
-  has = count > 0
-  first = np.where(has, k[:, 0], 0.0)
-  last = np.where(has, k[rows, np.maximum(count - 1, 0)], 1.0)
-  gaps = np.nan_to_num(np.diff(k, axis=1), nan=0.0)  # NaN where either side is padding
-  inner = np.minimum(gaps, 2 * delta).sum(axis=1)
-  out = np.where(has, np.minimum(first, delta) + np.minimum(1.0 - last, delta) + inner, 0.0)
-  return out[0] if scalar else out
-
-
-def chance_probability(keys, delta: float, evaluations) -> np.ndarray:
-  """P(l_dup <= delta) per image when every k_pred is uniform and independent: 1 - (1 - p)^e.
-
-  Args:
-    keys: [N, c] keys per image (NaN-padded), or [c] for one image.
-    delta: threshold.
-    evaluations: e per image, [N] ints (or one int).
-  """
-  p = union_measure(keys, delta)
-  e = np.asarray(evaluations, np.float64)
-  if np.any(e < 0):
-    raise ValueError(f"chance_probability: evaluations must be >= 0, got {evaluations}")
-  return 1.0 - (1.0 - p)**e
+from solidmark_jax.metrics import chance, memorisation
 
 
 def group_by_image(key_image_id, keys, eval_image_id, k_pred) -> dict[str, np.ndarray]:
@@ -139,25 +93,36 @@ def best_l_sm(keys, k_pred, key_bits: int | None = marks.KEY_BITS) -> np.ndarray
   return np.where(np.isfinite(best), best, np.nan)
 
 
-def poisson_binomial_sf(count: int, probabilities) -> float:
-  """P(X >= count) for X a sum of independent Bernoulli(p_i) (exact, by convolution)."""
-  p = np.asarray(probabilities, np.float64).reshape(-1)
-  if count <= 0:
-    return 1.0
-  if count > len(p):
-    return 0.0
-  pmf = np.zeros(len(p) + 1)
-  pmf[0] = 1.0
-  for i, q in enumerate(p):
-    pmf[1:i + 2] = pmf[1:i + 2] * (1 - q) + pmf[:i + 1] * q
-    pmf[0] *= 1 - q
-  return float(min(1.0, pmf[count:].sum()))
+def trend_test(hits, probabilities, copies) -> dict:
+  """One-sided score test that the excess over chance rises with the number of copies.
+
+  Under the null, image i hits with its own chance p_i independently, so T = sum_i (x_i - p_i)(c_i - mean c)
+  has mean 0 and variance sum_i p_i (1 - p_i) (c_i - mean c)^2 whatever the p_i; z = T / sd is
+  compared with the normal (a Cochran-Armitage test with each image's own null probability).
+
+  Args:
+    hits: [N] 0/1 per image.
+    probabilities: [N] chance per image (`chance.hit_probability`).
+    copies: [N] training copies per image.
+
+  Returns:
+    {"z", "p_value"} (p_value None when all images have one level or no variance).
+  """
+  x = np.asarray(hits, np.float64)
+  p = np.asarray(probabilities, np.float64)
+  c = np.asarray(copies, np.float64)
+  w = c - c.mean() if len(c) else c
+  var = float(np.sum(p * (1 - p) * w**2))
+  if var <= 0:
+    return {"z": None, "p_value": None}
+  z = float(np.sum((x - p) * w) / math.sqrt(var))
+  return {"z": z, "p_value": float(stats.norm.sf(z))}
 
 
 def summarize_duplication(key_image_id, keys, eval_image_id, k_pred,
                           thresholds: Sequence[float] = memorisation.DEFAULT_THRESHOLDS, *, level: float = 0.95,
                           ci_method: str = "wilson", key_bits: int | None = marks.KEY_BITS) -> dict:
-  """Counts per duplication level (1x, 2x, 3x, 4x, ...) beside their exact chance expectation.
+  """Counts per duplication level (1x, 2x, 3x, 4x, ...) beside their exact chance given the predictions.
 
   The level of an image is its number of training copies (keys); see `group_by_image` for the
   arguments.
@@ -168,22 +133,25 @@ def summarize_duplication(key_image_id, keys, eval_image_id, k_pred,
     eval_image_id: [E] distinct-image id of each evaluated query.
     k_pred: [E] or [E, r] predictions.
     thresholds: deltas.
-    level: confidence level of the intervals.
+    level: confidence level of the intervals and bands.
     ci_method: "wilson" or "clopper-pearson" (`memorisation.binomial_ci`).
     key_bits: see `best_l_sm`.
 
   Returns:
-    {"thresholds", "levels": {"1x": {copies, n, evaluations (distinct e per image), counts, rates,
-     ci, chance_expected (sum of the images' chance probabilities), chance_rate, p_vs_chance
-     (P(count or more | chance), exact Poisson-binomial), l_dup {mean, median}}, ...},
-     "fisher": {"4x_vs_1x": [T] one-sided p (the higher level's rate is higher), ...},
-     "per_image": {image_id, copies, evaluations, l_dup}}.
+    {"thresholds", "levels": {"1x": {copies, n, evaluations (distinct e per image), counts, rates, ci,
+     chance: {expected, rate, band, p_value, excess, corrected, corrected_ci}, l_dup {mean, median}}, ...},
+     "trend": [T] `trend_test` across levels, "per_image": {image_id, copies, evaluations, l_dup,
+     chance}}.
   """
   thresholds = memorisation.validate_thresholds(thresholds)
+  if np.asarray(keys).ndim != 1:
+    raise ValueError("duplication scoring takes one key per instance (marks.num_keys = 1), got keys of shape "
+                     f"{np.asarray(keys).shape}")
   g = group_by_image(key_image_id, keys, eval_image_id, k_pred)
   level_of = g["copies"]
   l_dup = best_l_sm(g["keys"], g["k_pred"], key_bits)
-  chance = np.stack([chance_probability(g["keys"], d, g["evaluations"]) for d in thresholds], axis=1)  # [N, T]
+  probs = np.stack([chance.hit_probability(g["k_pred"], d, copies=level_of, key_bits=key_bits)
+                    for d in thresholds], axis=1)  # [N, T]
   levels = {}
   for c in sorted(set(level_of.tolist())):
     rows = level_of == c
@@ -191,6 +159,7 @@ def summarize_duplication(key_image_id, keys, eval_image_id, k_pred,
     l = l_dup[rows]
     counts = [int(np.sum(l <= d)) for d in thresholds]
     finite = l[np.isfinite(l)]
+    calib = [chance.against_chance(k, probs[rows, t], level) for t, k in enumerate(counts)]
     levels[f"{c}x"] = {
         "copies": int(c),
         "n": n,
@@ -200,67 +169,67 @@ def summarize_duplication(key_image_id, keys, eval_image_id, k_pred,
         "ci_level": level,
         "ci_method": ci_method,
         "ci": [list(memorisation.binomial_ci(k, n, level, ci_method)) for k in counts],
-        "chance_expected": [float(chance[rows, t].sum()) for t in range(len(thresholds))],
-        "chance_rate": [float(chance[rows, t].mean()) for t in range(len(thresholds))],
-        "p_vs_chance": [poisson_binomial_sf(k, chance[rows, t]) for t, k in enumerate(counts)],
+        "chance": {key: [cal[key] for cal in calib] for key in ("expected", "rate", "band", "p_value", "excess")}
+        | {"corrected": [cal["corrected"]["estimate"] for cal in calib],
+           "corrected_ci": [cal["corrected"]["ci"] for cal in calib]},
         "l_dup": {"mean": float(finite.mean()) if finite.size else None,
                   "median": float(np.median(finite)) if finite.size else None},
     }
-  names = list(levels)
-  fisher = {}
-  for i, lo in enumerate(names):
-    for hi in names[i + 1:]:
-      a, b = levels[hi], levels[lo]
-      fisher[f"{hi}_vs_{lo}"] = [memorisation.fisher_exact(a["counts"][t], a["n"], b["counts"][t], b["n"], "greater")
-                                 for t in range(len(thresholds))]
+  trend = [trend_test(l_dup <= d, probs[:, t], level_of) for t, d in enumerate(thresholds)]
   return {
       "thresholds": list(thresholds),
-      "chance_doc": ("k_pred uniform on [0, 1], independent: one evaluation hits with p = measure of the union of "
-                     "[k_i - delta, k_i + delta] over the image's keys, within [0, 1]; e evaluations: 1 - (1 - p)^e"),
+      "chance_doc": ("exact given each image's predictions: its c keys uniform and independent under the null, "
+                     "each within delta of some prediction with p = measure of the union of [k_pred_j - delta, "
+                     "k_pred_j + delta] within [0, 1]; the image hits with 1 - (1 - p)^c"),
       "levels": levels,
-      "fisher": fisher,
-      "fisher_doc": ("one-sided Fisher exact test that the higher duplication level has the higher eidetic rate; "
-                     "it ignores that chance rises with copies and evaluations: read it beside chance_rate"),
+      "trend": trend,
+      "trend_doc": ("one-sided score test that the excess over chance (hit - chance per image) rises with the "
+                    "number of copies; each image against its own chance"),
       "per_image": {"image_id": g["image_id"].tolist(), "copies": level_of.tolist(),
                     "evaluations": g["evaluations"].tolist(),
-                    "l_dup": [None if math.isnan(v) else float(v) for v in l_dup]},
+                    "l_dup": [None if math.isnan(v) else float(v) for v in l_dup],
+                    "chance": probs.tolist()},
   }
 
 
-def _pct(x: float) -> str:
-  return f"{100 * x:.1f}%"
+def _pct(x: float | None) -> str:
+  return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _p(p: float) -> str:
-  return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+def _p(p: float | None) -> str:
+  return "-" if p is None else (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}")
 
 
 def duplication_markdown(summary: dict) -> str:
-  """The duplication summary as a Markdown table: a row per threshold, per level count [CI] and chance."""
+  """The duplication summary as Markdown: per threshold and level, hits beside exact chance; the trend test."""
   levels = summary["levels"]
   names = list(levels)
   level = int(round(100 * levels[names[0]]["ci_level"])) if names else 95
-  head = ["threshold"]
-  for name in names:
-    head += [f"{name} count / n [{level}% CI]", f"{name} chance expected", f"{name} p vs chance"]
-  head += [f"p ({k.replace('_', ' ')}, Fisher)" for k in summary["fisher"]]
   lines = ["# Memorisation by duplication level", "",
-           "An image counts when any of its evaluations is within delta of any of its keys.",
-           f"- chance: {summary['chance_doc']}", f"- Fisher: {summary['fisher_doc']}", "",
+           "An image counts when any of its evaluations is within delta of any of its keys; every image is "
+           "evaluated the same number of times whatever its copies.",
+           f"- chance: {summary['chance_doc']}", f"- trend: {summary['trend_doc']}", "",
            "| level | images | evaluations per image | mean l_dup |", "|---|---|---|---|"]
   for name in names:
     s = levels[name]
     mean = s["l_dup"]["mean"]
     lines.append(f"| {name} | {s['n']} | {', '.join(map(str, s['evaluations']))} | "
                  f"{'-' if mean is None else f'{mean:.4f}'} |")
+  head = ["threshold", "level", f"hits / n [{level}% CI]", "chance expected (rate)", f"null {level}% band",
+          "p (exact)", f"memorised beyond chance [{level}% CI]"]
   lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for t, d in enumerate(summary["thresholds"]):
-    row = [f"(l_SM, {d:g})"]
     for name in names:
       s = levels[name]
+      c = s["chance"]
       lo, hi = s["ci"][t]
-      row += [f"{s['counts'][t]} / {s['n']} ({_pct(s['rates'][t])}) [{_pct(lo)}, {_pct(hi)}]",
-              f"{s['chance_expected'][t]:.1f} ({_pct(s['chance_rate'][t])})", _p(s["p_vs_chance"][t])]
-    row += [_p(p[t]) for p in summary["fisher"].values()]
-    lines.append("| " + " | ".join(row) + " |")
+      clo, chi = c["corrected_ci"][t]
+      lines.append("| " + " | ".join([
+          f"(l_SM, {d:g})", name, f"{s['counts'][t]} / {s['n']} ({_pct(s['rates'][t])}) [{_pct(lo)}, {_pct(hi)}]",
+          f"{c['expected'][t]:.2f} ({_pct(c['rate'][t])})", f"[{c['band'][t][0]}, {c['band'][t][1]}]",
+          _p(c["p_value"][t]), f"{_pct(c['corrected'][t])} [{_pct(clo)}, {_pct(chi)}]"]) + " |")
+  lines += ["", "| threshold | trend of the excess with copies: z | p (one-sided) |", "|---|---|---|"]
+  for t, d in enumerate(summary["thresholds"]):
+    z, p = summary["trend"][t]["z"], summary["trend"][t]["p_value"]
+    lines.append(f"| (l_SM, {d:g}) | {'-' if z is None else f'{z:.2f}'} | {_p(p)} |")
   return "\n".join(lines) + "\n"

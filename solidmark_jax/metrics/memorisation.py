@@ -1,20 +1,27 @@
-"""SolidMark scoring on the host (SPEC section 3): l_SM, eidetic counts, chance level, significance.
+"""SolidMark scoring on the host: l_SM, eidetic counts, calibrated chance, significance, membership inference.
 
-Pure numpy (scipy only where noted, optional). Shapes: N images, r repeats, T thresholds.
+An image is (l_SM, delta)-eidetically memorised when l_SM = |k_pred - k| <= delta (the paper's
+section 3). A count of such hits is evidence only beside what chance gives, and chance depends on
+the predictions: `summarize` puts every count beside its exact chance given the group's own
+predictions (metrics/chance.py: expectation, 95% band, exact one-sided p-value, chance-corrected
+memorised fraction), a key-permutation null (the same predictions scored against other images'
+keys), and the closed-form reference 2 delta - delta^2 for uniform, independent predictions.
+`compare` adds Fisher and Mann-Whitney tests between groups and the membership-inference figures
+(AUC, TPR at low FPR).
 
-An image is (l_SM, delta)-eidetically memorised when l_SM = |k_pred - k| <= delta. If k_pred is
-independent of k ~ U(0, 1) and uniform, P(l_SM <= delta) = 2 delta - delta^2 ("chance").
+Host numpy and scipy. Shapes: N images, r repeats, m keys per image, T thresholds.
 """
 
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from typing import Literal, Sequence
 
 import numpy as np
+from scipy import stats
 
 from solidmark_jax import marks
+from solidmark_jax.metrics import chance
 
 DEFAULT_THRESHOLDS = (0.1, 0.05, 0.01, 0.005)
 Statistic = Literal["best", "mean"]
@@ -97,155 +104,183 @@ def eidetic_counts(scores, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> 
   return np.array([int(np.sum(s <= d)) for d in thresholds], np.int64)
 
 
-def chance_probability(delta, repeats: int = 1, statistic: Statistic = "best",
-                       num_samples: int = 200_000, seed: int = 0) -> np.ndarray:
-  """P(score <= delta) per image when each k_pred is independent and uniform on [0, 1].
-
-  One evaluation: 2 delta - delta^2 (exactly, averaged over k ~ U(0, 1)). Best of r independent
-  evaluations: 1 - (1 - p)^r. Mean over r > 1: estimated by Monte Carlo (fixed seed).
-  """
-  d = np.asarray(delta, np.float64)
-  if np.any((d <= 0) | (d >= 1)):
-    raise ValueError(f"delta must lie in (0, 1), got {delta}")
-  p = 2 * d - d**2
-  if statistic not in STATISTICS:
-    raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-  if repeats == 1:
-    return p
-  if statistic == "best":
-    return 1.0 - (1.0 - p)**repeats
-  rng = np.random.default_rng(seed)
-  k = rng.random(num_samples)
-  mean_l = np.abs(rng.random((num_samples, repeats)) - k[:, None]).mean(axis=1)
-  return np.array([np.mean(mean_l <= x) for x in d.reshape(-1)]).reshape(d.shape)
-
-
 def binomial_ci(count: int, n: int, level: float = 0.95, method: str = "wilson") -> tuple[float, float]:
-  """Confidence interval for a binomial rate count / n.
+  """Confidence interval for a binomial rate count / n (scipy's `binomtest(...).proportion_ci`).
 
   Args:
     count: successes.
     n: trials (0 gives (0, 1)).
     level: coverage, e.g. 0.95.
-    method: "wilson" (score interval, no scipy) or "clopper-pearson" (exact, needs scipy).
+    method: "wilson" (score interval) or "clopper-pearson" (exact).
   """
   if not 0 <= count <= n:
     raise ValueError(f"binomial_ci: need 0 <= count <= n, got {count}, {n}")
+  methods = {"wilson": "wilson", "clopper-pearson": "exact"}
+  if method not in methods:
+    raise ValueError(f"binomial_ci: method must be 'wilson' or 'clopper-pearson', got {method!r}")
   if n == 0:
     return 0.0, 1.0
-  alpha = 1.0 - level
-  if method == "wilson":
-    z = NormalDist().inv_cdf(1.0 - alpha / 2)
-    p = count / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if count == 0 else max(0.0, centre - half)
-    hi = 1.0 if count == n else min(1.0, centre + half)
-    return lo, hi
-  if method == "clopper-pearson":
-    from scipy import stats
-    lo = 0.0 if count == 0 else float(stats.beta.ppf(alpha / 2, count, n - count + 1))
-    hi = 1.0 if count == n else float(stats.beta.ppf(1 - alpha / 2, count + 1, n - count))
-    return lo, hi
-  raise ValueError(f"binomial_ci: method must be 'wilson' or 'clopper-pearson', got {method!r}")
-
-
-def _log_hypergeom_pmf(k: np.ndarray, total: int, successes: int, draws: int) -> np.ndarray:
-  lc = lambda a, b: math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
-  return np.array([lc(successes, i) + lc(total - successes, draws - i) - lc(total, draws) for i in k])
+  ci = stats.binomtest(int(count), int(n)).proportion_ci(confidence_level=level, method=methods[method])
+  return float(ci.low), float(ci.high)
 
 
 def fisher_exact(count_a: int, n_a: int, count_b: int, n_b: int, alternative: str = "greater") -> float:
-  """Fisher's exact test on the 2x2 table [[count_a, n_a - count_a], [count_b, n_b - count_b]].
+  """Fisher's exact test on [[count_a, n_a - count_a], [count_b, n_b - count_b]] (scipy).
 
   alternative "greater": group a's rate is higher (members memorised more than non-members);
-  "less"; "two-sided" (sums tables no more likely than the observed one). Pure Python.
+  "less"; "two-sided".
   """
-  total, successes, draws = n_a + n_b, count_a + count_b, n_a
-  lo, hi = max(0, draws - (total - successes)), min(successes, draws)
-  support = np.arange(lo, hi + 1)
-  logp = _log_hypergeom_pmf(support, total, successes, draws)
-  pmf = np.exp(logp - logp.max())
-  pmf /= pmf.sum()
-  observed = count_a - lo
-  if alternative == "greater":
-    p = pmf[observed:].sum()
-  elif alternative == "less":
-    p = pmf[:observed + 1].sum()
-  elif alternative == "two-sided":
-    p = pmf[pmf <= pmf[observed] * (1 + 1e-7)].sum()
-  else:
+  if alternative not in ("greater", "less", "two-sided"):
     raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
-  return float(min(1.0, p))
+  table = [[int(count_a), int(n_a - count_a)], [int(count_b), int(n_b - count_b)]]
+  return float(stats.fisher_exact(table, alternative=alternative).pvalue)
 
 
 def mann_whitney(x, y, alternative: str = "less") -> dict[str, float]:
-  """Mann-Whitney U test of x against y (normal approximation with tie and continuity correction).
+  """Mann-Whitney U test of x against y (scipy, normal approximation with tie and continuity correction).
 
   alternative "less": x tends to be smaller (members' l_SM below non-members'). Returns U of x,
   the p-value and the common-language effect size P(X < Y) + P(X = Y) / 2.
   """
+  if alternative not in ("less", "greater", "two-sided"):
+    raise ValueError(f"alternative must be 'less', 'greater' or 'two-sided', got {alternative!r}")
   x = np.asarray(x, np.float64).reshape(-1)
   y = np.asarray(y, np.float64).reshape(-1)
-  n1, n2 = len(x), len(y)
-  if n1 == 0 or n2 == 0:
+  if len(x) == 0 or len(y) == 0:
     return {"u": float("nan"), "p_value": float("nan"), "effect": float("nan")}
-  both = np.concatenate([x, y])
-  order = np.argsort(both, kind="mergesort")
-  ranks = np.empty(len(both))
-  sorted_vals = both[order]
-  _, first, counts = np.unique(sorted_vals, return_index=True, return_counts=True)
-  avg = first + (counts - 1) / 2.0 + 1.0  # average 1-based rank per distinct value
-  ranks[order] = np.repeat(avg, counts)
-  u = ranks[:n1].sum() - n1 * (n1 + 1) / 2.0  # U of x: pairs with x > y (+ ties / 2)
-  n = n1 + n2
-  mu = n1 * n2 / 2.0
-  sigma = math.sqrt(n1 * n2 / 12.0 * ((n + 1) - np.sum(counts**3 - counts) / (n * (n - 1))))
-  if sigma == 0:
-    p = 1.0
-  else:
-    norm = NormalDist()
-    if alternative == "less":
-      p = norm.cdf((u - mu + 0.5) / sigma)
-    elif alternative == "greater":
-      p = 1.0 - norm.cdf((u - mu - 0.5) / sigma)
-    elif alternative == "two-sided":
-      p = 2.0 * (1.0 - norm.cdf(max(abs(u - mu) - 0.5, 0.0) / sigma))
-    else:
-      raise ValueError(f"alternative must be 'less', 'greater' or 'two-sided', got {alternative!r}")
-  return {"u": float(u), "p_value": float(min(1.0, p)), "effect": float(1.0 - u / (n1 * n2))}
+  if np.all(np.concatenate([x, y]) == x[0]):  # no ranks to compare
+    return {"u": len(x) * len(y) / 2.0, "p_value": 1.0, "effect": 0.5}
+  res = stats.mannwhitneyu(x, y, alternative=alternative, method="asymptotic", use_continuity=True)
+  return {"u": float(res.statistic), "p_value": float(res.pvalue),
+          "effect": float(1.0 - res.statistic / (len(x) * len(y)))}
 
 
-def summarize(l: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *, statistic: Statistic = "best",
-              level: float = 0.95, ci_method: str = "wilson") -> dict:
-  """The scores of one group as a JSON-friendly dict.
+def per_image_scores(k_pred, keys, statistic: Statistic = "best", key_bits: int | None = marks.KEY_BITS) -> np.ndarray:
+  """The scored per-image statistic of l_SM over the repeats: [N] (best: min over r, mean: mean over r).
+
+  Missing repeats (NaN) are ignored.
+  """
+  if statistic not in STATISTICS:
+    raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+  l = l_sm(k_pred, keys, key_bits)
+  l = l[:, None] if l.ndim == 1 else l
+  if l.shape[0] == 0:
+    return np.zeros(0)
+  valid = np.isfinite(l)
+  if np.any(valid.sum(axis=1) == 0):
+    raise ValueError("l_SM needs at least one repeat per image")
+  if statistic == "best":
+    return np.where(valid, l, np.inf).min(axis=1)
+  return np.where(valid, l, 0.0).sum(axis=1) / valid.sum(axis=1)
+
+
+def permutation_null(k_pred, keys, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *, statistic: Statistic = "best",
+                     key_bits: int | None = marks.KEY_BITS, num_permutations: int = 1000, seed: int = 0,
+                     level: float = 0.95, observed=None) -> dict | None:
+  """The same predictions scored against other images' keys: the key-permutation null.
+
+  Each image's r predictions stay together and are scored against the key(s) of another image of
+  the group (seeded derangements): the queries, conditions and prediction distribution are the
+  group's own, only the link between an image and its key is broken. Free: no outpainting.
 
   Args:
-    l: l_SM [N, r] (or [N]).
-    thresholds: deltas.
-    statistic: which per-image score is counted, "best" (min over r) or "mean" over r.
-    level: confidence level of the intervals.
-    ci_method: see `binomial_ci`.
+    k_pred: [N, r] or [N, r, m]; keys: [N] or [N, m].
+    thresholds, statistic, key_bits: as `summarize`.
+    num_permutations: permutations drawn.
+    seed: their seed.
+    level: coverage of the band.
+    observed: [T] the group's own counts, for the permutation p-value (optional).
 
   Returns:
-    {n, repeats, statistic, thresholds, counts, rates, ci, chance_probability, chance_expected,
-     l_sm: {mean, median} of the scored statistic, l_sm_best/l_sm_mean: {mean, median}}.
+    {"num_permutations", "mean": [T], "median": [T], "band": [T][lo, hi], "p_value": [T] or None
+     ((1 + #{permuted count >= observed}) / (1 + num_permutations))}; None for fewer than 2 images.
+  """
+  thresholds = validate_thresholds(thresholds)
+  keys = np.asarray(keys, np.float64)
+  n = len(keys)
+  if n < 2 or num_permutations < 1:
+    return None
+  perms = chance.derangements(n, num_permutations, seed)
+  k = np.asarray(k_pred, np.float64)
+  k = k[:, None] if k.ndim == 1 else k
+  if key_bits is not None:
+    k = snap_to_key_grid(k, key_bits)
+  k = k if k.ndim == 3 else k[..., None]  # [N, r, m]
+  kk = keys if keys.ndim == 2 else keys[:, None]  # [N, m]
+  valid = np.all(np.isfinite(k), axis=2)  # [N, r]
+  d = np.array(thresholds)
+  counts = np.empty((num_permutations, len(d)), np.int64)
+  chunk = max(1, 2**22 // max(k.size, 1))
+  for start in range(0, num_permutations, chunk):
+    p = perms[start:start + chunk]  # [P, N]
+    l = np.abs(k[None] - kk[p][:, :, None, :]).max(axis=3)  # [P, N, r]
+    if statistic == "best":
+      s = np.where(valid, l, np.inf).min(axis=2)
+    else:
+      s = np.where(valid, l, 0.0).sum(axis=2) / valid.sum(axis=1)
+    counts[start:start + len(p)] = (s[:, :, None] <= d).sum(axis=1)
+  a = (1.0 - level) / 2
+  out = {
+      "num_permutations": int(num_permutations),
+      "seed": int(seed),
+      "mean": [float(v) for v in counts.mean(axis=0)],
+      "median": [float(v) for v in np.median(counts, axis=0)],
+      "band": [[int(np.quantile(c, a, method="lower")), int(np.quantile(c, 1 - a, method="higher"))]
+               for c in counts.T],
+      "p_value": None,
+  }
+  if observed is not None:
+    out["p_value"] = [float((1 + np.sum(counts[:, t] >= int(o))) / (1 + num_permutations))
+                      for t, o in enumerate(observed)]
+  return out
+
+
+def summarize(k_pred, keys, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *, statistic: Statistic = "best",
+              level: float = 0.95, ci_method: str = "wilson", key_bits: int | None = marks.KEY_BITS,
+              copies=1, num_permutations: int = 1000, seed: int = 0) -> dict:
+  """The scores of one group as a JSON-friendly dict, every count beside its exact chance.
+
+  Args:
+    k_pred: [N, r] predictions ([N] for r = 1; [N, r, m] with m keys per image), NaN = missing repeat.
+    keys: [N] true keys ([N, m]).
+    thresholds: deltas.
+    statistic: which per-image score is counted, "best" (min over r) or "mean" over r.
+    level: confidence level of the intervals and bands.
+    ci_method: see `binomial_ci`.
+    key_bits: the key grid (`metrics.l_sm`, `chance.hit_probability`); None for raw values.
+    copies: independent key sets per image (`chance.hit_probability`).
+    num_permutations: draws of the key-permutation null (0: none).
+    seed: its seed.
+
+  Returns:
+    {n, repeats, num_keys, statistic, thresholds, counts, rates, ci (of the rate),
+     chance: {doc, expected, rate, band, p_value, excess, corrected, corrected_ci} (exact given the
+     predictions), permutation (`permutation_null`), reference_chance: {doc, rate, expected} (the
+     closed form), l_sm / l_sm_best / l_sm_mean: {mean, median}}.
   """
   thresholds = validate_thresholds(thresholds)
   if statistic not in STATISTICS:
     raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-  l = np.asarray(l, np.float64)
-  l = l[:, None] if l.ndim == 1 else l
-  n, r = l.shape
-  per_image = reduce_repeats(l) if n else {"best": np.zeros(0), "mean": np.zeros(0)}
-  scores = per_image[statistic]
+  k = np.asarray(k_pred, np.float64)
+  keys = np.asarray(keys, np.float64)
+  num_keys = keys.shape[1] if keys.ndim == 2 else 1
+  if k.ndim == 1:
+    k = k[:, None]
+  n = len(keys)
+  r = k.shape[1] if n else 0
+  scores = per_image_scores(k, keys, statistic, key_bits) if n else np.zeros(0)
+  best = per_image_scores(k, keys, "best", key_bits) if n else np.zeros(0)
+  mean = per_image_scores(k, keys, "mean", key_bits) if n else np.zeros(0)
   counts = eidetic_counts(scores, thresholds)
-  chance = chance_probability(np.array(thresholds), max(r, 1), statistic)
+  probs = (chance.hit_probabilities(k, thresholds, statistic=statistic, copies=copies, key_bits=key_bits)
+           if n else np.zeros((0, len(thresholds))))
+  calib = [chance.against_chance(int(c), probs[:, t], level) for t, c in enumerate(counts)]
+  reference = chance.reference_probability(np.array(thresholds), max(r, 1) if statistic == "best" else 1, num_keys)
   stats_of = lambda s: {"mean": float(np.mean(s)) if n else None, "median": float(np.median(s)) if n else None}
   return {
       "n": int(n),
       "repeats": int(r),
+      "num_keys": int(num_keys),
       "statistic": statistic,
       "thresholds": list(thresholds),
       "counts": [int(c) for c in counts],
@@ -253,25 +288,137 @@ def summarize(l: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *
       "ci_level": level,
       "ci_method": ci_method,
       "ci": [list(binomial_ci(int(c), n, level, ci_method)) for c in counts],
-      "chance_probability": [float(p) for p in chance],
-      "chance_expected": [float(n * p) for p in chance],
+      "chance": {
+          "doc": ("exact given the group's predictions: the key uniform and independent of the model; hits "
+                  "Poisson-binomial; band: central interval of the null count; p: P(null count >= hits)"),
+          "expected": [c["expected"] for c in calib],
+          "rate": [c["rate"] for c in calib],
+          "band": [c["band"] for c in calib],
+          "p_value": [c["p_value"] for c in calib],
+          "excess": [c["excess"] for c in calib],
+          "corrected": [c["corrected"]["estimate"] for c in calib],
+          "corrected_ci": [c["corrected"]["ci"] for c in calib],
+      },
+      "permutation": permutation_null(k, keys, thresholds, statistic=statistic, key_bits=key_bits,
+                                      num_permutations=num_permutations, seed=seed, level=level,
+                                      observed=counts) if n >= 2 else None,
+      "reference_chance": {
+          "doc": ("reference only, not tested against: (2d - d^2)^m per evaluation"
+                  + (f", best of r: 1 - (1 - p)^r" if statistic == "best" else "")
+                  + " (exact only for uniform, independent predictions)"),
+          "rate": [float(p) for p in reference],
+          "expected": [float(n * p) for p in reference],
+      },
       "l_sm": stats_of(scores),
-      "l_sm_best": stats_of(per_image["best"]),
-      "l_sm_mean": stats_of(per_image["mean"]),
+      "l_sm_best": stats_of(best),
+      "l_sm_mean": stats_of(mean),
   }
 
 
-def compare(l_a: np.ndarray, l_b: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
-            statistic: Statistic = "best") -> dict:
+def roc_curve(member_scores, other_scores) -> dict[str, np.ndarray]:
+  """ROC of "member when l_SM <= t" over every threshold t: {"fpr", "tpr", "threshold"}, from (0, 0) to (1, 1)."""
+  a = np.asarray(member_scores, np.float64).reshape(-1)
+  b = np.asarray(other_scores, np.float64).reshape(-1)
+  t = np.unique(np.concatenate([a, b]))
+  tpr = np.searchsorted(np.sort(a), t, side="right") / max(len(a), 1)
+  fpr = np.searchsorted(np.sort(b), t, side="right") / max(len(b), 1)
+  return {"fpr": np.concatenate([[0.0], fpr]), "tpr": np.concatenate([[0.0], tpr]),
+          "threshold": np.concatenate([[-np.inf], t])}
+
+
+def membership_inference(member_scores, other_scores, fpr_levels: Sequence[float] = (0.01, 0.001)) -> dict:
+  """Membership-inference figures of l_SM (smaller = member): AUC and TPR at low FPR.
+
+  AUC = P(member's l_SM < other's) + P(equal) / 2. TPR at FPR x: the largest TPR of a threshold
+  whose FPR is at most x (with n_other non-members, an FPR below 1 / n_other means no false
+  positive at all; `fpr_resolution` says so).
+  """
+  a = np.asarray(member_scores, np.float64).reshape(-1)
+  b = np.asarray(other_scores, np.float64).reshape(-1)
+  if not len(a) or not len(b):
+    return {"auc": None, "tpr_at_fpr": {}, "n_members": len(a), "n_other": len(b)}
+  roc = roc_curve(a, b)
+  auc = mann_whitney(a, b, "less")["effect"]
+  tpr_at = {f"{x:g}": float(roc["tpr"][roc["fpr"] <= x + 1e-12].max()) for x in fpr_levels}
+  return {"auc": float(auc), "tpr_at_fpr": tpr_at, "n_members": int(len(a)), "n_other": int(len(b)),
+          "fpr_resolution": 1.0 / len(b)}
+
+
+def compare(members: dict, other: dict, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict:
   """Is group a (members) more memorised than group b (non-members, or a random-init model)?
 
-  Returns {"fisher_p": [T] one-sided Fisher exact p-values (a's eidetic rate > b's) per threshold,
-  "mann_whitney": one-sided test that a's scores are smaller}.
+  Args:
+    members, other: {"scores": [N] per-image scored l_SM, "counts": [T]} of each group.
+    thresholds: deltas of the counts.
+
+  Returns:
+    {"fisher_p": [T] one-sided Fisher exact p-values (a's eidetic rate > b's), "mann_whitney": one-sided
+     test that a's scores are smaller, "membership_inference": `membership_inference`}.
   """
   thresholds = validate_thresholds(thresholds)
-  sa = reduce_repeats(l_a)[statistic]
-  sb = reduce_repeats(l_b)[statistic]
-  ca, cb = eidetic_counts(sa, thresholds), eidetic_counts(sb, thresholds)
+  sa, sb = np.asarray(members["scores"]), np.asarray(other["scores"])
+  ca, cb = members["counts"], other["counts"]
   fisher = [fisher_exact(int(a), len(sa), int(b), len(sb), "greater") for a, b in zip(ca, cb)]
   return {"fisher_p": fisher, "fisher_alternative": "greater", "mann_whitney": mann_whitney(sa, sb, "less"),
-          "mann_whitney_alternative": "less"}
+          "mann_whitney_alternative": "less", "membership_inference": membership_inference(sa, sb)}
+
+
+def paired_effect(k_pred_base, k_pred_other, keys, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
+                  statistic: Statistic = "best", key_bits: int | None = marks.KEY_BITS, level: float = 0.95,
+                  num_bootstrap: int = 2000, seed: int = 0) -> dict:
+  """The effect of a setting (mitigation, augmentation, pattern) on the SAME images, against chance.
+
+  Each setting's excess over chance is hits - expected chance hits (exact given that setting's own
+  predictions); the reduction of the excess is (excess_base - excess_other) / excess_base. Images
+  are paired: McNemar's exact test on the discordant hits (hit under the baseline only vs under
+  the other setting only), and a paired bootstrap over images for the interval of the reduction.
+
+  Args:
+    k_pred_base, k_pred_other: [N, r] (or [N, r, m]) predictions of the same N images, in the same order.
+    keys: [N] (or [N, m]).
+    thresholds, statistic, key_bits: as `summarize`.
+    level: coverage of the bootstrap interval.
+    num_bootstrap: bootstrap resamples of the images.
+    seed: their seed.
+
+  Returns:
+    {"excess_base", "excess_other", "reduction" (None where the baseline has no excess),
+     "reduction_ci", "discordant": [[base only, other only]], "mcnemar_p" (two-sided exact),
+     "mcnemar_p_reduced" (one-sided: fewer hits under the other setting)} per threshold.
+  """
+  thresholds = validate_thresholds(thresholds)
+  keys = np.asarray(keys, np.float64)
+  n = len(keys)
+  if len(k_pred_base) != n or len(k_pred_other) != n:
+    raise ValueError(f"paired_effect: {n} keys but {len(k_pred_base)} and {len(k_pred_other)} prediction rows")
+  d = np.array(thresholds)
+  hit_b = per_image_scores(k_pred_base, keys, statistic, key_bits)[:, None] <= d  # [N, T]
+  hit_o = per_image_scores(k_pred_other, keys, statistic, key_bits)[:, None] <= d
+  p_b = chance.hit_probabilities(k_pred_base, thresholds, statistic=statistic, key_bits=key_bits)
+  p_o = chance.hit_probabilities(k_pred_other, thresholds, statistic=statistic, key_bits=key_bits)
+  ex_b = hit_b.sum(0) - p_b.sum(0)
+  ex_o = hit_o.sum(0) - p_o.sum(0)
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, n, (num_bootstrap, n)) if n else np.zeros((0, 0), np.int64)
+  a = (1.0 - level) / 2
+  out = {"excess_base": [], "excess_other": [], "reduction": [], "reduction_ci": [], "discordant": [],
+         "mcnemar_p": [], "mcnemar_p_reduced": []}
+  for t in range(len(d)):
+    out["excess_base"].append(float(ex_b[t]))
+    out["excess_other"].append(float(ex_o[t]))
+    out["reduction"].append(float((ex_b[t] - ex_o[t]) / ex_b[t]) if ex_b[t] > 0 else None)
+    if n and ex_b[t] > 0:
+      bb = hit_b[idx, t].sum(1) - p_b[idx, t].sum(1)
+      bo = hit_o[idx, t].sum(1) - p_o[idx, t].sum(1)
+      ok = bb > 0
+      red = (bb[ok] - bo[ok]) / bb[ok]
+      out["reduction_ci"].append([float(np.quantile(red, a)), float(np.quantile(red, 1 - a))] if ok.any() else None)
+    else:
+      out["reduction_ci"].append(None)
+    only_b = int(np.sum(hit_b[:, t] & ~hit_o[:, t]))
+    only_o = int(np.sum(hit_o[:, t] & ~hit_b[:, t]))
+    out["discordant"].append([only_b, only_o])
+    m = only_b + only_o
+    out["mcnemar_p"].append(float(stats.binomtest(only_b, m, 0.5).pvalue) if m else 1.0)
+    out["mcnemar_p_reduced"].append(float(stats.binomtest(only_b, m, 0.5, alternative="greater").pvalue) if m else 1.0)
+  return out

@@ -4,6 +4,7 @@ from solidmark_jax.report.plots import (
     hatch,
     plot_eidetic_rates,
     plot_l_sm_histograms,
+    plot_roc,
     write_image_grid,
     write_sample_grid,
 )

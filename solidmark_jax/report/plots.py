@@ -8,8 +8,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from solidmark_jax.metrics import memorisation
-
 _COLOURS = {"members": "tab:red", "non_members": "tab:blue", "random_init": "tab:grey"}
 
 
@@ -38,35 +36,67 @@ def plot_l_sm_histograms(path: str, scores: dict[str, np.ndarray], thresholds: S
   return _save(fig, path)
 
 
-def plot_eidetic_rates(path: str, scores: dict[str, np.ndarray], summary_groups: dict[str, dict],
-                       repeats: int, statistic: str = "best") -> str:
-  """Eidetic rate P(l_SM <= delta) vs delta per group, with the chance curve 2 delta - delta^2.
+EIDETIC_PLOT_DELTAS = np.logspace(-3, np.log10(0.5), 60)  # the thresholds of the eidetic-rate curves
 
-  The configured thresholds carry their confidence intervals from `summary_groups`.
+
+def plot_eidetic_rates(path: str, scores: dict[str, np.ndarray], summary_groups: dict[str, dict],
+                       chance_rates: dict[str, np.ndarray], statistic: str = "best") -> str:
+  """Eidetic rate P(l_SM <= delta) vs delta per group, each beside its exact chance curve.
+
+  Args:
+    path: PNG to write.
+    scores: per-image scored l_SM per group.
+    summary_groups: the summary's groups (the configured thresholds carry their intervals).
+    chance_rates: per group, its exact chance rate at `EIDETIC_PLOT_DELTAS` (dashed, same colour).
+    statistic: "best" or "mean", for the axis label.
   """
   fig = Figure(figsize=(6.4, 4.4))
   ax = fig.add_subplot()
-  deltas = np.logspace(-3, np.log10(0.5), 60)
+  deltas = EIDETIC_PLOT_DELTAS
   for group, s in scores.items():
     if not len(s):
       continue
     colour = _COLOURS.get(group)
     ax.plot(deltas, [np.mean(s <= d) for d in deltas], color=colour, label=group)
+    if group in chance_rates:
+      ax.plot(deltas, chance_rates[group], color=colour, linestyle="--", linewidth=1.0,
+              label=f"{group}: chance given its predictions")
     g = summary_groups[group]
     rates = np.array(g["rates"], np.float64)
     ci = np.array(g["ci"], np.float64)
     ax.errorbar(g["thresholds"], rates, yerr=[rates - ci[:, 0], ci[:, 1] - rates], fmt="o", color=colour,
                 capsize=3, markersize=4)
-  chance = memorisation.chance_probability(deltas, repeats, statistic)
-  label = "chance 2d - d^2" if repeats == 1 else f"chance ({statistic} of {repeats})"
-  ax.plot(deltas, chance, "k--", label=label)
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_ylim(bottom=max(1e-4, 0.5 / max(1, max((len(s) for s in scores.values()), default=1))))
   ax.set_xlabel("threshold delta")
-  ax.set_ylabel("fraction with l_SM <= delta")
+  ax.set_ylabel(f"fraction with l_SM <= delta ({statistic} over repeats)")
   ax.set_title("Eidetic memorisation rate (bars: CI at the reported thresholds)")
-  ax.legend()
+  ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def plot_roc(path: str, curves: dict[str, dict]) -> str:
+  """ROC curves of l_SM as a membership test, log-scaled FPR (the membership-inference convention).
+
+  Args:
+    path: PNG to write.
+    curves: {label: {"fpr", "tpr", "auc"}} (`metrics.memorisation.roc_curve` plus the AUC).
+  """
+  fig = Figure(figsize=(5.2, 4.4))
+  ax = fig.add_subplot()
+  floor = 1e-4
+  for label, c in curves.items():
+    fpr = np.maximum(np.asarray(c["fpr"], np.float64), floor)
+    ax.step(fpr, c["tpr"], where="post", label=f"{label} (AUC {c['auc']:.3f})")
+  ax.plot([floor, 1], [floor, 1], "k:", linewidth=0.8, label="chance")
+  ax.set_xscale("log")
+  ax.set_xlim(floor, 1)
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("false positive rate (log)")
+  ax.set_ylabel("true positive rate")
+  ax.set_title("Membership inference by l_SM")
+  ax.legend(fontsize=7, loc="lower right")
   return _save(fig, path)
 
 

@@ -177,3 +177,17 @@ class ResultStore:
   def results(self) -> Results:
     """Everything stored, sorted by (group, instance id); a re-stored id keeps its last result."""
     return Results.from_records(self._records.values())
+
+
+def read_results(path: str) -> tuple[dict, Results]:
+  """(metadata, results) of a finished store, read only (no settings check, nothing written)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no results store here (evaluate first)")
+  with open(path) as f:
+    lines = f.read().splitlines()
+  try:
+    meta = json.loads(lines[0])["meta"]
+    records = [json.loads(line) for line in lines[1:] if line.strip()]
+  except (IndexError, ValueError, KeyError, TypeError):
+    raise ValueError(f"{path}: not a SolidMark results store (line 1 must hold the metadata)") from None
+  return meta, Results.from_records(records)

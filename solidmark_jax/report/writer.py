@@ -1,8 +1,9 @@
 """The memorisation report: summary.json, per_image.csv, summary.md and PNG plots.
 
 Everything is computed from `Results` (sorted by group and instance id), never from the order in
-which batches finished, and nothing time-dependent is written, so a resumed evaluation gives
-byte-identical files to an uninterrupted one.
+which batches finished, and nothing time-dependent is written (the permutation null is seeded), so
+a resumed evaluation gives byte-identical files to an uninterrupted one. Every count stands beside
+its exact chance given the group's predictions (metrics/chance.py) and the key-permutation null.
 """
 
 from __future__ import annotations
@@ -16,32 +17,44 @@ from typing import Sequence
 import numpy as np
 
 from solidmark_jax import marks
-from solidmark_jax.metrics import memorisation
+from solidmark_jax.metrics import chance, memorisation
 from solidmark_jax.report import plots
 from solidmark_jax.report.store import Results
 
-SUMMARY_FORMAT = "solidmark-summary/1"
+SUMMARY_FORMAT = "solidmark-summary/2"
 MEMBERS = "members"
 
 
-def _group_l_sm(results: Results, group: str, key_bits: int | None) -> np.ndarray:
-  g = results.select(group)
-  return memorisation.l_sm(g.k_pred, g.key, key_bits)  # [n, r]
+def write_text(path: str, text: str) -> str:
+  """Writes `text` to `path` atomically (a temporary file moved into place): never a half-written file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def write_json(path: str, obj) -> str:
+  """`obj` as indented JSON at `path`, atomically (`write_text`)."""
+  return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def summarize_results(results: Results, thresholds: Sequence[float] = memorisation.DEFAULT_THRESHOLDS, *,
                       statistic: str = "best", level: float = 0.95, ci_method: str = "wilson",
-                      key_bits: int | None = marks.KEY_BITS, metadata: dict | None = None) -> dict:
+                      key_bits: int | None = marks.KEY_BITS, metadata: dict | None = None,
+                      num_permutations: int = 1000, seed: int = 0) -> dict:
   """The summary dict written to summary.json.
 
   Args:
     results: per-image results (from `ResultStore.results()`).
     thresholds: deltas (validated).
     statistic: "best" (min over r) or "mean" over r: which per-image score is counted.
-    level: confidence level of the binomial intervals.
+    level: confidence level of the intervals and null bands.
     ci_method: "wilson" or "clopper-pearson".
     key_bits: k_pred read on the key grid (`metrics.l_sm`); None for raw.
     metadata: e.g. {"keymap_hash": ..., "checkpoint_step": ..., "sampler": ...}; stored as is.
+    num_permutations: draws of each group's key-permutation null.
+    seed: their seed.
 
   Returns:
     {format, thresholds, statistic, keymap_hash, checkpoint_step, metadata,
@@ -49,17 +62,19 @@ def summarize_results(results: Results, thresholds: Sequence[float] = memorisati
   """
   thresholds = memorisation.validate_thresholds(thresholds)
   metadata = json.loads(json.dumps(metadata or {}))
-  groups, l_by_group = {}, {}
+  groups, scored = {}, {}
   for g in results.groups:
-    l_by_group[g] = _group_l_sm(results, g, key_bits)
-    groups[g] = memorisation.summarize(l_by_group[g], thresholds, statistic=statistic, level=level,
-                                       ci_method=ci_method)
+    sel = results.select(g)
+    groups[g] = memorisation.summarize(sel.k_pred, sel.key, thresholds, statistic=statistic, level=level,
+                                       ci_method=ci_method, key_bits=key_bits, num_permutations=num_permutations,
+                                       seed=seed)
+    scored[g] = {"scores": memorisation.per_image_scores(sel.k_pred, sel.key, statistic, key_bits),
+                 "counts": groups[g]["counts"]}
   comparisons = {}
-  if MEMBERS in l_by_group:
-    for g in l_by_group:
-      if g != MEMBERS and len(l_by_group[g]) and len(l_by_group[MEMBERS]):
-        comparisons[f"members_vs_{g}"] = memorisation.compare(l_by_group[MEMBERS], l_by_group[g], thresholds,
-                                                              statistic=statistic)
+  if MEMBERS in scored:
+    for g in scored:
+      if g != MEMBERS and len(scored[g]["scores"]) and len(scored[MEMBERS]["scores"]):
+        comparisons[f"members_vs_{g}"] = memorisation.compare(scored[MEMBERS], scored[g], thresholds)
   return {
       "format": SUMMARY_FORMAT,
       "thresholds": list(thresholds),
@@ -75,20 +90,33 @@ def summarize_results(results: Results, thresholds: Sequence[float] = memorisati
   }
 
 
-def write_per_image_csv(path: str, results: Results, key_bits: int | None = marks.KEY_BITS) -> str:
-  """instance_id, group, member, key, k_pred_0..k_pred_{r-1}, l_sm_best, l_sm_mean (one row per image)."""
-  r = results.k_pred.shape[1] if len(results) else 0
-  with open(path, "w", newline="") as f:
+def write_per_image_csv(path: str, results: Results, key_bits: int | None = marks.KEY_BITS,
+                        thresholds: Sequence[float] = memorisation.DEFAULT_THRESHOLDS, statistic: str = "best") -> str:
+  """One row per image: instance_id, group, member, key(s), k_pred per repeat (and key), l_sm_best, l_sm_mean,
+  and chance_<delta>: the image's exact chance of a hit given its predictions (`metrics.chance`)."""
+  thresholds = memorisation.validate_thresholds(thresholds)
+  n = len(results)
+  k_pred = results.k_pred
+  multi = results.key.ndim == 2
+  r = k_pred.shape[1] if n else 0
+  m = results.key.shape[1] if multi else 1
+  key_cols = [f"key_{s}" for s in range(m)] if multi else ["key"]
+  pred_cols = ([f"k_pred_{j}_{s}" for j in range(r) for s in range(m)] if multi else [f"k_pred_{j}" for j in range(r)])
+  best = memorisation.per_image_scores(k_pred, results.key, "best", key_bits) if n else np.zeros(0)
+  mean = memorisation.per_image_scores(k_pred, results.key, "mean", key_bits) if n else np.zeros(0)
+  probs = (chance.hit_probabilities(k_pred, thresholds, statistic=statistic, key_bits=key_bits)
+           if n else np.zeros((0, len(thresholds))))
+  num = lambda v: "" if math.isnan(v) else repr(float(v))
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["instance_id", "group", "member", "key", *[f"k_pred_{j}" for j in range(r)], "l_sm_best",
-                "l_sm_mean"])
-    for i in range(len(results)):
-      kp = results.k_pred[i]
-      valid = kp[~np.isnan(kp)]
-      l = memorisation.l_sm(valid[None], results.key[i:i + 1], key_bits)[0]
+    w.writerow(["instance_id", "group", "member", *key_cols, *pred_cols, "l_sm_best", "l_sm_mean",
+                *[f"chance_{d:g}" for d in thresholds]])
+    for i in range(n):
       w.writerow([int(results.instance_id[i]), results.group[i], int(results.group[i] == MEMBERS),
-                  repr(float(results.key[i])), *["" if math.isnan(v) else repr(float(v)) for v in kp],
-                  repr(float(l.min())), repr(float(l.mean()))])
+                  *[num(v) for v in np.atleast_1d(results.key[i])], *[num(v) for v in k_pred[i].reshape(-1)],
+                  num(best[i]), num(mean[i]), *[num(v) for v in probs[i]]])
+  os.replace(tmp, path)
   return path
 
 
@@ -96,21 +124,16 @@ def _pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def _fmt_p(p: float) -> str:
+def _fmt_p(p: float | None) -> str:
   return "-" if p is None or math.isnan(p) else (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}")
 
 
 def summary_markdown(summary: dict) -> str:
-  """The summary as a Markdown page: one row per threshold, a column per group, the p-values."""
+  """The summary as a Markdown page: per threshold and group, hits beside exact chance and the nulls."""
   groups = summary["groups"]
   names = list(groups)
   first = groups[names[0]] if names else None
   level = int(round(100 * first["ci_level"])) if first else 95
-  head = ["threshold"]
-  for g in names:
-    head += [f"{g} count (%) [{level}% CI]", f"{g} chance expected"]
-  comps = summary["comparisons"]
-  head += [f"p ({c.replace('_', ' ')}, Fisher)" for c in comps]
   lines = ["# SolidMark memorisation report", ""]
   meta = summary["metadata"]
   for k in ("keymap_hash", "checkpoint_step"):
@@ -122,57 +145,93 @@ def summary_markdown(summary: dict) -> str:
   repeats = {g: groups[g]["repeats"] for g in names}
   lines.append(f"- scored statistic: {summary['statistic_doc']} (r = "
                + ", ".join(f"{g}: {r}" for g, r in repeats.items()) + ")")
-  lines.append("- chance (k_pred independent of k and uniform): P(l_SM <= d) = p = 2d - d^2 per evaluation; "
-               "best of r independent evaluations: 1 - (1 - p)^r; chance expected = n x that")
+  if first is not None:
+    if first.get("num_keys", 1) > 1:
+      lines.append(f"- {first['num_keys']} keys per image: a hit needs every key within d")
+    lines.append(f"- chance: {first['chance']['doc']}")
+    lines.append("- memorised beyond chance: (rate - chance) / (1 - chance), exact interval by test inversion")
+    perm = next((groups[g]["permutation"] for g in names if groups[g]["permutation"]), None)
+    if perm:
+      lines.append(f"- permutation null: the group's predictions scored against other images' keys "
+                   f"({perm['num_permutations']} seeded derangements): median [{level}% band], p")
+    lines.append(f"- reference: {first['reference_chance']['doc']}")
+  head = ["threshold", "group", f"hits / n (%) [{level}% CI]", "chance expected (rate)", f"null {level}% band",
+          "p (exact)", "permutation null", f"memorised beyond chance [{level}% CI]", "reference chance"]
   lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for t, d in enumerate(summary["thresholds"]):
-    row = [f"(l_SM, {d:g})"]
     for g in names:
       s = groups[g]
       lo, hi = s["ci"][t]
-      row.append(f"{s['counts'][t]} / {s['n']} ({_pct(s['rates'][t])}) [{_pct(lo)}, {_pct(hi)}]")
-      row.append(f"{s['chance_expected'][t]:.1f} ({_pct(s['chance_probability'][t])})")
-    row += [_fmt_p(c["fisher_p"][t]) for c in comps.values()]
-    lines.append("| " + " | ".join(row) + " |")
+      c = s["chance"]
+      perm = s["permutation"]
+      perm_txt = (f"{perm['median'][t]:g} [{perm['band'][t][0]}, {perm['band'][t][1]}], p = "
+                  f"{_fmt_p(perm['p_value'][t])}" if perm else "-")
+      corrected = c["corrected"][t]
+      clo, chi = c["corrected_ci"][t]
+      corr_txt = "-" if corrected is None else f"{100 * corrected:.1f}% [{100 * clo:.1f}%, {100 * chi:.1f}%]"
+      lines.append("| " + " | ".join([
+          f"(l_SM, {d:g})", g, f"{s['counts'][t]} / {s['n']} ({_pct(s['rates'][t])}) [{_pct(lo)}, {_pct(hi)}]",
+          f"{c['expected'][t]:.2f} ({_pct(c['rate'][t])})", f"[{c['band'][t][0]}, {c['band'][t][1]}]",
+          _fmt_p(c["p_value"][t]), perm_txt, corr_txt,
+          f"{s['reference_chance']['expected'][t]:.1f} ({_pct(s['reference_chance']['rate'][t])})"]) + " |")
   lines += ["", "| group | n | mean l_SM | median l_SM |", "|---|---|---|---|"]
   for g in names:
     s = groups[g]["l_sm"]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     lines.append(f"| {g} | {groups[g]['n']} | {fmt(s['mean'])} | {fmt(s['median'])} |")
+  comps = summary["comparisons"]
   if comps:
-    lines.append("")
-    for name, c in comps.items():
-      mw = c["mann_whitney"]
-      lines.append(f"- {name.replace('_', ' ')}: Mann-Whitney U one-sided p = {_fmt_p(mw['p_value'])} "
-                   f"(members' l_SM smaller; P(member < other) = {mw['effect']:.3f}); Fisher p per row: "
-                   "one-sided, members' eidetic rate higher")
+    names_c = list(comps)
+    lines += ["", "## Members against the other groups", "",
+              "| " + " | ".join(["threshold"] + [f"p ({c.replace('_', ' ')}, Fisher)" for c in names_c]) + " |",
+              "|" + "---|" * (len(names_c) + 1)]
+    for t, d in enumerate(summary["thresholds"]):
+      lines.append("| " + " | ".join([f"(l_SM, {d:g})"] + [_fmt_p(comps[c]["fisher_p"][t]) for c in names_c]) + " |")
+    lines += ["", "Fisher: one-sided, members' eidetic rate higher. Membership inference by l_SM (smaller = member):",
+              "", "| comparison | AUC | TPR at 1% FPR | TPR at 0.1% FPR | Mann-Whitney p |", "|---|---|---|---|---|"]
+    for name in names_c:
+      mi = comps[name]["membership_inference"]
+      tpr = mi["tpr_at_fpr"]
+      note = "" if mi.get("fpr_resolution", 0) <= 0.001 else " (FPR resolution 1/%d)" % mi["n_other"]
+      lines.append(f"| {name.replace('_', ' ')}{note} | {mi['auc']:.3f} | {_pct(tpr.get('0.01'))} | "
+                   f"{_pct(tpr.get('0.001'))} | {_fmt_p(comps[name]['mann_whitney']['p_value'])} |")
   return "\n".join(lines) + "\n"
 
 
 def write_report(out_dir: str, results: Results, thresholds: Sequence[float] = memorisation.DEFAULT_THRESHOLDS, *,
                  statistic: str = "best", level: float = 0.95, ci_method: str = "wilson",
                  key_bits: int | None = marks.KEY_BITS, metadata: dict | None = None,
-                 plots_enabled: bool = True) -> dict:
-  """Writes summary.json, per_image.csv, summary.md (and l_sm_hist.png, eidetic_rates.png).
+                 plots_enabled: bool = True, num_permutations: int = 1000, seed: int = 0) -> dict:
+  """Writes summary.json, per_image.csv, summary.md (and l_sm_hist.png, eidetic_rates.png, roc.png).
+
+  Every file is written to a temporary name and moved into place, so a crash never leaves a
+  half-written summary.
 
   Returns:
     The summary dict (as in summary.json).
   """
   os.makedirs(out_dir, exist_ok=True)
   summary = summarize_results(results, thresholds, statistic=statistic, level=level, ci_method=ci_method,
-                              key_bits=key_bits, metadata=metadata)
-  tmp = os.path.join(out_dir, "summary.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, os.path.join(out_dir, "summary.json"))
-  write_per_image_csv(os.path.join(out_dir, "per_image.csv"), results, key_bits)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(summary_markdown(summary))
+                              key_bits=key_bits, metadata=metadata, num_permutations=num_permutations, seed=seed)
+  write_json(os.path.join(out_dir, "summary.json"), summary)
+  write_per_image_csv(os.path.join(out_dir, "per_image.csv"), results, key_bits, summary["thresholds"], statistic)
+  write_text(os.path.join(out_dir, "summary.md"), summary_markdown(summary))
   if plots_enabled and len(results):
-    scores = {g: memorisation.reduce_repeats(_group_l_sm(results, g, key_bits))[statistic] for g in results.groups}
+    scores, chance_rates = {}, {}
+    for g in results.groups:
+      sel = results.select(g)
+      scores[g] = memorisation.per_image_scores(sel.k_pred, sel.key, statistic, key_bits)
+      chance_rates[g] = chance.hit_probabilities(sel.k_pred, plots.EIDETIC_PLOT_DELTAS, statistic=statistic,
+                                                 key_bits=key_bits).mean(axis=0)
     plots.plot_l_sm_histograms(os.path.join(out_dir, "l_sm_hist.png"), scores, summary["thresholds"], statistic)
-    repeats = max(summary["groups"][g]["repeats"] for g in scores)
-    plots.plot_eidetic_rates(os.path.join(out_dir, "eidetic_rates.png"), scores, summary["groups"], repeats,
+    plots.plot_eidetic_rates(os.path.join(out_dir, "eidetic_rates.png"), scores, summary["groups"], chance_rates,
                              statistic)
+    if MEMBERS in scores:
+      curves = {}
+      for name, comp in summary["comparisons"].items():
+        other = name[len("members_vs_"):]
+        roc = memorisation.roc_curve(scores[MEMBERS], scores[other])
+        curves[f"members vs {other}"] = {**roc, "auc": comp["membership_inference"]["auc"]}
+      if curves:
+        plots.plot_roc(os.path.join(out_dir, "roc.png"), curves)
   return summary
