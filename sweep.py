@@ -3,6 +3,8 @@
   python sweep.py --config configs/paper_gni_figure.py --workdir workdirs/paper_text
   python sweep.py --config configs/tiny.py --workdir /tmp/tiny --config.sweep.name=gni \
       --config.sweep.values="(0.0, 0.5)"
+  python sweep.py --config configs/paper_centre.py --workdir workdirs/paper_centre \
+      --compare_with workdirs/paper_border   # the same members, compared per image against chance
 
 Trains first when the workdir has no checkpoint at train.num_steps. Writes one report per setting
 under DIR/sweeps/settings/<setting>/ and the sweep's table (and plot) under DIR/sweeps/<name>/
@@ -18,6 +20,8 @@ from solidmark_jax import cli
 
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest; no training then).")
 flags.DEFINE_string("name", None, "The sweep's name, its folder under DIR/sweeps/ (default: the config's file name).")
+flags.DEFINE_string("compare_with", None, "Another workdir whose sweep scored the same members (e.g. the border "
+                    "model for the centre one): its baseline setting is compared per image with this one's.")
 
 
 def main(argv):
@@ -27,8 +31,19 @@ def main(argv):
   config_path = flags.FLAGS["config"].config_filename
   name = cli.FLAGS.name or os.path.splitext(os.path.basename(config_path))[0]
   table = run_sweep(cli.FLAGS.config, cli.FLAGS.workdir, name=name, step=cli.FLAGS.step)
-  if table is not None:
-    print(open(os.path.join(os.path.abspath(cli.FLAGS.workdir), "sweeps", name, "table.md")).read())
+  if table is None:
+    return
+  out = os.path.join(os.path.abspath(cli.FLAGS.workdir), "sweeps", name)
+  print(open(os.path.join(out, "table.md")).read())
+  if cli.FLAGS.compare_with:
+    from solidmark_jax.sweeps import SETTINGS_DIR, compare_runs
+    other = os.path.abspath(cli.FLAGS.compare_with)
+    setting = table["baseline"]
+    labels = (os.path.basename(other.rstrip("/")), os.path.basename(os.path.abspath(cli.FLAGS.workdir).rstrip("/")))
+    compare_runs(os.path.join(other, "sweeps", SETTINGS_DIR, setting),
+                 os.path.join(out, "..", SETTINGS_DIR, setting), os.path.join(out, f"against_{labels[0]}"),
+                 labels=labels)
+    print(open(os.path.join(out, f"against_{labels[0]}", "comparison.md")).read())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The images, model and training of configs/paper_border.py, with the key as a 4 x
 the centre of the 16 px image instead of a border (16 key pixels; the known region is everything
 else). Scored the same way:
 
-  python sweep.py --config configs/paper_centre.py --workdir workdirs/paper_centre
+  python sweep.py --config configs/paper_centre.py --workdir workdirs/paper_centre \
+      --compare_with workdirs/paper_border  # per image, against chance, on the same members
 """
 
 from configs import paper_border

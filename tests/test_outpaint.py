@@ -118,6 +118,20 @@ def test_oracle_scores_zero_exactly(sampler, resamples):
   assert wrong.max() > 0.1
 
 
+def test_oracle_is_significant_against_exact_chance():
+  """64 images recalled exactly: every count far beyond its exact chance (p < 1e-10 at every threshold)."""
+  n = 64
+  x0, keys = marked_images(n, seed=5)
+  mask = marks.key_mask(SIZE, SIZE, PAD)
+  fn = make_outpaint_fn(oracle_denoiser, SCHED, num_steps=4)
+  k_pred = np.asarray(fn(jnp.asarray(x0), x0, mask, np.arange(n), jax.random.key(4), 2)["k_pred"])
+  np.testing.assert_array_equal(metrics.l_sm(k_pred, keys), np.zeros((n, 2)))
+  s = metrics.summarize(k_pred, keys, num_permutations=100)
+  assert s["counts"] == [n] * 4
+  assert max(s["chance"]["p_value"]) < 1e-10
+  assert s["permutation"]["p_value"] == [1 / 101] * 4
+
+
 def test_blind_denoiser_is_at_chance():
   """Oracle on the centre, a random constant on the border: k_pred independent of k."""
   n = 4000
@@ -130,9 +144,11 @@ def test_blind_denoiser_is_at_chance():
   k_pred = np.asarray(fn(jnp.asarray(blind_x0), x0, mask, np.arange(n), jax.random.key(2), 1)["k_pred"])
   l = metrics.l_sm(k_pred, keys)[:, 0]
   for d in (0.2, 0.1, 0.05, 0.01, 0.005):
-    p = 2 * d - d * d
+    p = metrics.hit_probability(k_pred, d)  # exact chance given the blind predictions
     count = np.sum(l <= d)
-    assert abs(count - n * p) <= 4 * np.sqrt(n * p * (1 - p)) + 1, (d, count, n * p)
+    sd = np.sqrt(np.sum(p * (1 - p)))
+    assert abs(count - p.sum()) <= 4 * sd + 1, (d, count, p.sum())
+    assert metrics.chance.tail_at_least(int(count), p) > 1e-4
 
 
 def test_noise_independent_per_image_and_repeat_and_seeded_by_id():
