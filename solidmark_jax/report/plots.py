@@ -89,7 +89,8 @@ def plot_roc(path: str, curves: dict[str, dict]) -> str:
   for label, c in curves.items():
     fpr = np.maximum(np.asarray(c["fpr"], np.float64), floor)
     ax.step(fpr, c["tpr"], where="post", label=f"{label} (AUC {c['auc']:.3f})")
-  ax.plot([floor, 1], [floor, 1], "k:", linewidth=0.8, label="chance")
+  diagonal = np.logspace(np.log10(floor), 0, 200)  # TPR = FPR, a curve on the log axis
+  ax.plot(diagonal, diagonal, "k:", linewidth=0.8, label="chance")
   ax.set_xscale("log")
   ax.set_xlim(floor, 1)
   ax.set_ylim(0, 1.02)
