@@ -85,9 +85,9 @@ def hatch(image: np.ndarray, mask: np.ndarray, period: int = 4) -> np.ndarray:
 
 
 def _keys_label(k) -> str:
-  """One key as 0.1234; m keys as 0.123/0.456/... (shorter, to fit a panel)."""
+  """One key as 0.1234; m keys as .123/.456/... (shorter, to fit a panel)."""
   k = np.asarray(k, np.float64)
-  return f"{float(k):.4f}" if k.ndim == 0 else "/".join(f"{v:.3f}" for v in k)
+  return f"{float(k):.4f}" if k.ndim == 0 else "/".join(f"{v:.3f}".lstrip("0") for v in k)
 
 
 def write_image_grid(path: str, known: np.ndarray, mask: np.ndarray, outpaintings: np.ndarray,
@@ -109,6 +109,7 @@ def write_image_grid(path: str, known: np.ndarray, mask: np.ndarray, outpainting
   n = min(len(known), max_rows)
   r = outpaintings.shape[1]
   size = 1.3
+  fontsize = 7 if keys is None or np.ndim(keys) < 2 else 6  # m keys per image: longer labels
   fig = Figure(figsize=(size * (r + 1), size * 1.25 * n + 0.2))
   cmap = "gray" if known.shape[-1] == 1 else None
   for i in range(n):
@@ -117,16 +118,17 @@ def write_image_grid(path: str, known: np.ndarray, mask: np.ndarray, outpainting
     label = row_labels[i] if row_labels is not None else "query"
     if keys is not None:
       label += f"\nk={_keys_label(keys[i])}"
-    ax.set_title(label, fontsize=7)
+    ax.set_title(label, fontsize=fontsize)
     ax.axis("off")
     for j in range(r):
       ax = fig.add_subplot(n, r + 1, i * (r + 1) + 2 + j)
       ax.imshow(_to_display(outpaintings[i, j]), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
       if k_pred is not None:
-        text = f"k_pred={_keys_label(k_pred[i, j])}"
+        sep = "" if fontsize == 7 else "\n"  # m keys: the values on a line of their own
+        text = f"k_pred={sep}{_keys_label(k_pred[i, j])}"
         if keys is not None:
           text += f"\nl_SM={np.max(np.abs(np.asarray(k_pred[i, j]) - keys[i])):.4f}"
-        ax.set_title(text, fontsize=7)
+        ax.set_title(text, fontsize=fontsize)
       ax.axis("off")
   return _save(fig, path)
 
