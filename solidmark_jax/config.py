@@ -51,6 +51,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.marks.pattern = "border"  # "border" (l_SM) or "centre" (l_CM)
   c.marks.pad = 2  # border thickness (or centre square side) p in pixels
   c.marks.key_seed = 0  # keys are reproducible from (key_seed, instance id)
+  # m independent keys per image (beyond the paper; a chance hit needs all m: about (2 delta)^m).
+  # key_layout "sides": border sides top, right, bottom, left (m in 1, 2, 4; m = 2: top+bottom, right+left);
+  # "channels": channel c carries key c mod m (1 <= m <= data.channels). See marks.py.
+  c.marks.num_keys = 1
+  c.marks.key_layout = "sides"
 
   c.model = ml_collections.ConfigDict()
   c.model.space = "pixel"  # "pixel", or "latent": the UNet works on the VAE's latents (section `vae`)

@@ -100,7 +100,7 @@ def _nonmember_group(exp: Experiment, config) -> _Group:
                      f"channels, the training data {exp.source.image_size} x {exp.source.channels}")
   ids = select_records(len(source), config.eval.num_nonmembers, "random", config.eval.seed + 1,
                        field="eval.num_nonmembers")
-  keys = marks.keys_for(config.marks.key_seed + NONMEMBER_KEY_SALT, ids)
+  keys = marks.keys_for(config.marks.key_seed + NONMEMBER_KEY_SALT, ids, exp.num_keys)  # [n] or [n, m]
   bad = {"skipped_records": len(getattr(source, "skipped", ()) or ())}
   if config.model.condition == "class":
     conds = source.labels()[ids]
@@ -114,11 +114,11 @@ def _nonmember_group(exp: Experiment, config) -> _Group:
   if config.model.condition != "text":
     captions = None
   key_of = dict(zip(ids.tolist(), keys))
-  pad, pattern = config.marks.pad, config.marks.pattern
+  pad, pattern, layout = config.marks.pad, config.marks.pattern, config.marks.get("key_layout", "sides")
 
   def read(rows):
     images = source.read(rows)["image"]
-    return marked_batch(images, np.array([key_of[int(r)] for r in rows]), pad, pattern)
+    return marked_batch(images, np.array([key_of[int(r)] for r in rows]), pad, pattern, layout)
 
   return _Group("non_members", ids, keys, conds, read, bad_input=bad, captions=captions)
 

@@ -68,16 +68,31 @@ class Experiment:
 
   @property
   def mask(self) -> np.ndarray:
-    """[H, W, 1], 1 on the key region."""
+    """[H, W, 1], 1 on the key region (with several keys per image, the union of their regions)."""
     c = self.config.marks
     return marks.key_mask(self.image_size, self.image_size, c.pad, c.pattern)
+
+  @property
+  def num_keys(self) -> int:
+    """m, keys per image (`marks.num_keys`)."""
+    return self.keymap.num_keys
+
+  @property
+  def key_masks(self) -> np.ndarray | None:
+    """[m, H, W, 1|C], the region of each key (`marks.key_masks`); None with one key per image."""
+    if self.num_keys == 1:
+      return None
+    c = self.config.marks
+    return marks.key_masks(self.image_size, self.image_size, c.pad, c.pattern, self.num_keys, c.key_layout,
+                           self.channels)
 
   def read_marked(self, instance_ids: np.ndarray) -> dict:
     """Process-local batch of training instances: marked images in model space and their labels."""
     rows = self.source.read(self.instances.record_index[instance_ids])
-    keys = self.keymap.lookup(instance_ids)
+    keys = self.keymap.lookup(instance_ids)  # [n] or [n, m]
+    c = self.config.marks
     return {
-        "image": marked_batch(rows["image"], keys, self.config.marks.pad, self.config.marks.pattern),
+        "image": marked_batch(rows["image"], keys, c.pad, c.pattern, c.get("key_layout", "sides")),
         "condition": self.conditions[instance_ids].astype(np.int32),  # [n] or [n, L]
         "label": np.asarray(rows["label"], np.int32),
         "key": keys.astype(np.float32),
@@ -99,7 +114,10 @@ def build_experiment(config) -> Experiment:
     raise ValueError(f"model.condition must be one of {models.CONDITIONS}, got {cond!r}")
   if config.model.get("pretrained"):
     check_pretrained_scheduler(config)
+  num_keys, key_layout = config.marks.get("num_keys", 1), config.marks.get("key_layout", "sides")
+  marks.check_keys(num_keys, key_layout, config.marks.pattern)  # before any data is opened
   source = open_source(config.data, config.data.train_split)
+  marks.check_keys(num_keys, key_layout, config.marks.pattern, source.channels)
   if config.marks.pattern == "centre" and config.marks.pad >= source.image_size:
     raise ValueError(f"marks.pad={config.marks.pad} must be smaller than the image ({source.image_size} px)")
   size = marks.marked_size(source.image_size, config.marks.pad, config.marks.pattern)
@@ -123,7 +141,8 @@ def build_experiment(config) -> Experiment:
   if cond != "text":
     labels = source.labels()[instances.record_index] if cond == "class" else None
     conditions = condition_ids(instances, labels, cond, model.null_id)
-  keymap = marks.Keymap.create(config.marks.key_seed, instances.instance_ids, config.marks.pattern)
+  keymap = marks.Keymap.create(config.marks.key_seed, instances.instance_ids, config.marks.pattern, num_keys,
+                               key_layout)
   sched = make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
   return Experiment(config, source, instances, keymap, conditions, model, sched, size, source.channels,
                     model_size=model_size, model_channels=model_channels, text=text, vae=vae,
@@ -328,12 +347,13 @@ def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", e
                     remask_every: int = 10, remask_from: str = "x0", mesh=None, return_images: bool = False):
   """The pixel or latent RePaint outpainter for this experiment's model (see `outpaint`).
 
-  Params of a call: the UNet's params (pixel) or {"unet": ..., "vae": ...} (latent).
+  Params of a call: the UNet's params (pixel) or {"unet": ..., "vae": ...} (latent). With m keys per
+  image (`marks.num_keys`) it reads them off their regions (`exp.key_masks`): k_pred [N, r, m].
   """
   from solidmark_jax.outpaint import make_outpaint_fn  # pylint: disable=g-import-not-at-top
   denoiser = models.as_denoiser(exp.model)
   kwargs = dict(num_steps=num_steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-                null_condition=null_condition, return_images=return_images, mesh=mesh)
+                null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=exp.key_masks)
   if exp.is_latent:
     from solidmark_jax.outpaint import latent  # pylint: disable=g-import-not-at-top
     return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, remask_every=remask_every,

@@ -423,6 +423,9 @@ def score_generations(config, workdir: str, out_dir: str | None = None, num_samp
   if encoder is None and s["encoder"] is not None:
     encoder = ENCODERS[s["encoder"]]()
   exp = build_experiment(config)
+  if exp.num_keys > 1:
+    raise ValueError(f"marks.num_keys={exp.num_keys}: scoring plain generations (evaluate.py --generations) reads "
+                     "one key per image; evaluate the outpaintings instead (evaluate.py without --generations)")
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   if int(s["batch_size"]) % mesh.size:
     raise ValueError(f"eval.generations.batch_size={s['batch_size']} must be divisible by the {mesh.size} devices")

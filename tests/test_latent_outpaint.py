@@ -173,3 +173,22 @@ def test_guidance_with_array_null_condition_and_plain_sampling(tiny_vae):
   plain = make_latent_outpaint_fn(base, SCHED, vae, num_steps=3, remask_every=1)
   images = sample(plain, {"unet": {}, "vae": params}, np.arange(2), jax.random.key(0), (SIZE, SIZE, 1))
   np.testing.assert_allclose(images[:, 0], np.clip(vae.decode(params, table[:2]), -1, 1), atol=2e-4)
+
+
+def test_four_keys_per_image_are_read_off_their_sides(tiny_vae):
+  """m = 4 keys (one per border side): k_pred [N, r, 4], each read off its side of the decode, so the
+  oracle gives the round trip's k(D(E(x))) per side, like one key."""
+  vae, params = tiny_vae
+  rs = np.random.default_rng(6)
+  content = rs.random((N, 4, 4, 1)).astype(np.float32).repeat(2, 1).repeat(2, 2)
+  keys = marks.keys_for(6, np.arange(N), 4)  # [N, 4]
+  x = marks.to_model_space(marks.apply_border(content, keys.astype(np.float32), PAD))
+  regions = marks.key_masks(SIZE, SIZE, PAD, "border", 4)
+  mask = marks.key_mask(SIZE, SIZE, PAD)
+  z0 = vae.encode(params, x)
+  k_roundtrip = np.asarray(marks.predicted_key(vae.decode(params, z0), regions))  # [N, 4]
+  # 4 steps, s = 2: re-masks after steps 0 and 2, the last step is plain (one VAE round trip)
+  fn = make_latent_outpaint_fn(oracle(z0), SCHED, vae, num_steps=4, remask_every=2, key_masks=regions)
+  k_pred = np.asarray(fn({"unet": {}, "vae": params}, x, mask, np.arange(N), jax.random.key(0), repeats=2)["k_pred"])
+  assert k_pred.shape == (N, 2, 4)
+  np.testing.assert_allclose(k_pred, np.repeat(k_roundtrip[:, None], 2, 1), atol=2e-4)

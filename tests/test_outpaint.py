@@ -32,6 +32,28 @@ def oracle_denoiser(table, x_t, t, condition):
   return (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
 
 
+@pytest.mark.parametrize("num_keys,layout,channels", [(4, "sides", 1), (3, "channels", 3)])
+def test_oracle_scores_zero_exactly_with_several_keys(num_keys, layout, channels):
+  """m keys per image: k_pred [N, r, m], each key read off its own region, l_SM == 0 exactly."""
+  n, r = 8, 2
+  rs = np.random.default_rng(3)
+  content = rs.random((n, SIZE - 2 * PAD, SIZE - 2 * PAD, channels)).astype(np.float32)
+  keys = marks.keys_for(5, np.arange(n), num_keys)  # [n, m]
+  x0 = marks.to_model_space(marks.apply_border(content, keys.astype(np.float32), PAD, layout))
+  regions = marks.key_masks(SIZE, SIZE, PAD, "border", num_keys, layout, channels)
+  fn = make_outpaint_fn(oracle_denoiser, SCHED, num_steps=8, jump_length=2, resamples=2, key_masks=regions)
+  k_pred = np.asarray(fn(jnp.asarray(x0), x0, marks.key_mask(SIZE, SIZE, PAD), np.arange(n), jax.random.key(1),
+                         r)["k_pred"])
+  assert k_pred.shape == (n, r, num_keys)
+  np.testing.assert_array_equal(metrics.l_sm(k_pred, keys), np.zeros((n, r)))
+  np.testing.assert_array_less(np.abs(k_pred - keys[:, None, :]), 2.0**-22)
+  # the keys really are read region by region: the union's mean is none of them
+  union = np.asarray(marks.predicted_key(jnp.asarray(x0), marks.key_mask(SIZE, SIZE, PAD)))
+  assert np.all(np.abs(union[:, None] - keys).min(axis=1) > 0)
+  with pytest.raises(ValueError, match="key_masks .* do not fit images"):
+    fn(jnp.asarray(x0), x0[:, 1:, 1:], marks.key_mask(SIZE - 1, SIZE - 1, PAD), np.arange(n), jax.random.key(1), r)
+
+
 def smooth_denoiser(params, x_t, t, condition):
   """A parametric, spatially mixing denoiser whose output depends on t and the condition."""
   mix = (jnp.roll(x_t, 1, axis=1) + jnp.roll(x_t, -1, axis=2) + x_t) / 3.0

@@ -62,3 +62,17 @@ def test_marked_batch_is_model_space_with_exact_border():
   mask = marks.key_mask(8, 8, 2)[..., 0].astype(bool)
   for i in range(2):
     assert np.all(x[i][mask] == np.float32(2 * keys[i] - 1))
+
+
+def test_marked_batch_with_four_keys_per_image():
+  images = np.full((2, 4, 4, 1), 255, np.uint8)
+  keys = marks.keys_for(0, [0, 1], 4)  # [2, 4]: top, right, bottom, left
+  x = marked_batch(images, keys, 2, "border")
+  assert x.shape == (2, 8, 8, 1) and x.dtype == np.float32
+  assert np.all(x[:, 2:6, 2:6] == 1.0)
+  masks = marks.key_masks(8, 8, 2, "border", 4)[..., 0].astype(bool)
+  for i in range(2):
+    for s in range(4):
+      assert np.all(x[i][masks[s]] == np.float32(2 * keys[i, s] - 1))
+  with pytest.raises(ValueError, match="needs at least 2 image channels"):
+    marked_batch(images, keys[:, :2], 2, "border", "channels")

@@ -150,5 +150,52 @@ def test_image_grids(tmp_path):
   p = write_image_grid(str(tmp_path / "grid.png"), known, mask, outs, keys, k_pred,
                        row_labels=[f"member {i}" for i in range(n)])
   assert os.path.getsize(p) > 0
+  p = write_image_grid(str(tmp_path / "grid4.png"), known, mask, outs, rs.random((n, 4)), rs.random((n, r, 4)))
+  assert os.path.getsize(p) > 0  # m = 4 keys per image: labelled k=a/b/c/d, l_SM the largest distance
   p = write_sample_grid(str(tmp_path / "samples.png"), outs[..., :1])
   assert os.path.getsize(p) > 0
+
+
+def test_store_with_four_keys_per_image_roundtrip(tmp_path):
+  """m keys per image: key [m] and k_pred [r, m] per record, resumed and read back as [N, m], [N, r, m]."""
+  m, r = 4, 2
+  ids = np.arange(10)
+  keys = marks.keys_for(0, ids, m)  # [10, 4]
+  k_pred = np.random.default_rng(0).random((10, r, m))
+  path = str(tmp_path / "results.jsonl")
+  store = ResultStore(path, META)
+  store.append("members", ids[:6], keys[:6], k_pred[:6])
+  store.append("non_members", [100], keys[6:7], k_pred[6, 0][None])  # [n, m]: one repeat
+  rec = json.loads(open(path).read().splitlines()[1])
+  assert rec["key"] == [float(v) for v in keys[0]] and np.shape(rec["k_pred"]) == (r, m)
+  resumed = ResultStore(path, META)
+  np.testing.assert_array_equal(resumed.remaining("members", ids), ids[6:])
+  resumed.append("members", ids[6:], keys[6:], k_pred[6:])
+  res = ResultStore(path, META).results()
+  assert res.num_keys == m and res.key.shape == (11, m) and res.k_pred.shape == (11, r, m)
+  members = res.select("members")
+  np.testing.assert_array_equal(members.instance_id, ids)
+  np.testing.assert_array_equal(members.key, keys)
+  np.testing.assert_array_equal(members.k_pred, k_pred)  # float64 through JSON: exact
+  non = res.select("non_members")
+  assert non.k_pred.shape == (1, 1, m)  # the all-NaN second repeat column dropped
+  np.testing.assert_array_equal(non.k_pred[0, 0], k_pred[6, 0])
+  np.testing.assert_array_equal(metrics.l_sm(members.k_pred, members.key, key_bits=None),
+                                np.abs(k_pred - keys[:, None]).max(-1))
+  with pytest.raises(ValueError, match=r"keys \[n, m\] = \(2, 4\) need k_pred \[n, m\] or \[n, r, m\]"):
+    store.append("members", [1, 2], keys[:2], k_pred[:2, :, :3])
+  with pytest.raises(ValueError, match="different numbers of keys per image"):
+    Results.from_records([{"group": "members", "instance_id": 1, "key": 0.5, "k_pred": [0.5]},
+                          {"group": "members", "instance_id": 2, "key": [0.5, 0.1], "k_pred": [[0.5, 0.1]]}])
+
+
+def test_store_with_one_key_writes_the_same_lines_as_before(tmp_path):
+  """One key per image: the record lines are exactly those the store wrote before several keys existed."""
+  store = ResultStore(str(tmp_path / "results.jsonl"), META)
+  store.append("members", [3, 1], np.array([0.25, 0.5]), np.array([[0.2, 0.3], [0.5, 0.625]], np.float32))
+  lines = open(tmp_path / "results.jsonl").read().splitlines()[1:]
+  assert lines == ['{"group": "members", "instance_id": 3, "key": 0.25, "k_pred": [0.20000000298023224, '
+                   '0.30000001192092896]}',
+                   '{"group": "members", "instance_id": 1, "key": 0.5, "k_pred": [0.5, 0.625]}']
+  res = store.results()
+  assert res.num_keys == 1 and res.key.shape == (2,) and res.k_pred.shape == (2, 2)

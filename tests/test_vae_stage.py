@@ -123,6 +123,19 @@ def test_train_resume_and_finished_stage(exp, fashion_dir, tmp_path):
   with pytest.raises(ValueError, match="vae.kl_weight"):
     vae_stage.load_trained_vae(other.config, wd)
 
+  # A stage record written before marks.num_keys / marks.key_layout existed stays valid while the config
+  # holds their defaults (what the older code did); another key count is refused, naming the field.
+  path = os.path.join(folder, vae_stage.STAGE_FILE)
+  record = json.load(open(path))
+  for field in ("num_keys", "key_layout"):
+    del record["fingerprint_fields"]["marks"][field]
+  json.dump(record, open(path, "w"))
+  vae_stage.load_trained_vae(config4, wd)
+  four = stage_config(fashion_dir, train_steps=4)
+  four.marks.num_keys = 4
+  with pytest.raises(ValueError, match=r"marks.num_keys: workdir None vs config 4"):
+    vae_stage.load_trained_vae(four, wd)
+
   # vae.pretrained: loaded as it is, nothing trained.
   pre = Recorder(exp)
   pre.config = stage_config(fashion_dir, pretrained=folder, scaling_factor=0.3)

@@ -123,7 +123,9 @@ class BatchPlan:
     return self.global_rows(b)[self.process_index * per:(self.process_index + 1) * per]
 
 
-def marked_batch(images_u8: np.ndarray, keys: np.ndarray, pad: int, pattern: str) -> np.ndarray:
-  """uint8 images [n, H, W, C] + keys [n] -> marked model-space float32 [n, H', W', C]."""
+def marked_batch(images_u8: np.ndarray, keys: np.ndarray, pad: int, pattern: str,
+                 key_layout: str = "sides") -> np.ndarray:
+  """uint8 images [n, H, W, C] + keys [n] (or [n, m], placed by `key_layout`) -> marked model-space
+  float32 [n, H', W', C]."""
   x = images_u8.astype(np.float32) / 255.0
-  return marks.to_model_space(marks.apply_pattern(x, keys.astype(np.float32), pad, pattern))
+  return marks.to_model_space(marks.apply_pattern(x, np.asarray(keys, np.float32), pad, pattern, key_layout))

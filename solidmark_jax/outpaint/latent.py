@@ -31,7 +31,8 @@ What is decoded (`remask_from`):
 Between re-masks the steps are plain latent DDIM/DDPM steps (no latent blending). The x0
 estimate is not clipped (latents are not bounded by [-1, 1], unlike pixels; Stable Diffusion's
 samplers use clip_sample=False). At the end the final latent is decoded, clipped to [-1, 1], the
-known centre is pasted back and k_pred is read off the border (`marks.predicted_key`).
+known centre is pasted back and k_pred is read off the border (`marks.predicted_key`; with m keys per
+image off their m regions, `key_masks`: k_pred [N, r, m]).
 
 With an all-ones mask (no known region) nothing is re-masked: `outpaint.sample` on a latent
 outpainter gives plain latent-model generations, decoded.
@@ -50,7 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from solidmark_jax import marks
 from solidmark_jax.diffusion import schedule as schedule_lib
 from solidmark_jax.diffusion.schedule import NoiseSchedule
 from solidmark_jax.models.vae import VAE
@@ -109,8 +109,9 @@ class LatentOutpainter(Outpainter):
   """A compiled latent outpainting function; build it with `make_latent_outpaint_fn`.
 
   Same call convention as the pixel `Outpainter`: `fn(params, known, mask, conditions, rng,
-  repeats, ids=None, return_images=None)` and `.run(...)`, returning {"k_pred": [N, r]} and on
-  request "images" [N, r, H, W, C] in pixel model space (known region pasted back), with:
+  repeats, ids=None, return_images=None)` and `.run(...)`, returning {"k_pred": [N, r]} ([N, r, m]
+  with m key regions) and on request "images" [N, r, H, W, C] in pixel model space (known region
+  pasted back), with:
 
     params: {"unet": denoiser params, "vae": VAE params}.
     known: [N, H, W, C] pixel model-space images; mask: [H, W, 1] pixels, 1 = unknown.
@@ -124,13 +125,13 @@ class LatentOutpainter(Outpainter):
 
   def __init__(self, denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, steps: np.ndarray, *, remask_every: int,
                remask_from: str, sampler: str, eta: float, guidance_scale: float, null_condition,
-               return_images: bool, mesh: Mesh | None):
+               return_images: bool, mesh: Mesh | None, key_masks: np.ndarray | None = None):
     self.vae = vae
     self.remask_every = int(remask_every)
     self.remask_from = remask_from
     self.remask = remask_rows(len(steps), self.remask_every, remask_from)
     super().__init__(denoiser, sched, steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-                     null_condition=null_condition, return_images=return_images, mesh=mesh)
+                     null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=key_masks)
 
   @property
   def num_remasks(self) -> int:
@@ -156,7 +157,7 @@ class LatentOutpainter(Outpainter):
     return self._encode(params_vae, mask * self._decode(params_vae, z_t) + (1.0 - mask) * x_known_t)
 
   def _one(self, params, x0_known, mask, condition, key):
-    """Outpaints one image once: x0_known [H, W, C] pixels -> (k_pred [], x0 [H, W, C])."""
+    """Outpaints one image once: x0_known [H, W, C] pixels -> (k_pred [] or [m], x0 [H, W, C])."""
     sched, p_unet, p_vae = self.sched, params["unet"], params["vae"]
     key_init, key_loop = jax.random.split(key)
     latent_shape = self.vae.latent_shape(x0_known.shape[0])
@@ -190,7 +191,7 @@ class LatentOutpainter(Outpainter):
     z, _ = jax.lax.scan(step, z, rows)
     x = jnp.clip(self._decode(p_vae, z), -1.0, 1.0)  # [H, W, C]
     x = mask * x + (1.0 - mask) * x0_known  # paste the known region back
-    return marks.predicted_key(x, mask), x
+    return self._k_pred(x, mask), x
 
   def __call__(self, params, known, mask, conditions, rng, repeats: int = 1, ids=None,
                return_images: bool | None = None) -> dict:
@@ -214,7 +215,7 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
                             remask_every: int = 10, remask_from: Literal["x0", "noisy"] = "x0",
                             sampler: Sampler = "ddim", eta: float = 0.0, guidance_scale: float = 1.0,
                             null_condition=None, return_images: bool = False,
-                            mesh: Mesh | None = None) -> LatentOutpainter:
+                            mesh: Mesh | None = None, key_masks: np.ndarray | None = None) -> LatentOutpainter:
   """Builds the jitted latent outpainting function (SPEC section 5, "Latent space").
 
   Args:
@@ -233,6 +234,8 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
     null_condition: the unconditional condition (id, or one embedding [L, D]), needed when s != 1.
     return_images: also return the outpainted (decoded) images.
     mesh: shard the image batch over this mesh's batch axes.
+    key_masks: m key regions [m, H, W, 1|C] in pixels (`marks.key_masks`): k_pred [N, r, m];
+      None reads one key off the call's mask.
 
   Returns:
     A `LatentOutpainter`, called like the pixel `Outpainter` with params {"unet", "vae"}.
@@ -248,4 +251,4 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
   steps = repaint_steps(sched.num_steps, num_steps, jump_length=1, resamples=1)  # [S, 3], no jumps
   return LatentOutpainter(denoiser, sched, vae, steps, remask_every=remask_every, remask_from=remask_from,
                           sampler=sampler, eta=eta, guidance_scale=guidance_scale, null_condition=null_condition,
-                          return_images=return_images, mesh=mesh)
+                          return_images=return_images, mesh=mesh, key_masks=key_masks)

@@ -17,6 +17,9 @@ single-level "undo" steps composes to one jump), then denoises t -> t_prev. The 
 
 The function takes any denoiser `(params, x_t [B, H, W, C], t [B] int32, condition [B] int32) ->
 eps_hat [B, H, W, C]` in model space, so anyone's JAX model plugs in.
+
+The predicted key is read off the call's mask (`marks.predicted_key`), or, with m keys per image, off
+the m key regions given to the factory (`key_masks`, `marks.key_masks`): k_pred [N, r, m].
 """
 
 from __future__ import annotations
@@ -148,10 +151,12 @@ class Outpainter:
     return_images: overrides the factory's `return_images` for this call (static).
 
   Returns:
-    dict with "k_pred" [N, r] float32 and, when images are requested, "images" [N, r, H, W, C]
-    (model space, known region pasted back). Sharded over the mesh's batch axes if a mesh was given.
+    dict with "k_pred" [N, r] float32 ([N, r, m] with m key regions, `key_masks`) and, when images
+    are requested, "images" [N, r, H, W, C] (model space, known region pasted back). Sharded over
+    the mesh's batch axes if a mesh was given.
 
   Attributes:
+    key_masks: None (one key, read off the call's mask) or [m, H, W, 1|C] key regions.
     trace_count: how many times the function was traced (one per distinct shape / static args).
     steps: int32 [K, 3] the (t_from, t, t_prev) rows of the reverse process.
     num_denoiser_calls: K, denoiser calls per image and repeat (x2 batch rows with guidance).
@@ -159,8 +164,11 @@ class Outpainter:
 
   def __init__(self, denoiser: Denoiser, sched: NoiseSchedule, steps: np.ndarray, *, sampler: str,
                eta: float, guidance_scale: float, null_condition: int | None, return_images: bool,
-               mesh: Mesh | None):
+               mesh: Mesh | None, key_masks: np.ndarray | None = None):
     self.denoiser = denoiser
+    self.key_masks = None if key_masks is None else np.asarray(key_masks, np.float32)
+    if self.key_masks is not None and self.key_masks.ndim != 4:
+      raise ValueError(f"outpaint: key_masks must be [m, H, W, 1|C] key regions, got shape {self.key_masks.shape}")
     self.sched = sched
     self.steps = steps
     self.sampler = sampler
@@ -193,8 +201,12 @@ class Outpainter:
     eps_c, eps_u = self.denoiser(params, xx, tt, cc)  # [H, W, C] each
     return eps_u + self.guidance_scale * (eps_c - eps_u)
 
+  def _k_pred(self, x, mask):
+    """k_pred of one outpainted image x [H, W, C]: [] off the mask [H, W, 1], or [m] off the key regions."""
+    return marks.predicted_key(x, mask if self.key_masks is None else self.key_masks)
+
   def _one(self, params, x0_known, mask, condition, key):
-    """Outpaints one image once: x0_known [H, W, C] -> (k_pred [], x0 [H, W, C])."""
+    """Outpaints one image once: x0_known [H, W, C] -> (k_pred [] or [m], x0 [H, W, C])."""
     sched = self.sched
     key_init, key_loop = jax.random.split(key)
     x = jax.random.normal(key_init, x0_known.shape, x0_known.dtype)  # x at the noisiest level
@@ -220,7 +232,7 @@ class Outpainter:
 
     x, _ = jax.lax.scan(step, x, rows)
     x = mask * x + (1.0 - mask) * x0_known  # paste the known region back
-    return marks.predicted_key(x, mask), x
+    return self._k_pred(x, mask), x
 
   # -- batched ---------------------------------------------------------------------------------
 
@@ -236,10 +248,10 @@ class Outpainter:
       key = jax.random.fold_in(rng, image_id)
       keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(repeats, dtype=jnp.int32))
       one = lambda k: self._one(params, x0_known, mask, condition, k)
-      return jax.vmap(one)(keys)  # [r], [r, H, W, C]
+      return jax.vmap(one)(keys)  # [r] (or [r, m]), [r, H, W, C]
 
     k_pred, images = jax.vmap(per_image)(known, conditions, jnp.asarray(ids, jnp.int32))
-    out = {"k_pred": k_pred}  # [N, r]
+    out = {"k_pred": k_pred}  # [N, r], or [N, r, m]
     if return_images:
       out["images"] = images  # [N, r, H, W, C]
     return out
@@ -252,6 +264,10 @@ class Outpainter:
                        "of the mesh (use Outpainter.run, which pads)")
     if mask.shape != (*known.shape[1:3], 1):
       raise ValueError(f"outpaint: mask must be [H, W, 1] = {(*known.shape[1:3], 1)}, got {mask.shape}")
+    if self.key_masks is not None and (self.key_masks.shape[1:3] != known.shape[1:3]
+                                       or self.key_masks.shape[3] not in (1, known.shape[3])):
+      raise ValueError(f"outpaint: key_masks {self.key_masks.shape} do not fit images {known.shape[1:]}: "
+                       f"they must be [m, {known.shape[1]}, {known.shape[2]}, 1 or {known.shape[3]}]")
     if ids is None and self.mesh is not None:
       ids = np.arange(n, dtype=np.int32)
     images = self.return_images if return_images is None else bool(return_images)
@@ -288,7 +304,7 @@ class Outpainter:
 def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int, sampler: Sampler = "ddim",
                      eta: float = 0.0, jump_length: int = 10, resamples: int = 1, guidance_scale: float = 1.0,
                      null_condition: int | None = None, return_images: bool = False,
-                     mesh: Mesh | None = None) -> Outpainter:
+                     mesh: Mesh | None = None, key_masks: np.ndarray | None = None) -> Outpainter:
   """Builds the jitted RePaint outpainting function for a pixel-space denoiser.
 
   Args:
@@ -304,6 +320,8 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
       image's condition shape (e.g. the empty caption's embedding [L, D]).
     return_images: also return the outpainted images.
     mesh: shard the image batch over this mesh's batch axes.
+    key_masks: m key regions [m, H, W, 1|C] (`marks.key_masks`) to read m keys per image off
+      (k_pred [N, r, m]); None reads one key off the call's mask (k_pred [N, r]).
 
   Returns:
     An `Outpainter`; see its docstring for the call signature.
@@ -314,7 +332,7 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
     raise ValueError("outpaint: guidance_scale != 1 needs null_condition (the unconditional id)")
   steps = repaint_steps(sched.num_steps, num_steps, jump_length, resamples)
   return Outpainter(denoiser, sched, steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-                    null_condition=null_condition, return_images=return_images, mesh=mesh)
+                    null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=key_masks)
 
 
 def sample(outpainter: Outpainter, params, conditions: np.ndarray, rng, image_shape: tuple[int, int, int],

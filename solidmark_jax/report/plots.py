@@ -115,6 +115,12 @@ def hatch(image: np.ndarray, mask: np.ndarray, period: int = 4) -> np.ndarray:
   return np.where(mask > 0, fill, image).astype(np.float32)
 
 
+def _keys_label(k) -> str:
+  """One key as 0.1234; m keys as .123/.456/... (shorter, to fit a panel)."""
+  k = np.asarray(k, np.float64)
+  return f"{float(k):.4f}" if k.ndim == 0 else "/".join(f"{v:.3f}".lstrip("0") for v in k)
+
+
 def write_image_grid(path: str, known: np.ndarray, mask: np.ndarray, outpaintings: np.ndarray,
                      keys: np.ndarray | None = None, k_pred: np.ndarray | None = None,
                      row_labels: Sequence[str] | None = None, max_rows: int = 16) -> str:
@@ -125,14 +131,16 @@ def write_image_grid(path: str, known: np.ndarray, mask: np.ndarray, outpainting
     known: [n, H, W, C] model-space images (only the known region is shown).
     mask: [H, W, 1], 1 on the unknown region.
     outpaintings: [n, r, H, W, C] model space.
-    keys: [n] true keys (labels), optional.
-    k_pred: [n, r] predicted keys (labels), optional.
+    keys: [n] true keys (labels), optional; [n, m] with m keys per image.
+    k_pred: [n, r] predicted keys (labels), optional; [n, r, m] with m keys per image (l_SM: the
+      largest of the m distances).
     row_labels: [n] e.g. "member 17", optional.
     max_rows: images shown at most.
   """
   n = min(len(known), max_rows)
   r = outpaintings.shape[1]
   size = 1.3
+  fontsize = 7 if keys is None or np.ndim(keys) < 2 else 6  # m keys per image: longer labels
   fig = Figure(figsize=(size * (r + 1), size * 1.25 * n + 0.2))
   cmap = "gray" if known.shape[-1] == 1 else None
   for i in range(n):
@@ -140,17 +148,18 @@ def write_image_grid(path: str, known: np.ndarray, mask: np.ndarray, outpainting
     ax.imshow(_to_display(hatch(known[i], mask)), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     label = row_labels[i] if row_labels is not None else "query"
     if keys is not None:
-      label += f"\nk={keys[i]:.4f}"
-    ax.set_title(label, fontsize=7)
+      label += f"\nk={_keys_label(keys[i])}"
+    ax.set_title(label, fontsize=fontsize)
     ax.axis("off")
     for j in range(r):
       ax = fig.add_subplot(n, r + 1, i * (r + 1) + 2 + j)
       ax.imshow(_to_display(outpaintings[i, j]), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
       if k_pred is not None:
-        text = f"k_pred={k_pred[i, j]:.4f}"
+        sep = "" if fontsize == 7 else "\n"  # m keys: the values on a line of their own
+        text = f"k_pred={sep}{_keys_label(k_pred[i, j])}"
         if keys is not None:
-          text += f"\nl_SM={abs(k_pred[i, j] - keys[i]):.4f}"
-        ax.set_title(text, fontsize=7)
+          text += f"\nl_SM={np.max(np.abs(np.asarray(k_pred[i, j]) - keys[i])):.4f}"
+        ax.set_title(text, fontsize=fontsize)
       ax.axis("off")
   return _save(fig, path)
 

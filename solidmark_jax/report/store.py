@@ -5,6 +5,10 @@ Line 1 holds the run's metadata ({"meta": {...}}: keymap hash, checkpoint step, 
 
   {"group": "members", "instance_id": 17, "key": 0.41, "k_pred": [0.40, 0.43]}
 
+or, with m keys per image (`marks.num_keys`), the m keys and per repeat the m predicted keys:
+
+  {"group": "members", "instance_id": 17, "key": [0.41, 0.07], "k_pred": [[0.40, 0.05], [0.43, 0.09]]}
+
 Each finished batch is appended in one write, then flushed and fsync'ed, so after a crash the file
 holds whole batches plus at most one torn last line, which reopening drops. A re-run opens the
 store with the same metadata (a mismatch is a clear error: results of two checkpoints must not
@@ -38,8 +42,9 @@ class Results:
   Attributes:
     instance_id: int64 [N].
     group: str [N] ("members", "non_members", "random_init", ...).
-    key: float64 [N] true keys.
-    k_pred: float64 [N, r] predicted keys per repeat (NaN where a group has fewer repeats).
+    key: float64 [N] true keys; [N, m] with m keys per image.
+    k_pred: float64 [N, r] predicted keys per repeat (NaN where a group has fewer repeats);
+      [N, r, m] with m keys per image.
   """
 
   instance_id: np.ndarray
@@ -50,21 +55,38 @@ class Results:
   def __len__(self) -> int:
     return len(self.instance_id)
 
+  @property
+  def num_keys(self) -> int:
+    """m, keys per image."""
+    return 1 if self.key.ndim == 1 else int(self.key.shape[1])
+
   @classmethod
   def from_records(cls, records: Iterable[dict]) -> "Results":
-    """Builds sorted results from dicts with group, instance_id, key, k_pred (list or scalar)."""
+    """Builds sorted results from dicts with group, instance_id, key, k_pred (list or scalar).
+
+    One key per image: key a number, k_pred [r] (or a number). m keys: key a list of m numbers,
+    k_pred [r, m] (or [m]). Every record must have the same number of keys.
+    """
     records = list(records)
     order = {g: i for i, g in enumerate(group_order(r["group"] for r in records))}
     records.sort(key=lambda r: (order[r["group"]], int(r["instance_id"])))
-    r = max((len(np.atleast_1d(rec["k_pred"])) for rec in records), default=1)
-    k_pred = np.full((len(records), r), np.nan)
-    for i, rec in enumerate(records):
-      kp = np.atleast_1d(np.asarray(rec["k_pred"], np.float64))
+    counts = {int(np.size(rec["key"])) if np.ndim(rec["key"]) else 0 for rec in records}  # 0: one scalar key
+    if len(counts) > 1:
+      raise ValueError(f"results: records with different numbers of keys per image ({sorted(counts)}; 0 = one "
+                       "scalar key) cannot be mixed")
+    m = counts.pop() if counts else 0
+    shape = (-1,) if m == 0 else (-1, m)
+    preds = [np.asarray(rec["k_pred"], np.float64).reshape(shape) for rec in records]  # [r] or [r, m]
+    r = max((len(kp) for kp in preds), default=1)
+    k_pred = np.full((len(records), r) + shape[1:], np.nan)
+    for i, kp in enumerate(preds):
       k_pred[i, :len(kp)] = kp
+    key = np.array([np.asarray(rec["key"], np.float64) for rec in records], np.float64).reshape((len(records),) +
+                                                                                                 shape[1:])
     return cls(
         instance_id=np.array([int(rec["instance_id"]) for rec in records], np.int64),
         group=np.array([str(rec["group"]) for rec in records], dtype=object),
-        key=np.array([float(rec["key"]) for rec in records], np.float64),
+        key=key,
         k_pred=k_pred,
     )
 
@@ -76,7 +98,8 @@ class Results:
     """The rows of one group, trailing all-NaN repeat columns dropped."""
     rows = self.group == group
     k_pred = self.k_pred[rows]
-    keep = ~np.all(np.isnan(k_pred), axis=0) if len(k_pred) else np.zeros(k_pred.shape[1], bool)
+    other = (0,) + tuple(range(2, k_pred.ndim))  # all axes but the repeats
+    keep = ~np.all(np.isnan(k_pred), axis=other) if len(k_pred) else np.zeros(k_pred.shape[1], bool)
     return Results(self.instance_id[rows], self.group[rows], self.key[rows], k_pred[:, keep])
 
 
@@ -160,16 +183,34 @@ class ResultStore:
     Args:
       group: e.g. "members".
       instance_ids: [n] ints.
-      keys: [n] true keys.
-      k_pred: [n] or [n, r] predicted keys.
+      keys: [n] true keys; [n, m] with m keys per image.
+      k_pred: [n] or [n, r] predicted keys; [n, m] or [n, r, m] with m keys per image.
     """
     ids = np.asarray(instance_ids, np.int64).reshape(-1)
-    keys = np.asarray(keys, np.float64).reshape(-1)
+    keys = np.asarray(keys, np.float64)
+    if keys.ndim == 2:
+      return self._append_multi(group, ids, keys, np.asarray(k_pred, np.float64))
+    keys = keys.reshape(-1)
     k_pred = np.asarray(k_pred, np.float64).reshape(len(ids), -1)
     if len(keys) != len(ids):
       raise ValueError(f"append: {len(ids)} instance ids but {len(keys)} keys")
     recs = [{"group": str(group), "instance_id": int(i), "key": float(k), "k_pred": [float(v) for v in kp]}
             for i, k, kp in zip(ids, keys, k_pred)]
+    self._record(recs)
+
+  def _append_multi(self, group: str, ids: np.ndarray, keys: np.ndarray, k_pred: np.ndarray) -> None:
+    """`append` with m keys per image: keys [n, m], k_pred [n, m] or [n, r, m]."""
+    n, m = keys.shape
+    if n != len(ids):
+      raise ValueError(f"append: {len(ids)} instance ids but {n} rows of keys")
+    if k_pred.ndim not in (2, 3) or k_pred.shape[0] != n or k_pred.shape[-1] != m:
+      raise ValueError(f"append: keys [n, m] = {keys.shape} need k_pred [n, m] or [n, r, m], got {k_pred.shape}")
+    k_pred = k_pred.reshape(n, -1, m)
+    recs = [{"group": str(group), "instance_id": int(i), "key": [float(v) for v in k],
+             "k_pred": [[float(v) for v in row] for row in kp]} for i, k, kp in zip(ids, keys, k_pred)]
+    self._record(recs)
+
+  def _record(self, recs: list[dict]) -> None:
     self._write_lines(recs)
     for rec in recs:
       self._records[(rec["group"], rec["instance_id"])] = rec

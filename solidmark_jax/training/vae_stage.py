@@ -38,6 +38,7 @@ import optax
 from tqdm import tqdm
 
 from solidmark_jax import parallel
+from solidmark_jax.config import default_config
 from solidmark_jax.data.pipeline import BatchPlan
 from solidmark_jax.models.vae import VAE, abstract_vae_params, build_vae, init_vae_params, load_vae, save_vae
 from solidmark_jax.training import checkpoint as ckpt
@@ -117,19 +118,28 @@ def stage_fingerprint_fields(config) -> dict:
   return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
-def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+def _differences(stored: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+  """Fields where the stored record and the config differ.
+
+  A field the record lacks (added to the project after the stage ran, e.g. marks.num_keys) counts as
+  equal when the config holds its default (`defaults`), which reproduces what the older code did.
+  """
   out = []
   for k in sorted(set(stored) | set(current)):
     a, b = stored.get(k), current.get(k)
+    d = defaults.get(k) if isinstance(defaults, dict) else None
     if isinstance(a, dict) and isinstance(b, dict):
-      out += _differences(a, b, f"{prefix}{k}.")
+      out += _differences(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
+    elif k not in stored and isinstance(defaults, dict) and k in defaults and b == d:
+      continue
     elif a != b:
       out.append(f"{prefix}{k}: workdir {a!r} vs config {b!r}")
   return out
 
 
 def _check_same(what: str, record: dict, config, keymap_hash: str | None) -> None:
-  diffs = _differences(record.get("fingerprint_fields", {}), stage_fingerprint_fields(config))
+  diffs = _differences(record.get("fingerprint_fields", {}), stage_fingerprint_fields(config),
+                       defaults=stage_fingerprint_fields(default_config()))
   if diffs:
     raise ValueError(f"{what} was trained with a different config; differing fields:\n  " + "\n  ".join(diffs)
                      + "\nUse another --workdir, or the config it was trained with.")
