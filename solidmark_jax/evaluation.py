@@ -65,6 +65,13 @@ def _validate(config, mesh) -> tuple[tuple[float, ...], mitigations.Mitigation, 
     raise ValueError(f"eval.repeats must be >= 1, got {c.repeats}")
   if c.score not in ("best", "mean"):
     raise ValueError(f"eval.score must be 'best' or 'mean', got {c.score!r}")
+  num_keys = config.marks.get("num_keys", 1)
+  if c.score == "mean" and c.repeats > 1 and num_keys > 1:
+    raise ValueError(f"eval.score='mean' with eval.repeats={c.repeats} and marks.num_keys={num_keys}: the exact "
+                     "chance of a mean over repeats of several keys is not computed; use eval.score='best'")
+  if config.data.get("duplicates") and num_keys > 1:
+    raise ValueError(f"data.duplicates with marks.num_keys={num_keys}: duplication scoring takes one key per "
+                     "instance; use marks.num_keys=1")
   if c.guidance_scale != 1.0 and config.model.condition == "none":
     raise ValueError("eval.guidance_scale != 1 needs a conditional model (model.condition is 'none')")
   return thresholds, mitigation, augmentation

@@ -4,6 +4,7 @@
 train.py and evaluate.py run as real subprocesses (2 fake CPU devices, see e2e_helpers.py).
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -74,15 +75,21 @@ def test_train_and_outpaint_with_four_keys(evaluated, fashion_dir):
   assert l.shape == (8, 2) and np.all(l >= np.abs(members.k_pred[..., 0] - members.key[:, None, 0]) - 1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="report/writer.py's per_image.csv takes one key per image (key and k_pred_j columns)")
 def test_report_with_four_keys(evaluated):
   workdir, rc, log = evaluated
   assert rc == 0, log[-3000:]
   summary = json.loads((workdir / "eval" / "summary.json").read_text())
   for g in ("members", "non_members"):
-    assert summary["groups"][g]["n"] == 8 and summary["groups"][g]["repeats"] == 2
-  assert (workdir / "eval" / "per_image.csv").exists() and (workdir / "eval" / "outpaintings.png").exists()
+    s = summary["groups"][g]
+    assert s["n"] == 8 and s["repeats"] == 2 and s["num_keys"] == M
+    # chance of a hit needs all four keys within d: at most 2 boxes of side 2d, far below one key's chance
+    d = np.array(s["thresholds"])
+    assert all(r <= 2 * (2 * t)**M + 1e-12 for r, t in zip(s["chance"]["rate"], d))
+    assert s["reference_chance"]["rate"][0] == pytest.approx(1 - (1 - (2 * d[0] - d[0]**2)**M)**2)
+  with open(workdir / "eval" / "per_image.csv") as f:
+    head = next(csv.reader(f))
+  assert head[3:3 + M] == [f"key_{s}" for s in range(M)] and f"k_pred_1_{M - 1}" in head
+  assert (workdir / "eval" / "outpaintings.png").exists()
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -93,3 +100,13 @@ def test_report_with_four_keys(evaluated):
 def test_bad_key_counts_are_refused_by_the_config(fashion_dir, extra, match):
   with pytest.raises(ValueError, match=match):
     build_experiment(_config(_overrides(fashion_dir, **extra)))
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"marks.num_keys": 4, "eval.score": "mean", "eval.repeats": 2}, r"eval.score='mean' with eval.repeats=2"),
+    ({"marks.num_keys": 2, "data.duplicates": {2: 1}}, r"data.duplicates with marks.num_keys=2"),
+])
+def test_settings_without_an_exact_chance_are_refused(fashion_dir, tmp_path, extra, match):
+  from solidmark_jax.evaluation import evaluate
+  with pytest.raises(ValueError, match=match):
+    evaluate(_config(_overrides(fashion_dir, **extra)), str(tmp_path / "untrained"))
