@@ -23,7 +23,7 @@ import numpy as np
 from solidmark_jax import marks, models
 from solidmark_jax.data import open_source
 from solidmark_jax.data.pipeline import Instances, make_instances
-from solidmark_jax.data.pipeline import condition_ids, marked_batch
+from solidmark_jax.data.pipeline import class_labels, condition_ids, marked_batch
 from solidmark_jax.diffusion import NoiseSchedule, make_schedule
 
 KEYMAP_FILE = "keymap.json"
@@ -121,7 +121,9 @@ def build_experiment(config) -> Experiment:
   model = models.build_for_config(config.model, model_size, model_channels,
                                   _num_conditions(cond, source, instances))
   if cond != "text":
-    labels = source.labels()[instances.record_index] if cond == "class" else None
+    labels = None
+    if cond == "class":
+      labels = class_labels(source.labels()[instances.record_index], "data.train_split", config.data.train_split)
     conditions = condition_ids(instances, labels, cond, model.null_id)
   keymap = marks.Keymap.create(config.marks.key_seed, instances.instance_ids, config.marks.pattern)
   sched = make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
