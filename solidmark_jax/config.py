@@ -124,7 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.num_steps = 100  # sampling steps
   c.eval.sampler = "ddim"  # "ddim" or "ddpm"
   c.eval.eta = 0.0
-  c.eval.jump_length = 10  # RePaint j
+  c.eval.jump_length = 10  # RePaint j (pixel and latent models)
   c.eval.resamples = 1  # RePaint u (1: no resampling, the public SolidMark code)
   c.eval.guidance_scale = 1.0
   c.eval.thresholds = (0.1, 0.05, 0.01, 0.005)

@@ -330,6 +330,8 @@ def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", e
                     remask_every: int = 10, remask_from: str = "x0", mesh=None, return_images: bool = False):
   """The pixel or latent RePaint outpainter for this experiment's model (see `outpaint`).
 
+  Both honour RePaint's `jump_length` / `resamples`; `remask_every` / `remask_from` are latent only.
+
   Params of a call: the UNet's params (pixel) or {"unet": ..., "vae": ...} (latent).
   """
   from solidmark_jax.outpaint import make_outpaint_fn  # pylint: disable=g-import-not-at-top
@@ -338,7 +340,8 @@ def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", e
                 null_condition=null_condition, return_images=return_images, mesh=mesh)
   if exp.is_latent:
     from solidmark_jax.outpaint import latent  # pylint: disable=g-import-not-at-top
-    return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, remask_every=remask_every,
+    return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, jump_length=jump_length,
+                                          resamples=resamples, remask_every=remask_every,
                                           remask_from=remask_from, **kwargs)
   return make_outpaint_fn(denoiser, exp.sched, jump_length=jump_length, resamples=resamples, **kwargs)
 
