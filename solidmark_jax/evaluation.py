@@ -21,7 +21,6 @@ against any of its keys, metrics/duplication.py) into <out>/duplication.{md,json
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -221,8 +220,8 @@ class Evaluator:
     """The metadata of one setting's result store and report."""
     c = self.config.eval
     ev = {k: v for k, v in c.to_dict().items() if k not in ("num_grid", "thresholds", "score")}
-    ev["mitigation"] = dataclasses.asdict(mitigation)
-    ev["augment"] = dataclasses.asdict(augmentation)
+    ev["mitigation"] = mitigation.as_record()
+    ev["augment"] = augmentation.as_record()
     return {
         "checkpoint_step": int(self.step),
         "keymap_hash": self.exp.keymap.hash,

@@ -134,6 +134,13 @@ class Mitigation:
     spec.validate(field)
     return spec
 
+  def as_record(self) -> dict:
+    """The spec as reports and result stores record it: its fields, `probability` for RT only."""
+    record = dataclasses.asdict(self)
+    if self.name != "rt":
+      del record["probability"]
+    return record
+
   @property
   def stage(self) -> Stage | None:
     return stage(self.name)

@@ -27,6 +27,12 @@ def test_level_tables_and_config_errors():
   assert Augmentation.from_config({"name": "crop", "level": 4}).crop_size == 0.2
   assert Augmentation.from_config({"name": "rotate", "angle": 15.0, "seed": 2}) == Augmentation("rotate", 0, 15.0, 2)
   assert Augmentation.from_config(None) == Augmentation()
+  # what a report records: the area crop and the random sigma say so (results of the side crop / fixed
+  # sigma, which "crop" / "blur" once meant, do not match them); the others are their fields
+  assert Augmentation("crop", 2).as_record() == {"name": "crop", "level": 2, "angle": 0.0, "seed": 0,
+                                                 "crop_area": 0.6, "aspect_ratio": [0.75, 4 / 3]}
+  assert Augmentation("blur", 1).as_record()["sigma_range"] == [0.1, 2.0]
+  assert Augmentation("crop_side", 2).as_record() == {"name": "crop_side", "level": 2, "angle": 0.0, "seed": 0}
   assert Augmentation.from_config({"name": "crop_side", "level": 1}).crop_size == 0.8
   assert Augmentation.from_config({"name": "blur_fixed", "level": 2}).kernel_size == 9
   bad = [({"name": "jpeg"}, r"eval\.augment\.name must be one of \('none', 'crop', 'crop_side', 'blur', "

@@ -51,6 +51,8 @@ def test_from_config_parses_and_names_fields_in_errors():
   assert Mitigation.from_config({"name": "rt", "strength": 1}).probability == mit.RT_PROBABILITY == 0.1
   assert Mitigation.from_config({"name": "rt", "strength": 1, "probability": 0.5}) == Mitigation("rt", 1, 0, 0.5)
   assert Mitigation.from_config({"name": "gni", "strength": 0.1, "probability": None}).probability == 0.1
+  assert Mitigation("rt", 2, 1, 0.3).as_record() == {"name": "rt", "strength": 2, "seed": 1, "probability": 0.3}
+  assert Mitigation("gni", 0.1).as_record() == {"name": "gni", "strength": 0.1, "seed": 0}  # as before RT had one
   bad = [({"name": "gaussian"}, r"eval\.mitigation\.name must be one of .*'gaussian'"),
          ({"name": "gni", "strength": -0.1}, r"eval\.mitigation\.strength must be >= 0"),
          ({"name": "cwr", "strength": 1.5}, r"eval\.mitigation\.strength is the number of cwr iterations"),

@@ -135,6 +135,17 @@ class Augmentation:
     """Gaussian kernel size (1 unless a blur)."""
     return BLUR_KERNELS[self.level] if self.name in BLURS else 1
 
+  def as_record(self) -> dict:
+    """The spec as reports and result stores record it: the fields, plus the random crop's area and
+    ratio range ("crop") or the sigma range ("blur"), so results of the side-scaled crop or the fixed
+    sigma, which "crop" and "blur" once meant, are never taken for theirs."""
+    record = dataclasses.asdict(self)
+    if self.name == "crop":
+      record.update(crop_area=self.crop_size, aspect_ratio=list(CROP_RATIO))
+    elif self.name == "blur":
+      record.update(sigma_range=list(BLUR_SIGMA_RANGE))
+    return record
+
   def key(self) -> jax.Array:
     """The default PRNG key of the random crops and blur sigmas for this seed."""
     return jax.random.fold_in(jax.random.key(self.seed), _SALT)
