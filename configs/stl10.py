@@ -1,8 +1,11 @@
-"""The paper's STL-10 DDPM (SPEC section 4): class-conditional, border 16, 13,000 images.
+"""The paper's STL-10 DDPM: class-conditional, border 16, trained on STL-10's labelled images.
 
-96 x 96 images + 2 x 16 border = 128 x 128; the 5,000 train + 8,000 test labelled images.
+96 x 96 images + 2 x 16 border = 128 x 128. The paper trains on all 13,000 labelled images (5,000
+train + 8,000 test); here the last 1,000 test images are held out as non-members, so that they are
+queried, like the members, with their own class: members are the 12,000 images of train +
+test[:7000], non-members test[7000:]. (STL-10's 'unlabelled' split has no classes: its records have
+label -1, which a class-conditional model refuses rather than condition them on the null class.)
 Needs STL-10 prepared in a TFDS data dir (`tfds build stl10 --data_dir DIR` elsewhere).
-Held-out non-members come from the unlabelled split.
 
   python train.py --config configs/stl10.py --workdir workdirs/stl10 --config.data.data_dir=DIR
   python evaluate.py --config configs/stl10.py --workdir workdirs/stl10 --config.data.data_dir=DIR
@@ -14,8 +17,8 @@ from solidmark_jax.config import default_config
 def get_config():
   c = default_config()
   c.data.name = "stl10"
-  c.data.train_split = "train+test"
-  c.data.eval_split = "unlabelled[:10000]"
+  c.data.train_split = "train+test[:7000]"  # 12,000 labelled members
+  c.data.eval_split = "test[7000:]"  # 1,000 labelled non-members, disjoint from the members
   c.data.channels = 3
   c.marks.pad = 16
   c.model.condition = "class"
@@ -27,11 +30,11 @@ def get_config():
   c.train.batch_size = 64
   c.train.learning_rate = 1e-4
   c.train.ema_decay = 0.9995
-  c.train.num_steps = 500 * 13_000 // 64  # 500 epochs
+  c.train.num_steps = 500 * 12_000 // 64  # 500 epochs
   c.train.checkpoint_every = 5000
   c.train.sample_every = 10000
   c.eval.num_members = 10000
-  c.eval.num_nonmembers = 5000
+  c.eval.num_nonmembers = 1000  # all of test[7000:]
   c.eval.num_steps = 250
   c.eval.batch_size = 128
   return c

@@ -129,16 +129,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.num_steps = 100  # sampling steps
   c.eval.sampler = "ddim"  # "ddim" or "ddpm"
   c.eval.eta = 0.0
-  c.eval.jump_length = 10  # RePaint j
+  c.eval.jump_length = 10  # RePaint j (pixel and latent models)
   c.eval.resamples = 1  # RePaint u (1: no resampling, the public SolidMark code)
   c.eval.guidance_scale = 1.0
   c.eval.thresholds = (0.1, 0.05, 0.01, 0.005)
   c.eval.random_init_baseline = False
   # Inference-time mitigation (mitigations.py): "none", "gni" (strength = sigma), "rt", "cwr", "rna",
-  # "random_words" (strength = iterations); caption ones need model.condition == "text".
-  c.eval.mitigation = ml_collections.ConfigDict({"name": "none", "strength": 0.0, "seed": 0})
-  # Query augmentation of the known centre (outpaint/augment.py): "none", "crop" / "blur" (level 1-4),
-  # "rotate" (angle in degrees).
+  # "random_words" (strength = iterations); caption ones need model.condition == "text". probability:
+  # RT's per-token replacement probability per iteration (only RT uses it).
+  c.eval.mitigation = ml_collections.ConfigDict({"name": "none", "strength": 0.0, "seed": 0, "probability": 0.1})
+  # Query augmentation of the known centre (outpaint/augment.py): "none", "crop" / "blur" (level 1-4, the
+  # public SolidMark code's: random resized crop of area 0.8-0.2, Gaussian kernel 5-17 with sigma ~ U(0.1, 2)),
+  # "crop_side" / "blur_fixed" (side 0.8-0.2, fixed sigma per kernel), "rotate" (angle in degrees).
   c.eval.augment = ml_collections.ConfigDict({"name": "none", "level": 0, "angle": 0.0, "seed": 0})
   c.eval.remask_every = 10  # latent models: decode, re-mask in pixels and re-encode every s steps
   c.eval.remask_from = "x0"  # latent re-mask decodes the predicted clean latent ("x0") or z_t ("noisy")

@@ -22,7 +22,6 @@ any of its keys, exact chance per image, metrics/duplication.py) into <out>/dupl
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from solidmark_jax import marks, metrics, mitigations, parallel, report
 from solidmark_jax.data import open_source
-from solidmark_jax.data.pipeline import marked_batch, select_records
+from solidmark_jax.data.pipeline import class_labels, marked_batch, select_records
 from solidmark_jax.experiment import KEYMAP_FILE, Conditioner, Experiment, build_experiment, load_frozen
 from solidmark_jax.experiment import make_outpainter, outpaint_params, source_captions
 from solidmark_jax.metrics import duplication
@@ -110,7 +109,7 @@ def _nonmember_group(exp: Experiment, config) -> _Group:
   keys = marks.keys_for(config.marks.key_seed + NONMEMBER_KEY_SALT, ids, exp.num_keys)  # [n] or [n, m]
   bad = {"skipped_records": len(getattr(source, "skipped", ()) or ())}
   if config.model.condition == "class":
-    conds = source.labels()[ids]
+    conds = class_labels(source.labels()[ids], "data.eval_split", config.data.eval_split)
   elif config.model.condition == "text":
     captions = [source_captions(source, f"data.eval_split {config.data.eval_split!r}")[i] for i in ids]
     tokens = exp.text.tokenize(captions)
@@ -235,8 +234,8 @@ class Evaluator:
     """The metadata of one setting's result store and report."""
     c = self.config.eval
     ev = {k: v for k, v in c.to_dict().items() if k not in ("num_grid", "thresholds", "score")}
-    ev["mitigation"] = dataclasses.asdict(mitigation)
-    ev["augment"] = dataclasses.asdict(augmentation)
+    ev["mitigation"] = mitigation.as_record()
+    ev["augment"] = augmentation.as_record()
     return {
         "checkpoint_step": int(self.step),
         "keymap_hash": self.exp.keymap.hash,

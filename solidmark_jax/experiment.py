@@ -23,7 +23,7 @@ import numpy as np
 from solidmark_jax import marks, models
 from solidmark_jax.data import open_source
 from solidmark_jax.data.pipeline import Instances, make_instances
-from solidmark_jax.data.pipeline import condition_ids, marked_batch
+from solidmark_jax.data.pipeline import class_labels, condition_ids, marked_batch
 from solidmark_jax.diffusion import NoiseSchedule, make_schedule
 
 KEYMAP_FILE = "keymap.json"
@@ -139,7 +139,9 @@ def build_experiment(config) -> Experiment:
   model = models.build_for_config(config.model, model_size, model_channels,
                                   _num_conditions(cond, source, instances))
   if cond != "text":
-    labels = source.labels()[instances.record_index] if cond == "class" else None
+    labels = None
+    if cond == "class":
+      labels = class_labels(source.labels()[instances.record_index], "data.train_split", config.data.train_split)
     conditions = condition_ids(instances, labels, cond, model.null_id)
   keymap = marks.Keymap.create(config.marks.key_seed, instances.instance_ids, config.marks.pattern, num_keys,
                                key_layout)
@@ -347,6 +349,8 @@ def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", e
                     remask_every: int = 10, remask_from: str = "x0", mesh=None, return_images: bool = False):
   """The pixel or latent RePaint outpainter for this experiment's model (see `outpaint`).
 
+  Both honour RePaint's `jump_length` / `resamples`; `remask_every` / `remask_from` are latent only.
+
   Params of a call: the UNet's params (pixel) or {"unet": ..., "vae": ...} (latent). With m keys per
   image (`marks.num_keys`) it reads them off their regions (`exp.key_masks`): k_pred [N, r, m].
   """
@@ -356,7 +360,8 @@ def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", e
                 null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=exp.key_masks)
   if exp.is_latent:
     from solidmark_jax.outpaint import latent  # pylint: disable=g-import-not-at-top
-    return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, remask_every=remask_every,
+    return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, jump_length=jump_length,
+                                          resamples=resamples, remask_every=remask_every,
                                           remask_from=remask_from, **kwargs)
   return make_outpaint_fn(denoiser, exp.sched, jump_length=jump_length, resamples=resamples, **kwargs)
 

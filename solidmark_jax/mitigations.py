@@ -5,13 +5,15 @@ Each mitigation perturbs what the model is conditioned on, at one of three stage
 | name           | stage       | what it does (one iteration)                                       |
 | -------------- | ----------- | ------------------------------------------------------------------ |
 | "gni"          | "embedding" | adds N(0, sigma^2) noise to the condition embedding (sigma = strength) |
-| "rt"           | "tokens"    | replaces a random caption token and inserts a random token         |
+| "rt"           | "tokens"    | replaces each caption token with probability p, inserts a random token |
 | "cwr"          | "caption"   | inserts a randomly chosen word of the caption at a random position |
 | "rna"          | "caption"   | inserts a random number in [0, 10^6) at a random position          |
 | "random_words" | "caption"   | inserts a random word of a vocabulary at a random position         |
 
 The caption- and token-level ones run `strength` iterations (a non-negative integer); GNI's strength
-is sigma. "none" (or strength 0) is the identity. GNI works on any conditional model: text models
+is sigma. RT follows Somepalli et al. 2023b's "random token replacement and addition": in every
+iteration each caption token is replaced by a random token with probability `probability` (default
+`RT_PROBABILITY` = 0.1, about one token of a 10-token caption), then one random token is inserted. "none" (or strength 0) is the identity. GNI works on any conditional model: text models
 pass their text embeddings [B, L, D]; class / image models look up their condition table rows
 (`condition_embeddings`) and pass the noised [B, D] floats. The others need captions (model.condition
 "text"); `check_condition` says so up front.
@@ -61,9 +63,10 @@ ACCEPTED_CONDITIONS: dict[str, tuple[str, ...]] = {
     "random_words": ("text",),
 }
 RNA_MAX = 10**6  # RNA draws integers in [0, RNA_MAX)
+RT_PROBABILITY = 0.1  # RT: per-token replacement probability of one iteration
 # Per-mitigation salts of the random streams, so two mitigations with one seed are independent.
 _SALTS = {"gni": 0x6E1, "rt": 0x271, "cwr": 0xC3A, "rna": 0x3AA, "random_words": 0x3D5}
-_CONFIG_FIELDS = ("name", "strength", "seed")
+_CONFIG_FIELDS = ("name", "strength", "seed", "probability")
 
 
 def _check_seed(seed: Any, field: str) -> int:
@@ -81,11 +84,14 @@ class Mitigation:
     strength: GNI: sigma >= 0. The others: the number of iterations, a non-negative integer
       (an integral float such as 2.0 is accepted). "none": 0.
     seed: seeds the per-instance random streams (>= 0).
+    probability: RT: the chance that an iteration replaces each caption token, in [0, 1]; only RT
+      uses it (any other name must keep the default).
   """
 
   name: str = "none"
   strength: float = 0.0
   seed: int = 0
+  probability: float = RT_PROBABILITY
 
   def __post_init__(self):
     self.validate()
@@ -104,10 +110,17 @@ class Mitigation:
     if self.name not in ("none", "gni") and s != int(s):
       raise ValueError(f"{field}.strength is the number of {self.name} iterations: a non-negative integer, got {s}")
     _check_seed(self.seed, f"{field}.seed")
+    p = self.probability
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0 <= p <= 1:
+      raise ValueError(f"{field}.probability must be a number in [0, 1] (RT's per-token replacement "
+                       f"probability), got {p!r}")
+    if self.name != "rt" and p != RT_PROBABILITY:
+      raise ValueError(f"{field}.probability={p} is only used by name 'rt', not {self.name!r}; set it to "
+                       f"{RT_PROBABILITY} (the default)")
 
   @classmethod
   def from_config(cls, section: Any, field: str = "eval.mitigation") -> "Mitigation":
-    """Parses and validates a config section with fields name, strength, seed (None: "none").
+    """Parses and validates a config section with fields name, strength, seed, probability (None: "none").
 
     Args:
       section: e.g. `config.eval.mitigation` (a ConfigDict or dict), or None.
@@ -115,11 +128,18 @@ class Mitigation:
     """
     items = section_items(section, field, _CONFIG_FIELDS)
     spec = object.__new__(cls)  # validate with the config's field names, not the class's
-    for name, default in (("name", "none"), ("strength", 0.0), ("seed", 0)):
+    for name, default in (("name", "none"), ("strength", 0.0), ("seed", 0), ("probability", RT_PROBABILITY)):
       value = items.get(name, default)
       object.__setattr__(spec, name, default if value is None else value)
     spec.validate(field)
     return spec
+
+  def as_record(self) -> dict:
+    """The spec as reports and result stores record it: its fields, `probability` for RT only."""
+    record = dataclasses.asdict(self)
+    if self.name != "rt":
+      del record["probability"]
+    return record
 
   @property
   def stage(self) -> Stage | None:
@@ -321,10 +341,14 @@ def caption_end(row: np.ndarray, tokens: TokenSpec, where: str = "token ids") ->
 
 
 def random_token_edit(row: np.ndarray, iterations: int, rng: np.random.Generator, tokens: TokenSpec,
-                      candidates: np.ndarray | None = None, where: str = "token ids") -> np.ndarray:
-  """RT on one tokenised caption: each iteration replaces one uniformly chosen caption token by a
-  random non-special token, then inserts another random non-special token at a uniform position of
-  the caption (the end token and the rest shift right by one; skipped when the row has no room).
+                      candidates: np.ndarray | None = None, where: str = "token ids",
+                      probability: float = RT_PROBABILITY) -> np.ndarray:
+  """RT on one tokenised caption (random token replacement and addition, Somepalli et al. 2023b).
+
+  Each iteration replaces every caption token, independently with probability `probability`, by a
+  uniform random non-special token, then inserts one more random non-special token at a uniform
+  position of the caption (the end token and the rest shift right by one; skipped when the row has
+  no room).
 
   Args:
     row: int [L] = start, caption tokens, end, padding.
@@ -333,6 +357,7 @@ def random_token_edit(row: np.ndarray, iterations: int, rng: np.random.Generator
     tokens: the tokenizer's ids.
     candidates: `tokens.candidates()`, if precomputed.
     where: names the row in errors.
+    probability: per-token replacement probability of one iteration.
 
   Returns:
     int [L], same dtype: the start token, caption tokens, the end token and padding, in that order.
@@ -343,8 +368,9 @@ def random_token_edit(row: np.ndarray, iterations: int, rng: np.random.Generator
     return row
   candidates = tokens.candidates() if candidates is None else candidates
   for _ in range(iterations):
-    if end > 1:  # replace a caption token
-      row[int(rng.integers(1, end))] = candidates[int(rng.integers(0, candidates.size))]
+    if end > 1:  # replace each caption token with probability p
+      hit = np.flatnonzero(rng.random(end - 1) < probability) + 1
+      row[hit] = candidates[rng.integers(0, candidates.size, hit.size)]
     if end + 1 < row.size:  # add a token at a position in [1, end]
       pos = int(rng.integers(1, end + 1))
       row[pos + 1:end + 2] = row[pos:end + 1].copy()
@@ -373,7 +399,8 @@ def mitigate_tokens(spec: Mitigation, token_ids, instance_ids, tokens: TokenSpec
     return token_ids
   candidates = tokens.candidates()
   rows = [random_token_edit(row, spec.iterations, instance_rng(spec.seed, spec.name, i), tokens, candidates,
-                            where=f"token ids row {n}") for n, (row, i) in enumerate(zip(token_ids, ids))]
+                            where=f"token ids row {n}", probability=float(spec.probability))
+          for n, (row, i) in enumerate(zip(token_ids, ids))]
   return np.stack(rows).astype(token_ids.dtype)
 
 

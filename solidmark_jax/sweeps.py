@@ -199,7 +199,7 @@ def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], results:
     effect = metrics.paired_effect(base_pred, pred, base_keys, thresholds, statistic=statistic)
     row = {
         "setting": setting.name, "method": setting.method, "value": setting.value,
-        "mitigation": dataclasses.asdict(setting.mitigation), "augment": dataclasses.asdict(setting.augmentation),
+        "mitigation": setting.mitigation.as_record(), "augment": setting.augmentation.as_record(),
         "n": m["n"], "repeats": m["repeats"], "counts": m["counts"], "rates": m["rates"],
         "chance": m["chance"], "effect": effect, "l_sm_mean": m["l_sm"]["mean"],
     }

@@ -146,6 +146,23 @@ def _fake_builders(meta_dir: str):
       for i in range(n):
         yield i, {"image": np.full((8, 8, 1), 20 * i, np.uint8), "label": i % 3}
 
+  class SolidmarkFakeStl(tfds.core.GeneratorBasedBuilder):
+    """STL-10-like: 12x12 grey, 3 classes; labelled train and test, an unlabelled split (label -1)."""
+    VERSION = tfds.core.Version("1.0.0")
+    pkg_dir_path = epath.Path(meta_dir)
+
+    def _info(self):
+      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(12, 12, 1)), "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(8, True), "test": self._generate_examples(6, True),
+              "unlabelled": self._generate_examples(4, False)}
+
+    def _generate_examples(self, n, labelled):
+      for i in range(n):
+        yield i, {"image": np.full((12, 12, 1), 10 * i, np.uint8), "label": (i + 1) % 3 if labelled else -1}
+
   class SolidmarkFakeOffline(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     pkg_dir_path = epath.Path(meta_dir)
@@ -159,7 +176,7 @@ def _fake_builders(meta_dir: str):
     def _generate_examples(self):
       yield from ()
 
-  return SolidmarkFakeFaces, SolidmarkFakeDigits, SolidmarkFakeOffline
+  return SolidmarkFakeFaces, SolidmarkFakeDigits, SolidmarkFakeStl, SolidmarkFakeOffline
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +217,46 @@ def test_tfds_labelled_split_slices(fake_tfds):
   assert len(open_source(cfg(name="solidmark_fake_digits", data_dir=fake_tfds), "test")) == 3
   with pytest.raises(IndexError):
     src.read(np.array([9]))
+
+
+def test_class_model_refuses_unlabelled_records(fake_tfds):
+  """STL-10's 'unlabelled' records have label -1, which the condition table would read as the null
+  class: a class-conditional model refuses them (train or eval split), naming the field and the fix;
+  the labelled test split gives non-members their own classes."""
+  from configs import tiny
+  from solidmark_jax import evaluation
+  from solidmark_jax.experiment import build_experiment
+
+  def config(train_split, eval_split):
+    c = tiny.get_config()
+    c.data.update(dict(name="solidmark_fake_stl", data_dir=fake_tfds, subset_size=None, train_split=train_split,
+                       eval_split=eval_split))
+    c.eval.num_members = c.eval.num_nonmembers = 4
+    return c
+
+  unlabelled = open_source(cfg(name="solidmark_fake_stl", data_dir=fake_tfds, channels=1), "unlabelled")
+  np.testing.assert_array_equal(unlabelled.labels(), -1)
+  with pytest.raises(ValueError, match=r"data\.train_split='train\+unlabelled': 4 of the 12 records used have no "
+                                       r"label \(-1\), and model\.condition='class' would silently condition them on "
+                                       r"the null class; use a labelled split \(e\.g\. STL-10's 'test', not "
+                                       r"'unlabelled'\), or model\.condition='none'"):
+    build_experiment(config("train+unlabelled", "test"))
+  c = config("train", "unlabelled[:2]")
+  c.eval.num_nonmembers = 2
+  exp = build_experiment(c)
+  own_class = lambda source, rows: (source.read(rows)["image"][:, 0, 0, 0] // 10 + 1) % 3  # as generated
+  np.testing.assert_array_equal(exp.conditions, own_class(exp.source, exp.instances.record_index))  # members
+  with pytest.raises(ValueError, match=r"data\.eval_split='unlabelled\[:2\]': 2 of the 2 records used have no label"):
+    evaluation._nonmember_group(exp, c)
+  c = config("train", "test")
+  group = evaluation._nonmember_group(build_experiment(c), c)
+  test = open_source(c.data, "test")
+  np.testing.assert_array_equal(group.conditions, own_class(test, group.ids))  # non-members: their own classes
+  assert exp.null_id == 3 and not np.any(group.conditions == exp.null_id)
+  c.model.condition = "none"  # an unconditional model may use unlabelled records
+  c.data.train_split = "train+unlabelled"
+  unconditional = build_experiment(c)
+  assert len(unconditional.conditions) == 12 and np.all(unconditional.conditions == unconditional.null_id)
 
 
 def test_tfds_not_prepared_errors(fake_tfds, tmp_path):

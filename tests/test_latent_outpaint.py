@@ -192,3 +192,52 @@ def test_four_keys_per_image_are_read_off_their_sides(tiny_vae):
   k_pred = np.asarray(fn({"unet": {}, "vae": params}, x, mask, np.arange(N), jax.random.key(0), repeats=2)["k_pred"])
   assert k_pred.shape == (N, 2, 4)
   np.testing.assert_allclose(k_pred, np.repeat(k_roundtrip[:, None], 2, 1), atol=2e-4)
+
+
+def test_repaint_resampling_jumps_the_latents_forward():
+  """eps_hat = 0 under DDIM (eta 0) scales z_t deterministically from step to step; only RePaint's
+  forward jumps add noise. Recording each denoiser call's (t, z_t) shows the resampling schedule of
+  the pixel loop, and at every jump row exactly the forward process q(z_t | z_from) in latent space."""
+  import types
+
+  from solidmark_jax.experiment import make_outpainter
+  from solidmark_jax.outpaint import num_denoiser_calls, repaint_steps
+
+  cfg = ml_collections.ConfigDict(dict(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
+                                       norm_num_groups=8, scaling_factor=1.0))
+  vae = build_vae(cfg, 1, SIZE)
+  params = {"unet": {}, "vae": init_vae_params(vae, 0, SIZE)}  # untrained: only decodes at the end here
+  calls = []
+
+  def denoiser(p, z_t, t, condition):
+    del p, condition
+    jax.debug.callback(lambda tt, zz: calls.append((int(np.asarray(tt).reshape(-1)[0]), np.asarray(zz).copy())),
+                       t, z_t)
+    return jnp.zeros_like(z_t)
+
+  x, _ = marked(1, 7)
+  mask = np.ones((SIZE, SIZE, 1), np.float32)  # no known region: no re-mask, only the sampler and the jumps
+  model = types.SimpleNamespace(apply=lambda variables, z_t, t, c: denoiser(variables["params"], z_t, t, c))
+  exp = types.SimpleNamespace(is_latent=True, model=model, sched=SCHED, vae=vae, key_masks=None)
+  fn = make_outpainter(exp, num_steps=8, jump_length=2, resamples=3, remask_every=0)  # as evaluate builds it
+  want = repaint_steps(T, 8, jump_length=2, resamples=3)
+  np.testing.assert_array_equal(fn.steps, want)
+  assert fn.num_denoiser_calls == num_denoiser_calls(8, 2, 3) == 20  # 8 + 3 jump points x 2 extra x 2 levels
+  fn(params, x, mask, np.zeros(1, np.int32), jax.random.key(0))
+  assert [t for t, _ in calls] == want[:, 1].tolist()  # one denoiser call per row, at the row's level
+  abar = lambda t: float(SCHED.abar[t])
+  residuals = []
+  for (t_a, z_a), (t_b, z_b), (t_from, t, _) in zip(calls, calls[1:], want[1:]):
+    z_det = np.sqrt(abar(t_b) / abar(t_a)) * z_a  # DDIM with eps 0 (and the jump's mean)
+    if t_from == t:  # no jump: deterministic
+      np.testing.assert_allclose(z_b, z_det, rtol=1e-4, atol=1e-5)
+    else:  # jump t_from -> t: z_t = sqrt(abar_t / abar_from) z_from + sqrt(1 - abar_t / abar_from) eps
+      residuals.append((z_b - z_det) / np.sqrt(1 - abar(t) / abar(t_from)))
+  assert len(residuals) == 6  # 3 jump points, u - 1 = 2 jumps each
+  eps = np.concatenate([r.ravel() for r in residuals])  # 6 x 144 draws of eps
+  assert abs(eps.std() - 1) < 0.1 and abs(eps.mean()) < 0.1, (eps.mean(), eps.std())
+
+  # u = 1 (the default): no jump rows, the rows of plain latent sampling
+  plain = make_latent_outpaint_fn(denoiser, SCHED, vae, num_steps=8, jump_length=2, resamples=1)
+  np.testing.assert_array_equal(plain.steps, repaint_steps(T, 8, jump_length=1, resamples=1))
+  assert np.all(plain.steps[:, 0] == plain.steps[:, 1])

@@ -48,13 +48,23 @@ def test_from_config_parses_and_names_fields_in_errors():
   assert Mitigation.from_config(None) == Mitigation()
   assert Mitigation.from_config({"name": "gni", "strength": 0.1}).sigma == pytest.approx(0.1)
   assert Mitigation.from_config({"name": "rt", "strength": 2.0}).iterations == 2
+  assert Mitigation.from_config({"name": "rt", "strength": 1}).probability == mit.RT_PROBABILITY == 0.1
+  assert Mitigation.from_config({"name": "rt", "strength": 1, "probability": 0.5}) == Mitigation("rt", 1, 0, 0.5)
+  assert Mitigation.from_config({"name": "gni", "strength": 0.1, "probability": None}).probability == 0.1
+  assert Mitigation("rt", 2, 1, 0.3).as_record() == {"name": "rt", "strength": 2, "seed": 1, "probability": 0.3}
+  assert Mitigation("gni", 0.1).as_record() == {"name": "gni", "strength": 0.1, "seed": 0}  # as before RT had one
   bad = [({"name": "gaussian"}, r"eval\.mitigation\.name must be one of .*'gaussian'"),
          ({"name": "gni", "strength": -0.1}, r"eval\.mitigation\.strength must be >= 0"),
          ({"name": "cwr", "strength": 1.5}, r"eval\.mitigation\.strength is the number of cwr iterations"),
          ({"name": "none", "strength": 2}, r"eval\.mitigation\.strength must be 0 for name 'none'"),
          ({"name": "rna", "strength": float("nan")}, r"eval\.mitigation\.strength must be a finite number"),
          ({"name": "rna", "strength": 1, "seed": -1}, r"eval\.mitigation\.seed must be an integer >= 0"),
-         ({"name": "rna", "strenght": 1}, r"eval\.mitigation: unknown fields \['strenght'\]")]
+         ({"name": "rna", "strenght": 1}, r"eval\.mitigation: unknown fields \['strenght'\]"),
+         ({"name": "rt", "strength": 1, "probability": 1.5}, r"eval\.mitigation\.probability must be a number in "
+                                                             r"\[0, 1\] \(RT's per-token replacement probability\)"),
+         ({"name": "rt", "strength": 1, "probability": "high"}, r"eval\.mitigation\.probability must be a number"),
+         ({"name": "cwr", "strength": 1, "probability": 0.3}, r"eval\.mitigation\.probability=0\.3 is only used by "
+                                                              r"name 'rt', not 'cwr'; set it to 0\.1")]
   for section, message in bad:
     with pytest.raises(ValueError, match=message):
       Mitigation.from_config(ConfigDict(section))
@@ -247,6 +257,41 @@ def test_rt_changes_grow_with_strength_and_are_per_instance():
   b = mit.mitigate_tokens(Mitigation("rt", 2, 3), ids[:2], [8, 7], TOKENS)
   np.testing.assert_array_equal(a, b[::-1])
   assert not np.array_equal(a[0], a[1])
+
+
+def test_rt_replaces_each_token_with_the_set_probability_and_inserts_one_per_iteration():
+  """Captions of 30 copies of one token X: after RT the X's left are the tokens never replaced, the
+  row grows by one token per iteration. 400 rows, a large vocabulary (a random draw is X with p 2e-5)."""
+  tokens = TokenSpec(vocab_size=50_000, bos_id=1, eos_id=2, pad_id=0)
+  x_id, n_words, n_rows, length = 7, 30, 400, 64
+  rows = np.zeros((n_rows, length), np.int32)
+  rows[:, 0], rows[:, 1:n_words + 1], rows[:, n_words + 1] = 1, x_id, 2
+  for p in (0.0, 0.1, 0.3, 1.0):
+    for iterations in (1, 3):
+      out = mit.mitigate_tokens(Mitigation("rt", iterations, seed=4, probability=p), rows, np.arange(n_rows),
+                                tokens)
+      for row in out:
+        _check_structure(row, tokens, n_words + iterations)  # exactly one insertion per iteration
+      kept = np.mean(np.sum(out == x_id, axis=1)) / n_words  # X's never replaced
+      # each original token survives an iteration with 1 - p (inserted tokens are random, never X)
+      expected = (1 - p) ** iterations
+      assert abs(kept - expected) < 0.015, (p, iterations, kept, expected)
+      if iterations == 1:  # the measured replacement rate of one iteration
+        assert abs((1 - kept) - p) < 0.015, (p, 1 - kept)
+  # seeded per instance: an instance's edit does not depend on its batch, the seed changes it
+  spec = Mitigation("rt", 2, seed=5, probability=0.3)
+  a = mit.mitigate_tokens(spec, rows[:3], [10, 11, 12], tokens)
+  b = mit.mitigate_tokens(spec, rows[:1], [11], tokens)
+  np.testing.assert_array_equal(a[1], b[0])
+  assert not np.array_equal(a[0], a[1])
+  assert not np.array_equal(mit.mitigate_tokens(Mitigation("rt", 2, seed=6, probability=0.3), rows[:3],
+                                                [10, 11, 12], tokens), a)
+  # a full row gets no insertion, but its tokens are still replaced
+  full = np.full((1, 8), x_id, np.int32)
+  full[0, 0], full[0, 7] = 1, 2
+  out = mit.mitigate_tokens(Mitigation("rt", 1, probability=1.0), full, [0], tokens)
+  _check_structure(out[0], tokens, 6)
+  assert not np.any(out[0, 1:7] == x_id)
 
 
 def test_rt_bad_rows_and_tokenizer_spec():

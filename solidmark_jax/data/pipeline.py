@@ -82,6 +82,31 @@ def make_instances(num_records: int, data_cfg, seed: int) -> Instances:
   return Instances(record_index=records[image_id], image_id=image_id, num_images=len(records))
 
 
+def class_labels(labels: np.ndarray, field: str, split: str) -> np.ndarray:
+  """The class ids of a class-conditional model's records; a record without a label is an error.
+
+  A label of -1 (no label, e.g. every record of STL-10's "unlabelled" split) would index the
+  condition table's last row, the null condition: the model would be queried unconditionally
+  without anyone noticing. So it is refused, naming the config field and the split.
+
+  Args:
+    labels: int [n] labels of the records used (-1: none).
+    field: the config field of the split, e.g. "data.eval_split".
+    split: its value, e.g. "unlabelled[:10000]".
+
+  Returns:
+    int64 [n] labels, all >= 0.
+  """
+  labels = np.asarray(labels, np.int64)
+  missing = np.flatnonzero(labels < 0)
+  if missing.size:
+    raise ValueError(
+        f"{field}={split!r}: {missing.size} of the {labels.size} records used have no label (-1), and "
+        "model.condition='class' would silently condition them on the null class; use a labelled split (e.g. "
+        "STL-10's 'test', not 'unlabelled'), or model.condition='none'")
+  return labels
+
+
 def condition_ids(instances: Instances, labels: np.ndarray, condition: str, null_id: int) -> np.ndarray:
   """Per-instance condition ids for a model's condition kind."""
   if condition == "class":

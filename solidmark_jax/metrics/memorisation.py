@@ -304,7 +304,7 @@ def summarize(k_pred, keys, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
                                       observed=counts) if n >= 2 else None,
       "reference_chance": {
           "doc": ("reference only, not tested against: (2d - d^2)^m per evaluation"
-                  + (f", best of r: 1 - (1 - p)^r" if statistic == "best" else "")
+                  + (", best of r: 1 - (1 - p)^r" if statistic == "best" else "")
                   + " (exact only for uniform, independent predictions)"),
           "rate": [float(p) for p in reference],
           "expected": [float(n * p) for p in reference],

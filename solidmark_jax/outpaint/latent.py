@@ -28,6 +28,13 @@ What is decoded (`remask_from`):
   not the latent of a noisy image, pixel noise encodes to no Gaussian latent), so this is offered
   for comparison only.
 
+RePaint resampling (`jump_length` j, `resamples` u; Lugmayr et al. 2022) runs on the latents with the
+pixel loop's schedule (`repaint.repaint_steps`): a row (t_from, t, t_prev) whose t_from < t first
+jumps the latent forward, z_t = sqrt(abar_t / abar_from) z_from + sqrt(1 - abar_t / abar_from) eps
+(the forward process the UNet was trained on, in latent space), then denoises t -> t_prev. The
+re-mask grid counts rows, i.e. denoiser calls: with u > 1 the jumped segments are re-masked too.
+u = 1 (the default) has no jumps: the same rows, noise and results as without resampling.
+
 Between re-masks the steps are plain latent DDIM/DDPM steps (no latent blending). The x0
 estimate is not clipped (latents are not bounded by [-1, 1], unlike pixels; Stable Diffusion's
 samplers use clip_sample=False). At the end the final latent is decoded, clipped to [-1, 1], the
@@ -57,6 +64,7 @@ from solidmark_jax.models.vae import VAE
 from solidmark_jax.outpaint.repaint import SAMPLERS, Denoiser, Outpainter, Sampler, repaint_steps
 
 REMASK_FROM = ("x0", "noisy")
+_JUMP_SALT = 0x7A3F0  # the jump noise of row i: fold_in(fold_in(key, salt), i), apart from the u = 1 streams
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +129,7 @@ class LatentOutpainter(Outpainter):
     vae: the VAE.
     remask: bool [K], the steps that decode, re-mask and re-encode.
     remask_from: "x0" or "noisy".
+    steps: int32 [K, 3] (t_from, t, t_prev) rows, RePaint jumps included (`repaint.repaint_steps`).
   """
 
   def __init__(self, denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, steps: np.ndarray, *, remask_every: int,
@@ -165,14 +174,19 @@ class LatentOutpainter(Outpainter):
       latent_shape = (self.vae.latent_size(x0_known.shape[0]), self.vae.latent_size(x0_known.shape[1]),
                       self.vae.latent_channels)
     z = jax.random.normal(key_init, latent_shape, x0_known.dtype)  # z at the noisiest level
-    steps = jnp.asarray(self.steps)  # [K, 3] (t_from == t: no resampling)
-    rows = jnp.concatenate([jnp.arange(steps.shape[0], dtype=jnp.int32)[:, None], steps[:, 1:],
-                            jnp.asarray(self.remask, jnp.int32)[:, None]], axis=1)  # [K, 4]
+    steps = jnp.asarray(self.steps)  # [K, 3] (t_from == t: no jump)
+    rows = jnp.concatenate([jnp.arange(steps.shape[0], dtype=jnp.int32)[:, None], steps,
+                            jnp.asarray(self.remask, jnp.int32)[:, None]], axis=1)  # [K, 5]
     has_known = jnp.any(mask < 0.5)  # the same for every image: lax.cond stays a branch under vmap
+    jumps = bool(np.any(self.steps[:, 0] < self.steps[:, 1]))  # static: no jump code without resampling
+    key_jump = jax.random.fold_in(key_loop, _JUMP_SALT)
 
     def step(z_t, row):
-      i, t, t_prev, remask = row[0], row[1], row[2], (row[3] > 0) & has_known
+      i, t_from, t, t_prev, remask = row[0], row[1], row[2], row[3], (row[4] > 0) & has_known
       k_pixel, k_step = jax.random.split(jax.random.fold_in(key_loop, i))
+      if jumps:  # RePaint resampling: back from t_from to the noisier t (no-op row when t_from == t)
+        noise_jump = jax.random.normal(jax.random.fold_in(key_jump, i), z_t.shape, z_t.dtype)
+        z_t = jnp.where(t_from < t, schedule_lib.forward_jump(sched, z_t, t_from, t, noise_jump), z_t)
       if self.remask_from == "noisy":
         noise_px = jax.random.normal(k_pixel, x0_known.shape, x0_known.dtype)
         z_t = jax.lax.cond(remask, lambda z: self._remask_noisy(p_vae, z, t, x0_known, mask, noise_px),
@@ -212,6 +226,7 @@ class LatentOutpainter(Outpainter):
 
 
 def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, *, num_steps: int,
+                            jump_length: int = 10, resamples: int = 1,
                             remask_every: int = 10, remask_from: Literal["x0", "noisy"] = "x0",
                             sampler: Sampler = "ddim", eta: float = 0.0, guidance_scale: float = 1.0,
                             null_condition=None, return_images: bool = False,
@@ -224,6 +239,8 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
     sched: the training noise schedule (T levels).
     vae: the VAE the latents belong to (`models.vae`).
     num_steps: S strided sampling timesteps (the public code: 100).
+    jump_length: RePaint's j.
+    resamples: RePaint's u; 1 means no resampling (the public SolidMark code).
     remask_every: s, steps between decode / re-mask / re-encode round trips (the paper: 10);
       0 never re-masks (plain latent sampling).
     remask_from: "x0" (decode the predicted clean latent; default) or "noisy" (decode z_t); see
@@ -248,7 +265,7 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
     raise ValueError(f"latent outpaint: remask_every must be >= 0 (0: never), got {remask_every}")
   if guidance_scale != 1.0 and null_condition is None:
     raise ValueError("latent outpaint: guidance_scale != 1 needs null_condition (the unconditional condition)")
-  steps = repaint_steps(sched.num_steps, num_steps, jump_length=1, resamples=1)  # [S, 3], no jumps
+  steps = repaint_steps(sched.num_steps, num_steps, jump_length=jump_length, resamples=resamples)  # [K, 3]
   return LatentOutpainter(denoiser, sched, vae, steps, remask_every=remask_every, remask_from=remask_from,
                           sampler=sampler, eta=eta, guidance_scale=guidance_scale, null_condition=null_condition,
                           return_images=return_images, mesh=mesh, key_masks=key_masks)
