@@ -81,7 +81,8 @@ def _number(text: str, field: str) -> float:
   return value
 
 
-def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: str = "sweep") -> Setting:
+def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: str = "sweep",
+                 rt_probability: float = mitigations.RT_PROBABILITY) -> Setting:
   """The setting `name` at `value` of a sweep of `kind`; a clear error naming `field` for bad input.
 
   Args:
@@ -91,6 +92,7 @@ def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: st
     value: strength, level or angle.
     seed: the config's mitigation / augmentation seed.
     field: named in errors, e.g. "sweep.settings[2]".
+    rt_probability: RT's per-token replacement probability (the config's eval.mitigation.probability).
   """
   if kind not in KINDS:
     raise ValueError(f"sweep.kind must be one of {KINDS}, got {kind!r}")
@@ -104,7 +106,8 @@ def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: st
       if name not in mitigations.MITIGATIONS:
         raise ValueError(f"unknown mitigation {name!r}; one of {mitigations.MITIGATIONS}")
       strength = value if name == "gni" else (int(value) if value == int(value) else value)
-      m, a = mitigations.Mitigation(name, strength, seed), none_a
+      extra = {"probability": rt_probability} if name == "rt" else {}
+      m, a = mitigations.Mitigation(name, strength, seed, **extra), none_a
     else:
       if name not in augment_lib.AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; one of {augment_lib.AUGMENTATIONS}")
@@ -131,6 +134,8 @@ def settings_from_config(config) -> list[Setting]:
   if kind not in KINDS:
     raise ValueError(f"sweep.kind must be one of {KINDS}, got {kind!r}")
   seed = int((config.eval.mitigation if kind == "mitigation" else config.eval.augment).get("seed", 0) or 0)
+  probability = config.eval.mitigation.get("probability", mitigations.RT_PROBABILITY)
+  probability = mitigations.RT_PROBABILITY if probability is None else float(probability)
   listed, name, values = tuple(s.get("settings") or ()), s.get("name") or "", tuple(s.get("values") or ())
   if listed and (name or values):
     raise ValueError("sweep: set either sweep.settings (\"name:value\" strings) or sweep.name with sweep.values, "
@@ -145,13 +150,13 @@ def settings_from_config(config) -> list[Setting]:
       if not sep and head.strip() != "none":
         raise ValueError(f"{field}: expected \"name:value\" (e.g. \"gni:0.1\", \"crop:2\") or \"none\", got {item!r}")
       out.append(make_setting(kind, head.strip(), _number(tail.strip(), field) if sep else 0.0, seed=seed,
-                              field=field))
+                              field=field, rt_probability=probability))
   elif name:
     if not values:
       raise ValueError(f"sweep.values: give the strengths / levels of sweep.name={name!r}, e.g. (0.0, 0.1, 0.5)")
     for i, v in enumerate(values):
       out.append(make_setting(kind, name, _number(str(v), f"sweep.values[{i}]"), seed=seed,
-                              field=f"sweep.values[{i}]"))
+                              field=f"sweep.values[{i}]", rt_probability=probability))
   else:
     raise ValueError("sweep: no settings; set sweep.settings (e.g. (\"none\", \"gni:0.1\")) or sweep.name and "
                      "sweep.values")
@@ -161,7 +166,7 @@ def settings_from_config(config) -> list[Setting]:
     raise ValueError(f"sweep: settings listed twice: {dup}")
   base = next((i for i, x in enumerate(out) if x.is_identity), None)
   if base is None:
-    out.insert(0, make_setting(kind, "none", 0.0, seed=seed))
+    out.insert(0, make_setting(kind, "none", 0.0, seed=seed, rt_probability=probability))
   else:
     out.insert(0, out.pop(base))
   return out

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import paper_table3_mitigations, tiny
-from solidmark_jax import marks, report
+from solidmark_jax import marks, mitigations, report
 from solidmark_jax.evaluation import Evaluator
 from solidmark_jax.metrics import chance, memorisation
 from solidmark_jax import sweeps
@@ -297,3 +297,12 @@ def test_duplication_scoring_end_to_end(fashion_dir, tmp_path):
   text = open(os.path.join(workdir, "sweeps", "dup", "table.md")).read()
   assert "Memorisation by duplication level" in text and "| 4x | 1 | 2 |" in text
   assert table["rows"][0]["duplication"]["4x"]["n"] == 1
+
+
+def test_rt_sweeps_use_the_configured_probability():
+  c = tiny.get_config()
+  c.sweep.settings = ("none", "rt:2", "gni:0.1")
+  c.eval.mitigation.probability = 0.3
+  settings = sweeps.settings_from_config(c)
+  assert settings[1].mitigation.probability == 0.3
+  assert settings[2].mitigation.probability == mitigations.RT_PROBABILITY  # only RT takes it
