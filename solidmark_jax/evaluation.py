@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import marks, metrics, mitigations, parallel, report
+from solidmark_jax import dirlock, marks, metrics, mitigations, parallel, report
 from solidmark_jax.data import open_source
 from solidmark_jax.data.pipeline import marked_batch, select_records
 from solidmark_jax.experiment import KEYMAP_FILE, Conditioner, Experiment, build_experiment, load_frozen
@@ -333,10 +333,14 @@ def write_duplication_report(exp: Experiment, results: report.Results, threshold
 
 
 def evaluate(config, workdir: str, step: int | None = None, out_dir: str | None = None) -> dict:
-  """Outpaints members and non-members, writes the report under DIR/eval/, returns the summary."""
-  evaluator = Evaluator(config, workdir, step)
-  out_dir = out_dir or os.path.join(evaluator.workdir, "eval")
-  summary = evaluator.score(out_dir)
+  """Outpaints members and non-members, writes the report under DIR/eval/, returns the summary.
+
+  Raises `dirlock.DirectoryInUse` when another live process writes to the same output directory.
+  """
+  out_dir = out_dir or os.path.join(os.path.abspath(workdir), "eval")
+  with dirlock.hold(out_dir, "evaluation"):
+    evaluator = Evaluator(config, workdir, step)
+    summary = evaluator.score(out_dir)
   if evaluator.is_main:
     log.info("report written to %s", out_dir)
   return summary

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import mitigations
+from solidmark_jax import atomic, dirlock, mitigations
 from solidmark_jax.evaluation import DUPLICATION_FILES, Evaluator
 from solidmark_jax.outpaint import augment as augment_lib
 
@@ -319,8 +319,17 @@ def run_sweep(config, workdir: str, *, name: str | None = None, step: int | None
 
   Returns:
     The table (sweep.json) on process 0, None elsewhere.
+
+  Raises:
+    dirlock.DirectoryInUse: another live process runs a sweep of this workdir (DIR/sweeps/ is locked).
   """
   workdir = os.path.abspath(workdir)
+  with dirlock.hold(os.path.join(workdir, "sweeps"), "sweep"):
+    return _run_sweep(config, workdir, name=name, step=step, train=train, evaluator=evaluator)
+
+
+def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, train: bool,
+               evaluator: Evaluator | None) -> dict | None:
   settings = settings_from_config(config)  # bad settings fail before anything is trained or loaded
   kind = config.sweep.kind
   name = name or f"{kind}_{config.sweep.get('name') or 'settings'}"
@@ -354,15 +363,12 @@ def run_sweep(config, workdir: str, *, name: str | None = None, step: int | None
   table["outpainter_traces"] = ev.trace_count  # compilations of the outpainter in this process (one per shape)
   out = os.path.join(root, name)
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "sweep.json"), "w") as f:
-    json.dump(table, f, indent=2)
-    f.write("\n")
+  atomic.write_json(os.path.join(out, "sweep.json"), table, indent=2)
   text = table_markdown(table)
   if has_dup:
     text += "\n" + "\n".join(f"## {s.name}\n\n" + open(os.path.join(d, DUPLICATION_FILES[1])).read()
                              for s, d in zip(settings, dirs))
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(text)
+  atomic.write_text(os.path.join(out, "table.md"), text)
   plot_sweep(os.path.join(out, "sweep.png"), table)
   log.info("sweep %s written to %s", name, out)
   return table
