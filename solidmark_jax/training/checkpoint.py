@@ -83,6 +83,8 @@ class Checkpointer:
             [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._writing: int | None = None  # the step being written in the background, if any
+    self._last_saved: int | None = None
+    self._failed = False  # a write failure was reported
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -116,7 +118,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(step, e) from e
     if saved:
-      self._writing = int(step)
+      self._writing = self._last_saved = int(step)
     return saved
 
   def read_meta(self, step: int) -> dict:
@@ -159,15 +161,22 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
+      self._failed = True
       raise self._write_error(self._writing, e) from e
     finally:
       self._writing = None
 
   def close(self):
+    """Waits for the background write (CheckpointWriteError if it failed), then stops the manager."""
     try:
       self.wait()
     finally:
-      self.manager.close()
+      try:
+        self.manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        if not self._failed:  # Orbax may raise a failure already reported once more while closing
+          self._failed = True
+          raise self._write_error(self._last_saved, e) from e
 
 
 def make_meta(config, step: int, keymap_hash: str) -> dict:
