@@ -46,7 +46,6 @@ settings of `eval` (num_steps, sampler, eta, guidance_scale, batch_size) unless 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from typing import Callable
@@ -387,10 +386,6 @@ def _write_grid(path, exp, result, gen_u8, ids, train, num) -> None:
   report.write_sample_grid(path, pairs, row_labels=labels, max_rows=num)
 
 
-def _write_json(path: str, obj: dict) -> None:
-  atomic.write_json(path, obj, indent=1)
-
-
 def score_generations(config, workdir: str, out_dir: str | None = None, num_samples: int | None = None,
                       step: int | None = None, encoder: Callable | None = None) -> dict | None:
   """Samples generations from a trained model and scores them with the baseline metrics.
@@ -464,9 +459,8 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
             "compared": ("the generations' centres vs the unmarked training images" if exp.config.marks.pattern ==
                          "border" else "both with the key square set to 0"),
             **result}
-  _write_json(os.path.join(out_dir, "scores.json"), result)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(summary_markdown(result))
+  atomic.write_json(os.path.join(out_dir, "scores.json"), result, indent=1)
+  atomic.write_text(os.path.join(out_dir, "summary.md"), summary_markdown(result))
   _write_grid(os.path.join(out_dir, "nearest.png"), exp, result, images, ids, train, int(s["num_grid"]))
   log.info("generation scores written to %s", out_dir)
   return result
