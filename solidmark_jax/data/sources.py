@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 VERIFY_IMAGES = ("header", "full", "none")  # data.verify_images: what is checked of each image at open time
+CHECK_CHUNK = 256  # images checked per round at open time
 CAPTIONS_FILE = "captions.jsonl"
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -521,11 +522,13 @@ class FolderSource:
         check = lambda rel: _check_header(os.path.join(folder, rel))
       kept = []
       with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
-        for rel, reason in zip(files, pool.map(check, files)):  # in order: the first bad file is the error
-          if reason:
-            bad(rel, reason)
-          else:
-            kept.append(rel)
+        for start in range(0, len(files), CHECK_CHUNK):  # chunks: no future per file of a big folder at once
+          chunk = files[start:start + CHECK_CHUNK]
+          for rel, reason in zip(chunk, pool.map(check, chunk)):  # in order: the first bad file is the error
+            if reason:
+              bad(rel, reason)
+            else:
+              kept.append(rel)
     if self.skipped:
       log.warning("image folder %s: skipped %d bad image(s), e.g. %s: %s", folder, len(self.skipped),
                   *self.skipped[0])
