@@ -106,6 +106,9 @@ class DirectoryLock:
                        timespec="seconds"), "token": uuid.uuid4().hex}
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+    self._created: list[str] = []  # folders this lock created (deepest first), removed again if left empty
+    self._dir_times: tuple[int, int] | None = None  # the folder's (atime, mtime) ns before the lock file
+    self._dir_mtime_locked: int | None = None  # its mtime right after the lock file was written
 
   @contextlib.contextmanager
   def _mutex(self) -> Iterator[None]:
@@ -118,6 +121,10 @@ class DirectoryLock:
 
   def acquire(self) -> "DirectoryLock":
     """Takes the lock; raises DirectoryInUse when a live process holds it."""
+    path = self.directory
+    while not os.path.isdir(path) and path != os.path.dirname(path):
+      self._created.append(path)
+      path = os.path.dirname(path)
     os.makedirs(self.directory, exist_ok=True)
     with self._mutex():
       held = _read(self.path)
@@ -130,7 +137,11 @@ class DirectoryLock:
               f"whose process is gone is taken over by itself (from another host after {STALE_AFTER_S:.0f} s "
               "without heartbeat).")
         log.warning("%s: taking over the stale lock of %s: %s", self.directory, _describe(held), reason)
+      if not self._created and held is None:
+        st = os.stat(self.directory)
+        self._dir_times = (st.st_atime_ns, st.st_mtime_ns)
       atomic.write_json(self.path, self.record)
+      self._dir_mtime_locked = os.stat(self.directory).st_mtime_ns
     self._thread = threading.Thread(target=self._heartbeat, name=f"lock {self.path}", daemon=True)
     self._thread.start()
     return self
@@ -143,16 +154,29 @@ class DirectoryLock:
         log.warning("%s: cannot refresh the lock's heartbeat: %s", self.path, e)
 
   def release(self) -> None:
-    """Removes the lock file if it is still this process's."""
+    """Removes the lock file if it is still this process's.
+
+    A run that wrote nothing leaves the directory as it found it: folders the lock created are
+    removed again when empty, and an existing folder whose only change was the lock file gets its
+    modification time back.
+    """
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
     with self._mutex():
       held = _read(self.path)
       if held is not None and held.get("token") == self.record["token"]:
+        untouched = os.stat(self.directory).st_mtime_ns == self._dir_mtime_locked
         os.remove(self.path)
+        if untouched and self._dir_times is not None:
+          os.utime(self.directory, ns=self._dir_times)
       elif held is not None:
         log.warning("%s: the lock was taken over by %s while this process held it", self.path, _describe(held))
+    for folder in self._created:  # deepest first; stops at the first one something was written to
+      try:
+        os.rmdir(folder)
+      except OSError:
+        break
 
 
 @contextlib.contextmanager

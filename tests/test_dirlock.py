@@ -75,3 +75,26 @@ def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
       time.sleep(0.02)
   finally:
     lock.release()
+
+
+def test_a_run_that_writes_nothing_leaves_no_trace(tmp_path):
+  """Folders the lock created go again when left empty; an existing folder keeps its mtime."""
+  target = tmp_path / "new" / "wd" / "eval"
+  with dirlock.hold(str(target), "evaluation"):
+    assert (target / dirlock.LOCK_FILE).exists()
+  assert not (tmp_path / "new").exists()
+  with dirlock.hold(str(target), "evaluation"):
+    (target / "summary.json").write_text("{}")
+  assert os.listdir(target) == ["summary.json"]  # kept, with the folders above it
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "a").write_text("x")
+  old = time.time() - 3600
+  os.utime(existing, (old, old))
+  before = os.stat(existing).st_mtime_ns
+  with dirlock.hold(str(existing), "training"):
+    pass
+  assert os.stat(existing).st_mtime_ns == before and os.listdir(existing) == ["a"]
+  with dirlock.hold(str(existing), "training"):
+    (existing / "b").write_text("y")
+  assert os.stat(existing).st_mtime_ns != before  # something was written: its mtime says so
