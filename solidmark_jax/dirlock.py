@@ -9,8 +9,9 @@ host, command, start time); it writes nothing there.
 The lock file is JSON ({"pid", "host", "command", "started", "token"}), written atomically. Its
 holder refreshes the file's modification time every `HEARTBEAT_S` seconds. A lock is stale, and
 is taken over with a warning in the log, when its process is gone: on the same host, when that pid
-no longer runs; from another host (which cannot see the pid), when the heartbeat is older than
-`STALE_AFTER_S`. Taking a lock is serialised by an `flock` on the directory itself, so two
+no longer runs (or it is this process's own pid without being one of its locks: a restarted
+container reuses pids); from another host (which cannot see the pid), when the heartbeat is older
+than `STALE_AFTER_S`. Taking a lock is serialised by an `flock` on the directory itself, so two
 processes starting at once cannot both win. The lock file is removed when its holder finishes.
 
 Multi-host: only process 0 takes the lock (the others write nothing there, or write what process 0
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".solidmark.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # a lock of another host whose heartbeat is older than this is stale
+
+
+_held_tokens: set[str] = set()  # tokens of the locks this process holds
 
 
 class DirectoryInUse(RuntimeError):
@@ -83,6 +87,8 @@ def _stale_reason(path: str, record: dict, host: str) -> str | None:
     return "its file is gone"
   pid = record.get("pid")
   if record.get("host") == host and isinstance(pid, int):
+    if pid == os.getpid() and record.get("token") not in _held_tokens:
+      return f"it names this process's pid {pid} but not one of its locks (a restarted container reuses pids)"
     return None if _pid_running(pid) else f"process {pid} is no longer running"
   if age > STALE_AFTER_S:
     return f"no heartbeat for {age:.0f} s (more than {STALE_AFTER_S:.0f} s)"
@@ -141,6 +147,7 @@ class DirectoryLock:
         st = os.stat(self.directory)
         self._dir_times = (st.st_atime_ns, st.st_mtime_ns)
       atomic.write_json(self.path, self.record)
+      _held_tokens.add(self.record["token"])
       self._dir_mtime_locked = os.stat(self.directory).st_mtime_ns
     self._thread = threading.Thread(target=self._heartbeat, name=f"lock {self.path}", daemon=True)
     self._thread.start()
@@ -163,6 +170,7 @@ class DirectoryLock:
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
+    _held_tokens.discard(self.record["token"])
     with self._mutex():
       held = _read(self.path)
       if held is not None and held.get("token") == self.record["token"]:

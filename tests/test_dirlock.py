@@ -49,6 +49,13 @@ def test_stale_locks_are_taken_over(tmp_path, caplog):
       assert json.loads(path.read_text())["pid"] == os.getpid()
   assert f"taking over the stale lock of pid {pid} on host {socket.gethostname()}" in caplog.text
   assert f"process {pid} is no longer running" in caplog.text
+  # same host and this process's pid, but not a lock it holds (a restarted container, pid 1 again)
+  path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": "old"}))
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    with dirlock.hold(str(d), "training"):
+      pass
+  assert "a restarted container reuses pids" in caplog.text
   # another host: its pid cannot be checked; live while its heartbeat is recent, stale after STALE_AFTER_S
   path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "purpose": "training"}))
   with pytest.raises(dirlock.DirectoryInUse, match="training by pid 1 on host elsewhere"):
