@@ -139,8 +139,8 @@ class DirectoryLock:
         if reason is None:
           raise DirectoryInUse(
               f"{self.directory} is in use: {held.get('purpose', 'another run')} by {_describe(held)} holds its "
-              f"lock {self.path}. Wait for that process to finish (or stop it), or use another directory; a lock "
-              f"whose process is gone is taken over by itself (from another host after {STALE_AFTER_S:.0f} s "
+              f"lock {self.path}. Wait for that process to finish (or stop it), or use another directory (a lock "
+              f"whose process is gone is taken over automatically; from another host after {STALE_AFTER_S:.0f} s "
               "without heartbeat).")
         log.warning("%s: taking over the stale lock of %s: %s", self.directory, _describe(held), reason)
       if not self._created and held is None:
