@@ -26,11 +26,14 @@ def main(argv):
   import os
   if cli.FLAGS.generations:
     from solidmark_jax.generations import score_generations
-    if score_generations(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step) is not None:
+    with cli.exit_status():
+      summary = score_generations(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step)
+    if summary is not None:
       print(open(os.path.join(os.path.abspath(cli.FLAGS.workdir), "generations", "summary.md")).read())
     return
   from solidmark_jax.evaluation import evaluate
-  summary = evaluate(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step)
+  with cli.exit_status():
+    summary = evaluate(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step)
   if summary is not None:
     print(open(os.path.join(os.path.abspath(cli.FLAGS.workdir), "eval", "summary.md")).read())
 

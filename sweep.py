@@ -30,7 +30,8 @@ def main(argv):
   from solidmark_jax.sweeps import run_sweep
   config_path = flags.FLAGS["config"].config_filename
   name = cli.FLAGS.name or os.path.splitext(os.path.basename(config_path))[0]
-  table = run_sweep(cli.FLAGS.config, cli.FLAGS.workdir, name=name, step=cli.FLAGS.step)
+  with cli.exit_status():
+    table = run_sweep(cli.FLAGS.config, cli.FLAGS.workdir, name=name, step=cli.FLAGS.step)
   if table is None:
     return
   out = os.path.join(os.path.abspath(cli.FLAGS.workdir), "sweeps", name)

@@ -15,7 +15,8 @@ def main(argv):
   del argv
   cli.setup()
   from solidmark_jax.training.loop import train
-  train(cli.FLAGS.config, cli.FLAGS.workdir)
+  with cli.exit_status():
+    train(cli.FLAGS.config, cli.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Flags and process set-up shared by train.py and evaluate.py."""
+"""Flags and process set-up shared by train.py, evaluate.py and sweep.py."""
 
+import contextlib
 import logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -31,3 +33,20 @@ def setup() -> None:
     pass
   from solidmark_jax import parallel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
+@contextlib.contextmanager
+def exit_status():
+  """Maps a preempted stage to its exit status and a directory in use to a one-line error (no traceback).
+
+  Preempted (SIGTERM / SIGINT, checkpoint written): exit `preemption.PREEMPTED_EXIT_CODE` (75).
+  Directory in use by another process (`dirlock.DirectoryInUse`): exit 1 with the message.
+  """
+  from solidmark_jax import dirlock  # pylint: disable=g-import-not-at-top
+  from solidmark_jax.training import preemption  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except preemption.Preempted:
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)  # the stage logged what it wrote
+  except dirlock.DirectoryInUse as e:
+    sys.exit(f"error: {e}")

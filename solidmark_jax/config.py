@@ -44,7 +44,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.caption_column = ml_collections.config_dict.placeholder(str)
   c.data.label_column = ml_collections.config_dict.placeholder(str)
   c.data.num_classes = ml_collections.config_dict.placeholder(int)  # labelled shards: class count
-  c.data.verify_images = "header"  # shards: "header" checks at open time, "full" decodes every image
+  # shards and folders, at open time: "header" checks each image's header, "full" decodes every image, "none"
+  c.data.verify_images = "header"
   c.data.captioned_format = "tar"  # name == "captioned_fashion_mnist": "tar", "parquet" or "folder"
 
   c.marks = ml_collections.ConfigDict()

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import marks, metrics, mitigations, parallel, report
+from solidmark_jax import atomic, dirlock, marks, metrics, mitigations, parallel, report
 from solidmark_jax.data import open_source
 from solidmark_jax.data.pipeline import class_labels, marked_batch, select_records
 from solidmark_jax.experiment import KEYMAP_FILE, Conditioner, Experiment, build_experiment, load_frozen
@@ -334,16 +334,20 @@ def write_duplication_report(exp: Experiment, results: report.Results, threshold
   all_ids = np.arange(len(inst.image_id), dtype=np.int64)
   summary = duplication.summarize_duplication(inst.image_id, exp.keymap.lookup(all_ids),
                                               inst.image_id[members.instance_id], members.k_pred, thresholds)
-  report.writer.write_json(os.path.join(out_dir, DUPLICATION_FILES[0]), summary)
-  report.writer.write_text(os.path.join(out_dir, DUPLICATION_FILES[1]), duplication.duplication_markdown(summary))
+  atomic.write_json(os.path.join(out_dir, DUPLICATION_FILES[0]), summary, indent=2)
+  atomic.write_text(os.path.join(out_dir, DUPLICATION_FILES[1]), duplication.duplication_markdown(summary))
   return summary
 
 
 def evaluate(config, workdir: str, step: int | None = None, out_dir: str | None = None) -> dict:
-  """Outpaints members and non-members, writes the report under DIR/eval/, returns the summary."""
-  evaluator = Evaluator(config, workdir, step)
-  out_dir = out_dir or os.path.join(evaluator.workdir, "eval")
-  summary = evaluator.score(out_dir)
+  """Outpaints members and non-members, writes the report under DIR/eval/, returns the summary.
+
+  Raises `dirlock.DirectoryInUse` when another live process writes to the same output directory.
+  """
+  out_dir = out_dir or os.path.join(os.path.abspath(workdir), "eval")
+  with dirlock.hold(out_dir, "evaluation"):
+    evaluator = Evaluator(config, workdir, step)
+    summary = evaluator.score(out_dir)
   if evaluator.is_main:
     log.info("report written to %s", out_dir)
   return summary

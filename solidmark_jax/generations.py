@@ -46,7 +46,6 @@ settings of `eval` (num_steps, sampler, eta, guidance_scale, batch_size) unless 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from typing import Callable
@@ -55,7 +54,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import marks, parallel, report
+from solidmark_jax import atomic, dirlock, marks, parallel, report
 from solidmark_jax.experiment import Conditioner, Experiment, build_experiment, load_frozen, make_outpainter
 from solidmark_jax.experiment import outpaint_params
 from solidmark_jax.metrics import baselines
@@ -193,9 +192,8 @@ def prompt_instances(num_instances: int, ids: np.ndarray, seed: int) -> np.ndarr
 def _save_batch(samples_dir: str, ids: np.ndarray, images_u8: np.ndarray) -> None:
   os.makedirs(samples_dir, exist_ok=True)
   path = os.path.join(samples_dir, f"{int(ids[0]):07d}.npz")
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, ids=np.asarray(ids, np.int64), images=images_u8)
-  os.replace(tmp, path)
+  with atomic.replace_path(path, suffix=".tmp.npz") as tmp:
+    np.savez(tmp, ids=np.asarray(ids, np.int64), images=images_u8)
 
 
 def _load_images(samples_dir: str, ids: np.ndarray) -> np.ndarray:
@@ -388,14 +386,6 @@ def _write_grid(path, exp, result, gen_u8, ids, train, num) -> None:
   report.write_sample_grid(path, pairs, row_labels=labels, max_rows=num)
 
 
-def _write_json(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def score_generations(config, workdir: str, out_dir: str | None = None, num_samples: int | None = None,
                       step: int | None = None, encoder: Callable | None = None) -> dict | None:
   """Samples generations from a trained model and scores them with the baseline metrics.
@@ -411,10 +401,20 @@ def score_generations(config, workdir: str, out_dir: str | None = None, num_samp
 
   Returns:
     The contents of scores.json on process 0 (None on the others).
+
+  Raises:
+    dirlock.DirectoryInUse: another live process writes to `out_dir`.
   """
+  workdir = os.path.abspath(workdir)
+  out_dir = os.path.abspath(out_dir or os.path.join(workdir, GENERATIONS_DIR))
+  with dirlock.hold(out_dir, "scoring generations"):
+    return _score_generations(config, workdir, out_dir, num_samples, step, encoder)
+
+
+def _score_generations(config, workdir: str, out_dir: str, num_samples: int | None, step: int | None,
+                       encoder: Callable | None) -> dict | None:
   from solidmark_jax.evaluation import load_checkpoint  # pylint: disable=g-import-not-at-top
 
-  workdir = os.path.abspath(workdir)
   s = generation_settings(config)
   if num_samples is not None:
     if int(num_samples) < 1:
@@ -434,7 +434,6 @@ def score_generations(config, workdir: str, out_dir: str | None = None, num_samp
   frozen = jax.device_put(load_frozen(exp, workdir, train=False, mesh=mesh), parallel.replicated(mesh))
   params = outpaint_params(exp, ema, frozen)  # UNet params, or {"unet", "vae"}
   conditioner = Conditioner(exp, frozen)
-  out_dir = os.path.abspath(out_dir or os.path.join(workdir, GENERATIONS_DIR))
   sampling = {k: s[k] for k in ("seed", "num_steps", "sampler", "eta", "guidance_scale")}
   meta = {"checkpoint_step": int(step), "keymap_hash": exp.keymap.hash,
           "config_fingerprint": ckpt.config_fingerprint(config), "sampling": sampling,
@@ -463,9 +462,8 @@ def score_generations(config, workdir: str, out_dir: str | None = None, num_samp
             "compared": ("the generations' centres vs the unmarked training images" if exp.config.marks.pattern ==
                          "border" else "both with the key square set to 0"),
             **result}
-  _write_json(os.path.join(out_dir, "scores.json"), result)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(summary_markdown(result))
+  atomic.write_json(os.path.join(out_dir, "scores.json"), result, indent=1)
+  atomic.write_text(os.path.join(out_dir, "summary.md"), summary_markdown(result))
   _write_grid(os.path.join(out_dir, "nearest.png"), exp, result, images, ids, train, int(s["num_grid"]))
   log.info("generation scores written to %s", out_dir)
   return result

@@ -35,6 +35,8 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
+from solidmark_jax import atomic
+
 KEY_BITS = 16
 Pattern = Literal["border", "centre"]
 PATTERNS = ("border", "centre")
@@ -190,10 +192,7 @@ class Keymap:
       payload["num_keys"] = self.num_keys
       payload["key_layout"] = self.key_layout
       payload["keys"] = {str(int(i)): [float(v) for v in k] for i, k in zip(self.instance_ids, self.keys)}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(payload, f)
-    os.replace(tmp, path)
+    atomic.write_json(path, payload, trailing_newline=False)  # fsync'ed, then moved into place
     return self.hash
 
   @classmethod

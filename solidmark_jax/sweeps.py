@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import metrics, mitigations, report
+from solidmark_jax import atomic, dirlock, metrics, mitigations, report
 from solidmark_jax.evaluation import DUPLICATION_FILES, Evaluator
 from solidmark_jax.outpaint import augment as augment_lib
 
@@ -354,8 +354,17 @@ def run_sweep(config, workdir: str, *, name: str | None = None, step: int | None
 
   Returns:
     The table (sweep.json) on process 0, None elsewhere.
+
+  Raises:
+    dirlock.DirectoryInUse: another live process runs a sweep of this workdir (DIR/sweeps/ is locked).
   """
   workdir = os.path.abspath(workdir)
+  with dirlock.hold(os.path.join(workdir, "sweeps"), "sweep"):
+    return _run_sweep(config, workdir, name=name, step=step, train=train, evaluator=evaluator)
+
+
+def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, train: bool,
+               evaluator: Evaluator | None) -> dict | None:
   settings = settings_from_config(config)  # bad settings fail before anything is trained or loaded
   kind = config.sweep.kind
   name = name or f"{kind}_{config.sweep.get('name') or 'settings'}"
@@ -390,12 +399,12 @@ def run_sweep(config, workdir: str, *, name: str | None = None, step: int | None
   table["outpainter_traces"] = ev.trace_count  # compilations of the outpainter in this process (one per shape)
   out = os.path.join(root, name)
   os.makedirs(out, exist_ok=True)
-  report.writer.write_json(os.path.join(out, "sweep.json"), table)
+  atomic.write_json(os.path.join(out, "sweep.json"), table, indent=2)
   text = table_markdown(table)
   if has_dup:
     text += "\n" + "\n".join(f"## {s.name}\n\n" + open(os.path.join(d, DUPLICATION_FILES[1])).read()
                              for s, d in zip(settings, dirs))
-  report.writer.write_text(os.path.join(out, "table.md"), text)
+  atomic.write_text(os.path.join(out, "table.md"), text)
   plot_sweep(os.path.join(out, "sweep.png"), table)
   log.info("sweep %s written to %s", name, out)
   return table
@@ -428,7 +437,7 @@ def compare_runs(base_dir: str, other_dir: str, out_dir: str, *, labels: tuple[s
   out = {"format": SWEEP_FORMAT, "labels": list(labels), "dirs": [base_dir, other_dir], "thresholds": list(thresholds),
          "statistic": statistic, "summaries": dict(zip(labels, summaries)), "effect": effect}
   os.makedirs(out_dir, exist_ok=True)
-  report.writer.write_json(os.path.join(out_dir, "comparison.json"), out)
+  atomic.write_json(os.path.join(out_dir, "comparison.json"), out, indent=2)
   lines = [f"# {labels[1]} against {labels[0]} on the same {len(runs[0].instance_id)} members", "",
            "| threshold | " + " | ".join(f"{l}: hits, chance, p" for l in labels)
            + f" | reduction of excess ({labels[1]} vs {labels[0]}) [95% CI] | McNemar p (discordant) |",
@@ -442,5 +451,5 @@ def compare_runs(base_dir: str, other_dir: str, out_dir: str, *, labels: tuple[s
     cells.append(f"{_p(effect['mcnemar_p'][t])} ({effect['discordant'][t][0]} / {effect['discordant'][t][1]})")
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", f"A negative reduction: {labels[1]} recovers more keys beyond chance than {labels[0]}."]
-  report.writer.write_text(os.path.join(out_dir, "comparison.md"), "\n".join(lines) + "\n")
+  atomic.write_text(os.path.join(out_dir, "comparison.md"), "\n".join(lines) + "\n")
   return out

@@ -356,20 +356,50 @@ def test_folder_bad_images(tmp_path, caplog):
   (d / "cat" / "2.png").write_bytes(png[: len(png) // 2])  # truncated
   (d / "cat" / "3.png").write_bytes(b"this is not a png")
   save(str(d / "dog" / "4.jpg"), Image.new("RGB", (8, 8)))
+  # verify_images="full": every image decoded at open time, the truncated one is found there
   with pytest.raises(ValueError) as e:
-    FolderSource(str(d), image_size=8)
+    FolderSource(str(d), image_size=8, verify_images="full")
   assert f"{d}/cat/2.png: cannot decode image (truncated or not an image)" in str(e.value)
-  with pytest.raises(ValueError, match=r"cat/3\.png: cannot decode image"):
-    (d / "cat" / "2.png").write_bytes(png)
-    FolderSource(str(d), image_size=8)
-  (d / "cat" / "2.png").write_bytes(png[: len(png) // 2])
   with caplog.at_level("WARNING"):
-    src = FolderSource(str(d), image_size=8, on_bad_image="skip")
+    src = FolderSource(str(d), image_size=8, on_bad_image="skip", verify_images="full")
   assert [p for p, _ in src.skipped] == [f"{d}/cat/2.png", f"{d}/cat/3.png"]
   assert all("cannot decode image" in r for _, r in src.skipped)
   assert "skipped 2 bad image(s)" in caplog.text
   assert src.files == ["cat/1.png", "dog/4.jpg"] and len(src) == 2
   np.testing.assert_array_equal(src.read(np.array([0]))["image"][0, 0, 0], [1, 2, 3])
+  # "header" (the default): the file that is no image fails at open time, the truncated PNG (whose
+  # header is fine) when a batch holding it is read, naming the file
+  with pytest.raises(ValueError, match=r"cat/3\.png: cannot decode image"):
+    FolderSource(str(d), image_size=8)
+  src = FolderSource(str(d), image_size=8, on_bad_image="skip")
+  assert [p for p, _ in src.skipped] == [f"{d}/cat/3.png"]
+  assert src.files == ["cat/1.png", "cat/2.png", "dog/4.jpg"]
+  np.testing.assert_array_equal(src.read(np.array([2, 0]))["image"][1, 0, 0], [1, 2, 3])
+  with pytest.raises(ValueError) as e:
+    src.read(np.array([0, 1, 2]))
+  assert str(e.value).startswith(f"{d}/cat/2.png: cannot decode image") and "data.verify_images='full'" in str(e.value)
+  # "none": only listed
+  assert FolderSource(str(d), image_size=8, verify_images="none").files == ["cat/1.png", "cat/2.png", "cat/3.png",
+                                                                              "dog/4.jpg"]
+  with pytest.raises(ValueError, match="data.verify_images must be one of"):
+    FolderSource(str(d), image_size=8, verify_images="quick")
+
+
+def test_folder_decodes_per_batch_not_at_open(tmp_path, monkeypatch):
+  """Opening decodes no pixels (headers only); read() decodes just the rows asked for."""
+  from solidmark_jax.data import sources
+  for i in range(6):
+    save(str(tmp_path / f"{i}.png"), Image.new("L", (12, 12), 40 * i))
+  calls = []
+  real = sources._decode
+  monkeypatch.setattr(sources, "_decode", lambda path, *a: calls.append(path) or real(path, *a))
+  src = FolderSource(str(tmp_path), image_size=6, channels=1)
+  assert calls == [] and not hasattr(src, "images")
+  x = src.read(np.array([4, 1, 4]))["image"]
+  assert sorted(os.path.basename(p) for p in calls) == ["1.png", "4.png", "4.png"]
+  np.testing.assert_array_equal(x[:, 0, 0, 0], [160, 40, 160])
+  FolderSource(str(tmp_path), image_size=6, channels=1, verify_images="full")
+  assert len(calls) == 3 + 6
 
 
 def test_folder_class_subfolders_and_eval_folder(tmp_path):

@@ -1,5 +1,8 @@
 """Multi-host runs: 2 processes x 2 CPU devices train and evaluate like 1 process x 4 devices.
 
+A 2-process run stopped by SIGTERM to one of its processes stops on both at the same step with a
+checkpoint, and its resumed run ends with the parameters of the uninterrupted one, bit for bit.
+
 The runs go through train.py / evaluate.py as subprocesses (jax.distributed over 127.0.0.1 with gloo
 CPU collectives for the 2-process runs), the single- and the multi-process run concurrently; the
 tests then read the workdirs: the final Orbax checkpoints (as numpy), the losses TensorBoard logged,
@@ -10,6 +13,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -23,6 +27,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
+from solidmark_jax.training.preemption import PREEMPTED_EXIT_CODE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -69,15 +74,16 @@ def _run_both(script, single, multi, data_dir, log_dir, *extra) -> tuple[dict, s
   return codes, _logs(procs, codes)
 
 
-def _wait_all(procs: dict) -> dict:
-  """Waits for every process (name -> (Popen, log path)); kills the rest at the deadline or when one fails."""
+def _wait_all(procs: dict, ok=(0,)) -> dict:
+  """Waits for every process (name -> (Popen, log path)); kills the rest at the deadline or when one fails
+  (exits with a code not in `ok`)."""
   deadline = time.monotonic() + TIMEOUT_S
   codes = {}
   while len(codes) < len(procs):
     for name, (proc, _) in procs.items():
       if name not in codes and proc.poll() is not None:
         codes[name] = proc.returncode
-    failed = any(c != 0 for c in codes.values())
+    failed = any(c not in ok for c in codes.values())
     if failed or time.monotonic() > deadline:  # a peer of a failed process would wait on it forever
       for name, (proc, _) in procs.items():
         if name not in codes:
@@ -214,3 +220,43 @@ def test_two_processes_evaluate_like_one(trained, fashion_dir, tmp_path):
   for workdir in (single, multi):
     with open(workdir / "eval" / "summary.json") as f:
       assert json.load(f)["keymap_hash"] == keymap_hash
+
+
+def test_two_processes_preempted_on_one_stop_together_and_resume_bit_for_bit(trained, fashion_dir, tmp_path):
+  """SIGTERM to process 1 only, as training starts: both processes agree on the step, checkpoint it and
+  exit 75; the re-run resumes there and ends bit for bit where the uninterrupted 2-process run did."""
+  _, reference, _ = trained
+  workdir = tmp_path / "wd"
+  extra = (f"--config.train.num_steps={STEPS}", "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
+           f"--config.train.sample_every={STEPS}")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = {}
+  for i in range(2):
+    log = tmp_path / f"preempted_{i}.log"
+    procs[f"process {i} of 2"] = (_start("train.py", workdir, fashion_dir, log, 2, *extra, process=(address, i)), log)
+  started = f"training steps 1 to {STEPS}"
+  deadline = time.monotonic() + TIMEOUT_S
+  while not all(started in open(log, errors="replace").read() for _, log in procs.values()):
+    assert all(p.poll() is None for p, _ in procs.values()) and time.monotonic() < deadline, _logs(procs, {})
+    time.sleep(0.1)
+  procs["process 1 of 2"][0].send_signal(signal.SIGTERM)
+  codes = _wait_all(procs, ok=(0, PREEMPTED_EXIT_CODE))
+  logs = _logs(procs, codes)
+  assert all(c == PREEMPTED_EXIT_CODE for c in codes.values()), f"{codes}\n{logs}"
+  steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert len(steps) == 1 and 0 < steps[0] < STEPS, (steps, logs)
+  k = steps[0]
+  texts = [open(log).read() for _, log in procs.values()]
+  assert f"training preempted by a signal to another process after step {k}: checkpoint {k} written" in texts[0]
+  assert f"training preempted by SIGTERM after step {k}: checkpoint {k} written" in texts[1]
+
+  address = f"127.0.0.1:{_free_port()}"
+  procs = {f"process {i} of 2": (_start("train.py", workdir, fashion_dir, tmp_path / f"resumed_{i}.log", 2, *extra,
+                                        process=(address, i)), tmp_path / f"resumed_{i}.log") for i in range(2)}
+  codes = _wait_all(procs)
+  logs = _logs(procs, codes)
+  assert all(c == 0 for c in codes.values()), f"{codes}\n{logs}"
+  assert f"resumed from checkpoint {k} " in logs
+  a, b = _read_state(reference, STEPS), _read_state(workdir, STEPS)
+  for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
+    np.testing.assert_array_equal(y, x, err_msg=jax.tree_util.keystr(path))

@@ -199,3 +199,43 @@ def test_store_with_one_key_writes_the_same_lines_as_before(tmp_path):
                    '{"group": "members", "instance_id": 1, "key": 0.5, "k_pred": [0.5, 0.625]}']
   res = store.results()
   assert res.num_keys == 1 and res.key.shape == (2,) and res.k_pred.shape == (2, 2)
+
+
+@pytest.mark.parametrize("fail", ["write_partial", "fsync_eio"])
+def test_failed_append_is_an_error_and_keeps_the_batches_before(tmp_path, monkeypatch, fail):
+  """ENOSPC half-way through a batch's write, or EIO at its fsync: a clear error naming the store, the
+  file cut back to the batches before, and a re-run resumes from the last complete batch."""
+  path = str(tmp_path / "results.jsonl")
+  store = ResultStore(path, META)
+  assert not run(store, stop_after=2)
+  size = os.path.getsize(path)
+  real_write, real_fsync = os.write, os.fsync
+  if fail == "write_partial":
+    calls = []
+
+    def write(fd, data):  # the first chunk gets through, then the disk is full
+      if calls:
+        raise OSError(28, "No space left on device")
+      calls.append(1)
+      return real_write(fd, bytes(data)[:50])
+
+    monkeypatch.setattr(os, "write", write)
+  else:
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+  with pytest.raises(OSError) as e:
+    run(store)  # the third batch fails
+  msg = str(e.value)
+  assert e.value.errno == (28 if fail == "write_partial" else 5)
+  assert msg.startswith(f"[Errno {e.value.errno}] {path}: writing 8 result line(s) failed (")
+  assert ("No space left on device" if fail == "write_partial" else "Input/output error") in msg
+  assert "it keeps the results stored before (16 images)" in msg and "re-run to resume" in msg
+  monkeypatch.setattr(os, "write", real_write)
+  monkeypatch.setattr(os, "fsync", real_fsync)
+  assert os.path.getsize(path) == size  # cut back: no partial batch left
+  resumed = ResultStore(path, META)
+  assert resumed.done("members") == set(range(16))
+  assert run(resumed)
+  full = ResultStore(str(tmp_path / "full.jsonl"), META)
+  assert run(full)
+  assert write_report(str(tmp_path / "a"), resumed.results(), metadata=META, plots_enabled=False) == write_report(
+      str(tmp_path / "b"), full.results(), metadata=META, plots_enabled=False)

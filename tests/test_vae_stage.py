@@ -3,7 +3,9 @@ writes a diffusers VAE with a measured scaling factor, resuming, not redoing a f
 refusing a workdir of another config, and clear errors for bad batch sizes and a missing VAE."""
 
 import json
+import logging
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from solidmark_jax.experiment import build_experiment
 from solidmark_jax.models._diffusers import FlaxAutoencoderKL
 from solidmark_jax.models.vae import build_vae, init_vae_params, load_vae
 from solidmark_jax.training import vae_stage
+from solidmark_jax.training.preemption import Preempted
 
 
 def stage_config(fashion_dir, **vae):
@@ -154,3 +157,55 @@ def test_bad_batch_sizes_and_missing_vae(exp, fashion_dir, tmp_path):
     vae_stage.load_trained_vae(stage_config(fashion_dir), str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no such folder"):
     load_vae(str(tmp_path / "vae"))
+
+
+class _SignalOnLog(logging.Handler):
+  """Sends this process `signum` when a log message containing `text` is emitted (then once only)."""
+
+  def __init__(self, text: str, signum: int):
+    super().__init__()
+    self.text, self.signum, self.sent = text, signum, False
+
+  def emit(self, record):
+    if not self.sent and self.text in record.getMessage():
+      self.sent = True
+      signal.raise_signal(self.signum)
+
+
+def test_sigint_stops_at_a_step_with_a_checkpoint_and_resumes_bit_for_bit(exp, fashion_dir, tmp_path):
+  """SIGINT as the stage starts: step 1 is finished and checkpointed, Preempted raised, no vae/ written;
+  the re-run continues from step 1 and ends with the uninterrupted run's parameters, bit for bit."""
+  config = stage_config(fashion_dir, train_steps=4)
+  ref = Recorder(exp)
+  ref.config = config
+  _, params_ref = vae_stage.train_vae(ref, str(tmp_path / "ref"))
+
+  wd = str(tmp_path / "wd")
+  trigger = _SignalOnLog("stage 1: training the VAE, steps 1 to 4", signal.SIGINT)
+  stage_log = logging.getLogger(vae_stage.__name__)
+  stage_log.addHandler(trigger)
+  level = stage_log.level
+  stage_log.setLevel(logging.INFO)
+  handler_before = signal.getsignal(signal.SIGINT)
+  rec = Recorder(exp)
+  rec.config = config
+  try:
+    with pytest.raises(Preempted) as e:
+      vae_stage.train_vae(rec, wd)
+  finally:
+    stage_log.removeHandler(trigger)
+    stage_log.setLevel(level)
+  assert trigger.sent and signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
+  assert (e.value.step, e.value.signal_name, e.value.stage) == (1, "SIGINT", "stage 1 (VAE)")
+  assert str(e.value).startswith("stage 1 (VAE) preempted by SIGINT after step 1: checkpoint 1 written in "
+                                 f"{os.path.join(wd, vae_stage.VAE_CHECKPOINTS)}")
+  assert len(rec.reads) == 1 and not os.path.exists(os.path.join(wd, vae_stage.VAE_FOLDER))
+  assert sorted(d for d in os.listdir(os.path.join(wd, vae_stage.VAE_CHECKPOINTS)) if d.isdigit()) == ["1"]
+
+  again = Recorder(exp)
+  again.config = config
+  _, params = vae_stage.train_vae(again, wd)
+  from solidmark_jax.data.pipeline import BatchPlan
+  np.testing.assert_array_equal(again.reads[0], BatchPlan(len(exp.instances), 8, config.seed + 11).global_rows(1))
+  for a, b in zip(jax.tree.leaves(params_ref), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)

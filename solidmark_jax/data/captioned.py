@@ -211,7 +211,8 @@ def open_captioned(data_cfg, split: str):
   image_size = data_cfg.get("image_size") or 28
   channels = data_cfg.get("channels") or 1
   if fmt == "folder":
-    source = FolderSource(folder, image_size, channels, data_cfg.get("on_bad_image", "error"))
+    source = FolderSource(folder, image_size, channels, data_cfg.get("on_bad_image", "error"),
+                          verify_images=data_cfg.get("verify_images", "header"))
   else:
     source = open_shards(ml_collections.ConfigDict({
         "shards": expand_shards(folder), "image_size": image_size, "channels": channels,

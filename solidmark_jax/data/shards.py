@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from solidmark_jax.data.sources import _check_channels, _decode, _indices
+from solidmark_jax.data.sources import VERIFY_IMAGES, _check_channels, _decode, _indices
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp")
 CAPTION_COLUMNS = ("caption", "text", "txt")
 SHARD_EXTS = (".tar", ".parquet")
-VERIFY_IMAGES = ("header", "full", "none")
 HEADER_BYTES = 16
 
 

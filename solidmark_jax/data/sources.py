@@ -22,8 +22,9 @@ in `data.manual_dir` (Debian's `dataset-fashion-mnist` package by default); thei
 from upstream's (Debian re-compressed them), so they are recorded in
 `<data_dir>/fashion_mnist/manual_dir_checksums.tsv`, never in the installed TFDS package.
 
-An image folder (`data.name = "folder"`) is decoded into memory once, when it is opened, so that a
-bad file fails up front; see `FolderSource`.
+An image folder (`data.name = "folder"`) is listed and checked when it is opened (file list,
+captions, each image's header) and decoded batch by batch in `read`, so its size is bounded by the
+disk, not by memory; see `FolderSource`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from PIL import Image, ImageOps
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+VERIFY_IMAGES = ("header", "full", "none")  # data.verify_images: what is checked of each image at open time
+CHECK_CHUNK = 256  # images checked per round at open time
 CAPTIONS_FILE = "captions.jsonl"
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -401,8 +404,8 @@ def _read_captions(folder: str, files: list[str]) -> dict[str, str] | None:
   return captions if has_jsonl or has_sidecar else None
 
 
-def _decode(path: str, image_size: int, channels: int) -> tuple[np.ndarray | None, str]:
-  """Decodes one file -> (uint8 [S, S, C], "") or (None, reason)."""
+def _decode(path, image_size: int, channels: int) -> tuple[np.ndarray | None, str]:
+  """Decodes one file (a path or a binary file object) -> (uint8 [S, S, C], "") or (None, reason)."""
   try:
     with Image.open(path) as img:
       img.load()  # GIF: the first frame
@@ -415,8 +418,24 @@ def _decode(path: str, image_size: int, channels: int) -> tuple[np.ndarray | Non
     return None, f"cannot convert image of mode {img.mode} and size {img.size} to {channels} channels: {e}"
 
 
+def _check_header(path: str) -> str:
+  """"" if PIL recognises `path` as an image from its header (no pixel data decoded), else the reason."""
+  try:
+    with Image.open(path) as img:
+      w, h = img.size
+  except Exception as e:  # pylint: disable=broad-except
+    return f"cannot decode image (truncated or not an image): {type(e).__name__}: {e}"
+  if w <= 0 or h <= 0:
+    return f"cannot decode image (truncated or not an image): its header gives the size {w}x{h}"
+  return ""
+
+
+def _workers() -> int:
+  return max(1, min(16, os.cpu_count() or 1))
+
+
 class FolderSource:
-  """All images of a folder, decoded into memory at open time.
+  """The images of a folder, listed and checked at open time, decoded per batch in `read`.
 
   Images (png, jpg, jpeg, bmp, webp, gif: first frame) are found recursively, hidden files and
   folders skipped, and sorted by relative path. Images in subfolders are labelled by their top-level
@@ -425,20 +444,31 @@ class FolderSource:
   {"file": relative path, "caption": str} per line) or a `<image stem>.txt` beside the image; if the
   folder has any caption, every image needs a non-empty one.
 
+  What is checked of each image when the folder is opened (`verify_images`): "header" (default)
+  opens it with PIL, which reads the format and size from its first bytes without decoding the
+  pixels; "full" decodes it (and drops the pixels: slow for big folders, but a truncated file is
+  then found up front, where on_bad_image="skip" can leave it out); "none" only lists the files.
+  Memory holds the file list, labels and captions, never the images: `read` decodes the images it
+  is asked for (on a thread pool; the training loop prefetches the next batches on a worker
+  thread), so peak memory does not grow with the folder (benchmarks/bench_folder.py). An image
+  that passed the open-time check but cannot be decoded in `read` is an error naming the file
+  (skipping there would shift the records under a running job).
+
   Attributes:
     name: "folder:<path>".
     num_classes: the number of class subfolders (0 if unlabelled).
     class_names: the class names ([] if unlabelled).
     image_size: side of the images.
     channels: 1 or 3.
+    folder: the folder.
     files: relative paths of the images kept, in record order.
     captions: the caption of each kept image, or None if the folder has no captions.
     skipped: (path, reason) of each image skipped under on_bad_image="skip".
   """
 
   def __init__(self, folder: str, image_size: int | None, channels: int = 3, on_bad_image: str = "error",
-               class_names: list[str] | None = None):
-    """Lists, checks and decodes the folder.
+               class_names: list[str] | None = None, *, verify_images: str = "header"):
+    """Lists and checks the folder.
 
     Args:
       folder: the image folder.
@@ -447,15 +477,19 @@ class FolderSource:
       on_bad_image: "error" (raise on the first bad file) or "skip" (skip, count, warn).
       class_names: the classes to label subfolders with (an eval folder uses its training
         folder's classes); default: this folder's own subfolders.
+      verify_images: "header", "full" or "none" (see the class docstring).
     """
     if on_bad_image not in ("error", "skip"):
       raise ValueError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    if verify_images not in VERIFY_IMAGES:
+      raise ValueError(f"data.verify_images must be one of {VERIFY_IMAGES}, got {verify_images!r}")
     if image_size is None:
       raise ValueError(f"data.image_size is required for an image folder ({folder}): images are centre-cropped "
                        "to a square, then resized to it")
     if not os.path.isdir(folder):
       raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
     self.name = f"folder:{folder}"
+    self.folder = folder
     self.image_size = int(image_size)
     self.channels = _check_channels(channels)
     files = _list_images(folder)
@@ -471,7 +505,7 @@ class FolderSource:
         raise ValueError(f"{path}: {reason}")
       self.skipped.append((path, reason))
 
-    if captions is not None:  # checked before decoding anything: fail fast
+    if captions is not None:  # checked before any image is opened: fail fast
       for rel in files:
         if rel not in captions:
           bad(rel, f"no caption (the folder has captions: add one to {CAPTIONS_FILE} or a "
@@ -479,24 +513,31 @@ class FolderSource:
         elif not captions[rel].strip():
           bad(rel, "empty caption")
       files = [f for f in files if f in captions and captions[f].strip()]
-    decode = lambda rel: _decode(os.path.join(folder, rel), self.image_size, self.channels)
-    images, kept = [], []
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
-      for rel, (image, reason) in zip(files, pool.map(decode, files)):
-        if image is None:
-          bad(rel, reason)
-        else:
-          images.append(image)
-          kept.append(rel)
+    if verify_images == "none":
+      kept = files
+    else:
+      if verify_images == "full":
+        check = lambda rel: _decode(os.path.join(folder, rel), self.image_size, self.channels)[1]
+      else:
+        check = lambda rel: _check_header(os.path.join(folder, rel))
+      kept = []
+      with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+        for start in range(0, len(files), CHECK_CHUNK):  # chunks: no future per file of a big folder at once
+          chunk = files[start:start + CHECK_CHUNK]
+          for rel, reason in zip(chunk, pool.map(check, chunk)):  # in order: the first bad file is the error
+            if reason:
+              bad(rel, reason)
+            else:
+              kept.append(rel)
     if self.skipped:
       log.warning("image folder %s: skipped %d bad image(s), e.g. %s: %s", folder, len(self.skipped),
                   *self.skipped[0])
     if not kept:
       raise ValueError(f"image folder {folder}: every image was skipped ({len(self.skipped)})")
     self.files = kept
-    self.images = np.stack(images)  # [N, S, S, C]
     self._labels = np.array([label_of(f) for f in kept], np.int32)
     self.captions = None if captions is None else [captions[f].strip() for f in kept]
+    self._pool = concurrent.futures.ThreadPoolExecutor(_workers(), thread_name_prefix="folder-decode")
 
   def _class_labels(self, folder: str, files: list[str], class_names: list[str] | None):
     """Sets num_classes/class_names and returns rel path -> label."""
@@ -516,11 +557,25 @@ class FolderSource:
     return lambda f: index[f.split("/", 1)[0]] if "/" in f else -1
 
   def __len__(self) -> int:
-    return len(self.images)
+    return len(self.files)
 
   def read(self, indices: np.ndarray) -> dict[str, Any]:
+    """Records at `indices` [n], decoded now: "image" uint8 [n, S, S, C], "label" int32 [n], maybe "caption".
+
+    Raises:
+      ValueError: an image that cannot be decoded, naming its file.
+    """
     idx = _indices(indices, len(self))
-    out = {"image": self.images[idx], "label": self._labels[idx]}
+    paths = [os.path.join(self.folder, self.files[i]) for i in idx]
+    decode = lambda p: _decode(p, self.image_size, self.channels)
+    decoded = list(self._pool.map(decode, paths)) if len(paths) > 2 else [decode(p) for p in paths]
+    images = np.zeros((len(idx), self.image_size, self.image_size, self.channels), np.uint8)
+    for j, (image, reason) in enumerate(decoded):
+      if image is None:
+        raise ValueError(f"{paths[j]}: {reason}. Found when reading it: data.verify_images='full' decodes every "
+                         "image when the folder is opened, where data.on_bad_image='skip' can leave broken ones out")
+      images[j] = image
+    out = {"image": images, "label": self._labels[idx]}
     if self.captions is not None:
       out["caption"] = [self.captions[i] for i in idx]
     return out
@@ -547,7 +602,8 @@ def open_folder(data_cfg, split: str, class_names: list[str] | None = None) -> F
       train_files = _list_images(train_folder)  # label eval images with train's classes
       class_names = sorted({f.split("/", 1)[0] for f in train_files if "/" in f}) or None
   return FolderSource(os.path.expanduser(folder), data_cfg.get("image_size"), data_cfg.get("channels") or 3,
-                      data_cfg.get("on_bad_image", "error"), class_names)
+                      data_cfg.get("on_bad_image", "error"), class_names,
+                      verify_images=data_cfg.get("verify_images", "header"))
 
 
 def open_source(data_cfg, split: str) -> Source:
@@ -556,7 +612,7 @@ def open_source(data_cfg, split: str) -> Source:
   Args:
     data_cfg: the `data` ConfigDict: `name` ("folder", "shards", "captioned_fashion_mnist",
       "fashion_mnist" or a TFDS builder name), `data_dir`, `manual_dir`, `download` (default True),
-      `folder`, `eval_folder`, `image_size`, `channels`, `on_bad_image`, `image_key`/`label_key`
+      `folder`, `eval_folder`, `image_size`, `channels`, `on_bad_image`, `verify_images`, `image_key`/`label_key`
       (TFDS features, default image/label); for shards see `shards.open_shards`, for the captioned
       Fashion-MNIST set `captioned.open_captioned`.
     split: a TFDS split string ("train", "test", "train[:1000]"); for folders and shards "train" or

@@ -9,8 +9,9 @@ or, with m keys per image (`marks.num_keys`), the m keys and per repeat the m pr
 
   {"group": "members", "instance_id": 17, "key": [0.41, 0.07], "k_pred": [[0.40, 0.05], [0.43, 0.09]]}
 
-Each finished batch is appended in one write, then flushed and fsync'ed, so after a crash the file
-holds whole batches plus at most one torn last line, which reopening drops. A re-run opens the
+Each finished batch is appended in one write, then fsync'ed, so after a crash the file holds whole
+batches plus at most one torn last line, which reopening drops. A write that fails (ENOSPC, EIO) is
+an `OSError` naming the store, and the file is cut back to the batches before it. A re-run opens the
 store with the same metadata (a mismatch is a clear error: results of two checkpoints must not
 mix), asks `remaining` which instance ids still need outpainting, and appends those. The final
 summary is computed from the store, sorted by (group, instance id), so an interrupted and resumed
@@ -158,11 +159,33 @@ class ResultStore:
         raise ValueError(f"{self.path}:{i}: damaged result line {line[:80]!r}") from None
 
   def _write_lines(self, objs: list[dict]) -> None:
-    payload = "".join(json.dumps(o) + "\n" for o in objs)
-    with open(self.path, "a") as f:
-      f.write(payload)
-      f.flush()
-      os.fsync(f.fileno())
+    """Appends the lines in one write, then fsync; a failed write is cut off again and raised.
+
+    Raises:
+      OSError: the write or the fsync failed (e.g. ENOSPC, EIO), naming the store; the file is
+        truncated back to its previous length where possible (else the torn tail is dropped when
+        it is next opened), so it holds exactly the batches appended before.
+    """
+    payload = "".join(json.dumps(o) + "\n" for o in objs).encode()
+    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+      before = os.fstat(fd).st_size
+      try:
+        view = memoryview(payload)
+        while view:  # os.write may write less than asked
+          view = view[os.write(fd, view):]
+        os.fsync(fd)
+      except OSError as e:
+        try:
+          os.ftruncate(fd, before)
+          kept = "it keeps the results stored before"
+        except OSError:
+          kept = "its torn last line is dropped when it is next opened"
+        raise OSError(e.errno, f"{self.path}: writing {len(objs)} result line(s) failed ({e.strerror or e}); "
+                      f"{kept} ({len(self._records)} images): free space or fix the disk and re-run to resume "
+                      "from there") from e
+    finally:
+      os.close(fd)
 
   def __len__(self) -> int:
     return len(self._records)

@@ -16,27 +16,13 @@ from typing import Sequence
 
 import numpy as np
 
-from solidmark_jax import marks
+from solidmark_jax import atomic, marks
 from solidmark_jax.metrics import chance, memorisation
 from solidmark_jax.report import plots
 from solidmark_jax.report.store import Results
 
 SUMMARY_FORMAT = "solidmark-summary/2"
 MEMBERS = "members"
-
-
-def write_text(path: str, text: str) -> str:
-  """Writes `text` to `path` atomically (a temporary file moved into place): never a half-written file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
-
-
-def write_json(path: str, obj) -> str:
-  """`obj` as indented JSON at `path`, atomically (`write_text`)."""
-  return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def summarize_results(results: Results, thresholds: Sequence[float] = memorisation.DEFAULT_THRESHOLDS, *,
@@ -107,8 +93,7 @@ def write_per_image_csv(path: str, results: Results, key_bits: int | None = mark
   probs = (chance.hit_probabilities(k_pred, thresholds, statistic=statistic, key_bits=key_bits)
            if n else np.zeros((0, len(thresholds))))
   num = lambda v: "" if math.isnan(v) else repr(float(v))
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
+  with atomic.replace(path, newline="") as f:
     w = csv.writer(f)
     w.writerow(["instance_id", "group", "member", *key_cols, *pred_cols, "l_sm_best", "l_sm_mean",
                 *[f"chance_{d:g}" for d in thresholds]])
@@ -116,7 +101,6 @@ def write_per_image_csv(path: str, results: Results, key_bits: int | None = mark
       w.writerow([int(results.instance_id[i]), results.group[i], int(results.group[i] == MEMBERS),
                   *[num(v) for v in np.atleast_1d(results.key[i])], *[num(v) for v in k_pred[i].reshape(-1)],
                   num(best[i]), num(mean[i]), *[num(v) for v in probs[i]]])
-  os.replace(tmp, path)
   return path
 
 
@@ -213,9 +197,9 @@ def write_report(out_dir: str, results: Results, thresholds: Sequence[float] = m
   os.makedirs(out_dir, exist_ok=True)
   summary = summarize_results(results, thresholds, statistic=statistic, level=level, ci_method=ci_method,
                               key_bits=key_bits, metadata=metadata, num_permutations=num_permutations, seed=seed)
-  write_json(os.path.join(out_dir, "summary.json"), summary)
+  atomic.write_json(os.path.join(out_dir, "summary.json"), summary, indent=2)
   write_per_image_csv(os.path.join(out_dir, "per_image.csv"), results, key_bits, summary["thresholds"], statistic)
-  write_text(os.path.join(out_dir, "summary.md"), summary_markdown(summary))
+  atomic.write_text(os.path.join(out_dir, "summary.md"), summary_markdown(summary))
   if plots_enabled and len(results):
     scores, chance_rates = {}, {}
     for g in results.groups:

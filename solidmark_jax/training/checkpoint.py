@@ -56,8 +56,20 @@ def _default_fields() -> dict:
   return fingerprint_fields(default_config())
 
 
+class CheckpointWriteError(RuntimeError):
+  """Writing a checkpoint failed (e.g. ENOSPC, EIO); the checkpoints committed before it are intact."""
+
+
 class Checkpointer:
-  """A thin wrapper over `ocp.CheckpointManager` for (state, metadata) checkpoints."""
+  """A thin wrapper over `ocp.CheckpointManager` for (state, metadata) checkpoints.
+
+  Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` once every
+  part is written, so a failed write (full disk, I/O error) leaves the committed steps as they were
+  and is never taken for a checkpoint: it surfaces from `save`, `wait` or `close` (saves run in
+  the background) as a `CheckpointWriteError` naming the step and the latest complete one, which
+  a re-run resumes from (Orbax replaces the leftover temporary folder when it saves that step
+  again).
+  """
 
   def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3, create: bool = True):
     self.directory = os.path.abspath(directory)
@@ -70,6 +82,9 @@ class Checkpointer:
         max_to_keep=keep, create=create, save_decision_policy=policies.AnySavePolicy(
             [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._writing: int | None = None  # the step being written in the background, if any
+    self._last_saved: int | None = None
+    self._failed = False  # a write failure was reported
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -80,9 +95,31 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
 
+  def committed_steps(self) -> list[int]:
+    """The steps whose folders are committed on disk (what a re-run can resume from)."""
+    try:
+      return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+    except OSError:
+      return []
+
+  def _write_error(self, step: int | None, e: BaseException) -> CheckpointWriteError:
+    steps = [s for s in self.committed_steps() if s != step]
+    resume = (f"the complete checkpoints there ({', '.join(map(str, steps))}) are intact and a re-run resumes from "
+              f"step {steps[-1]}" if steps else "no complete checkpoint is there yet: a re-run starts from step 0")
+    return CheckpointWriteError(f"{self.directory}: writing checkpoint {step if step is not None else '(unknown)'} "
+                                f"failed ({type(e).__name__}: {e}); {resume}. Free space or fix the disk first.")
+
   def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                           meta=ocp.args.JsonSave(meta)), force=force)
+    """Starts writing checkpoint `step` in the background (the previous write's failure raises here)."""
+    self.wait()  # Orbax waits for the previous save anyway: this names the step that failed
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                              meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
+    if saved:
+      self._writing = self._last_saved = int(step)
+    return saved
 
   def read_meta(self, step: int) -> dict:
     try:
@@ -120,11 +157,26 @@ class Checkpointer:
     return out["state"]
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the background write; raises CheckpointWriteError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed = True
+      raise self._write_error(self._writing, e) from e
+    finally:
+      self._writing = None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the background write (CheckpointWriteError if it failed), then stops the manager."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        if not self._failed:  # Orbax may raise a failure already reported once more while closing
+          self._failed = True
+          raise self._write_error(self._last_saved, e) from e
 
 
 def make_meta(config, step: int, keymap_hash: str) -> dict:

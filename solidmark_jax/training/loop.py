@@ -11,12 +11,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import parallel
+from solidmark_jax import dirlock, parallel
 from solidmark_jax.data.pipeline import BatchPlan
 from solidmark_jax.experiment import Conditioner, Experiment, build_experiment, load_frozen, make_outpainter
 from solidmark_jax.experiment import outpaint_params, sync_keymap
 from solidmark_jax.models import as_denoiser, init_params, load_pretrained_unet_params
 from solidmark_jax.training import checkpoint as ckpt
+from solidmark_jax.training.preemption import PreemptionGuard
 from solidmark_jax.training.step import init_state, learning_rate, make_optimizer, make_train_step
 
 TEXT_FOLDER = "text"  # the text encoder and tokenizer a text model was trained with (SD layout)
@@ -133,9 +134,17 @@ def train(config, workdir: str) -> dict:
   """Trains (or resumes) the model of `config` in `workdir`; returns the final metrics.
 
   A workdir holding checkpoints of another config or keymap is an error; a checkpoint that
-  cannot be restored is an error (never a silent fresh start).
+  cannot be restored is an error (never a silent fresh start). A workdir another live process
+  trains in is an error (`dirlock.DirectoryInUse`). SIGTERM / SIGINT stop the run after the
+  current step, with a checkpoint of it, by raising `preemption.Preempted` (train.py then exits
+  with `preemption.PREEMPTED_EXIT_CODE`); a re-run resumes from there.
   """
   workdir = os.path.abspath(workdir)
+  with dirlock.hold(workdir, "training"), PreemptionGuard() as guard:
+    return _train(config, workdir, guard)
+
+
+def _train(config, workdir: str, guard: PreemptionGuard) -> dict:
   exp = build_experiment(config)
   cfg = config.train
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -195,6 +204,9 @@ def train(config, workdir: str) -> dict:
              disable=jax.process_index() != 0)
   t_last, n_last = time.perf_counter(), start
   in_flight = None
+  preempted = None
+  if start < cfg.num_steps:
+    log.info("training steps %d to %d", start + 1, cfg.num_steps)
   try:
     for step, local in zip(steps, _prefetch(load, steps)):
       batch = parallel.global_batch(mesh, local)
@@ -213,14 +225,21 @@ def train(config, workdir: str) -> dict:
         t_last, n_last = time.perf_counter(), done
         writer.scalars(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-      if checkpointer.should_save(done) or done == cfg.num_steps:
+      stop = guard.stop_requested() and done < cfg.num_steps  # the same answer on every process
+      if checkpointer.should_save(done) or done == cfg.num_steps or stop:
         checkpointer.save(done, state, ckpt.make_meta(config, done, exp.keymap.hash), force=True)
       if sampler and done % cfg.sample_every == 0:
         sampler(outpaint_params(exp, state["ema_params"], frozen), done, os.path.join(workdir, "samples"))
+      if stop:
+        preempted = guard.preempted("training", done, checkpointer.directory)
+        break
   finally:
     bar.close()
-    checkpointer.close()
+    checkpointer.close()  # waits for the last checkpoint to be written
     writer.close()
+  if preempted is not None:
+    log.warning("%s", preempted)
+    raise preempted
   if start >= cfg.num_steps:
     log.info("nothing to do: checkpoint step %d >= train.num_steps=%d", start, cfg.num_steps)
   return metrics

@@ -42,6 +42,7 @@ from solidmark_jax.config import default_config
 from solidmark_jax.data.pipeline import BatchPlan
 from solidmark_jax.models.vae import VAE, abstract_vae_params, build_vae, init_vae_params, load_vae, save_vae
 from solidmark_jax.training import checkpoint as ckpt
+from solidmark_jax.training.preemption import PreemptionGuard
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,16 @@ def train_vae(exp, workdir: str, *, mesh=None) -> tuple[VAE, dict]:
 
   Returns:
     (VAE with its scaling factor, params as numpy arrays).
+
+  Raises:
+    preemption.Preempted: SIGTERM / SIGINT arrived; the checkpoint of the step it stopped after is
+      written, a re-run resumes from it.
   """
+  with PreemptionGuard() as guard:
+    return _train_vae(exp, workdir, mesh, guard)
+
+
+def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, dict]:
   config = exp.config
   vcfg = config.vae
   if vcfg.get("pretrained"):
@@ -245,6 +255,9 @@ def train_vae(exp, workdir: str, *, mesh=None) -> tuple[VAE, dict]:
   bar = tqdm(total=total, initial=start, desc="vae", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   t0 = time.perf_counter()
+  preempted = None
+  if start < total:
+    log.info("stage 1: training the VAE, steps %d to %d", start + 1, total)
   try:
     for step in range(start, total):
       state, out = step_fn(state, load(step), rng)
@@ -253,13 +266,20 @@ def train_vae(exp, workdir: str, *, mesh=None) -> tuple[VAE, dict]:
       if done % int(config.train.log_every) == 0 or done == total:
         metrics = {k: float(v) for k, v in jax.device_get(out).items()}
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", rec=f"{metrics['reconstruction']:.4f}")
-      if checkpointer.should_save(done) or done == total:
+      stop = guard.stop_requested() and done < total  # the same answer on every process
+      if checkpointer.should_save(done) or done == total or stop:
         meta = {"format": "solidmark-vae-checkpoint/1", "step": done, "keymap_hash": keymap_hash,
                 "fingerprint_fields": stage_fingerprint_fields(config)}
         checkpointer.save(done, state, meta, force=True)
+      if stop:
+        preempted = guard.preempted("stage 1 (VAE)", done, checkpointer.directory)
+        break
   finally:
     bar.close()
-    checkpointer.close()
+    checkpointer.close()  # waits for the last checkpoint to be written
+  if preempted is not None:
+    log.warning("%s", preempted)
+    raise preempted
   if total > start:
     dt = time.perf_counter() - t0
     log.info("stage 1: %d VAE steps in %.1f s (%.1f images/s), last %s", total - start, dt,
