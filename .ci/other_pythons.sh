@@ -41,8 +41,12 @@ else
   PYTHONS=("$py312" "$py313")
 fi
 
-# Fashion-MNIST prepared once for both versions (the same TFDS release reads it)
-export SOLIDMARK_TEST_TFDS_DIR="${SOLIDMARK_TEST_TFDS_DIR:-$(mktemp -d)/tfds}"
+# Fashion-MNIST prepared once for all versions (the same TFDS release reads it), removed at the end
+if [ -z "${SOLIDMARK_TEST_TFDS_DIR:-}" ]; then
+  tfds_tmp="$(mktemp -d)"
+  trap 'rm -rf "$tfds_tmp"' EXIT
+  export SOLIDMARK_TEST_TFDS_DIR="$tfds_tmp/tfds"
+fi
 
 for py in "${PYTHONS[@]}"; do
   v="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
