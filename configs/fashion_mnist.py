@@ -1,4 +1,4 @@
-"""The embedded default: class-conditional SolidMark DDPM on Fashion-MNIST, runs on a laptop CPU.
+"""Class-conditional SolidMark DDPM on all of Fashion-MNIST, runs on a laptop CPU.
 
 28 x 28 images + a 2 px border of a random grey key = 32 x 32, 60,000 training images, 10 classes.
 Fashion-MNIST is prepared offline from Debian's `dataset-fashion-mnist` files through TFDS.

@@ -1,11 +1,15 @@
-"""Flags and process set-up shared by train.py, evaluate.py and sweep.py."""
+"""Flags and process set-up shared by train.py, evaluate.py, sweep.py and the export.
+
+The terminal shows progress bars, warnings and errors of this project and the final report. Start-up
+messages of the libraries underneath (TensorFlow's C++ logs) and their warnings (absl's, TFDS's; JAX and
+Orbax keep theirs) stay out unless absl's `--verbosity` (`-v`) is given: then every logger follows it
+(`-v 0`: info) and TensorFlow's C++ logs are left at their default.
+"""
 
 import contextlib
 import logging
 import os
 import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import flags
 from ml_collections import config_flags
@@ -21,11 +25,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+# Loggers of the libraries underneath and the least level each shows unless --verbosity is given. JAX's
+# warnings stay (e.g. a GPU found without a CUDA jaxlib); absl carries TFDS's (e.g. "OpenCV is not installed").
+LIBRARY_LOGGERS = {"absl": logging.ERROR, "tensorflow": logging.ERROR, "tensorflow_datasets": logging.ERROR,
+                   "diffusers": logging.ERROR, "transformers": logging.ERROR, "orbax": logging.WARNING,
+                   "jax": logging.WARNING}
+
+
 def setup() -> None:
-  """Logging, TensorFlow kept off accelerators, jax.distributed if asked for."""
+  """Logging (quiet libraries unless --verbosity), TensorFlow kept off accelerators, jax.distributed if asked for."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax._src", "orbax", "tensorflow", "diffusers"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  # TensorFlow only prepares and reads data here (integer image ops), where its oneDNN float kernels
+  # play no part; left on, it announces them on every start whatever TF_CPP_MIN_LOG_LEVEL says.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  if not FLAGS["verbosity"].present:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # read when TensorFlow is imported, just below
+    for name, level in LIBRARY_LOGGERS.items():
+      logging.getLogger(name).setLevel(level)
   try:  # TFDS prepares and reads data through TensorFlow: it must not claim the GPUs JAX uses
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
