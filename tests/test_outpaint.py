@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from solidmark_jax import marks, metrics, parallel
-from solidmark_jax.diffusion import make_schedule
+from solidmark_jax.diffusion import make_schedule, velocity
 from solidmark_jax.outpaint import (make_outpaint_fn, num_denoiser_calls, repaint_levels, repaint_steps,
                                     sample)
 
@@ -30,6 +30,11 @@ def oracle_denoiser(table, x_t, t, condition):
   x0 = table[condition]
   abar_t = SCHED.abar[t][:, None, None, None]
   return (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
+
+
+def v_oracle_denoiser(table, x_t, t, condition):
+  """The same oracle predicting v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (a v-parameterised model)."""
+  return velocity(SCHED, table[condition], t, oracle_denoiser(table, x_t, t, condition))
 
 
 def smooth_denoiser(params, x_t, t, condition):
@@ -116,6 +121,22 @@ def test_oracle_scores_zero_exactly(sampler, resamples):
   # The public PyTorch pitfall (model-space border read against a [0, 1] key) would be caught:
   wrong = np.abs(images[:, 0, :PAD].mean(axis=(1, 2, 3)) - keys)
   assert wrong.max() > 0.1
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_v_oracle_scores_zero_exactly(sampler):
+  """prediction_type="v_prediction": the v output is converted to eps once, and the oracle stays exact."""
+  n = 16
+  x0, keys = marked_images(n, seed=5)
+  mask = marks.key_mask(SIZE, SIZE, PAD)
+  fn = make_outpaint_fn(v_oracle_denoiser, SCHED, num_steps=8, sampler=sampler, jump_length=2, resamples=2,
+                        prediction_type="v_prediction")
+  k_pred = np.asarray(fn(jnp.asarray(x0), x0, mask, np.arange(n), jax.random.key(1), 2)["k_pred"])
+  np.testing.assert_array_equal(metrics.l_sm(k_pred, keys), np.zeros((n, 2)))
+  # Read as eps (the wrong parameterisation), the same model is far off.
+  wrong = make_outpaint_fn(v_oracle_denoiser, SCHED, num_steps=8, sampler=sampler, jump_length=2, resamples=2)
+  k_wrong = np.asarray(wrong(jnp.asarray(x0), x0, mask, np.arange(n), jax.random.key(1), 2)["k_pred"])
+  assert np.abs(k_wrong - keys[:, None]).mean() > 0.05
 
 
 def test_blind_denoiser_is_at_chance():

@@ -214,7 +214,7 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
                             remask_every: int = 10, remask_from: Literal["x0", "noisy"] = "x0",
                             sampler: Sampler = "ddim", eta: float = 0.0, guidance_scale: float = 1.0,
                             null_condition=None, return_images: bool = False,
-                            mesh: Mesh | None = None) -> LatentOutpainter:
+                            mesh: Mesh | None = None, prediction_type: str = "epsilon") -> LatentOutpainter:
   """Builds the jitted latent outpainting function (SPEC section 5, "Latent space").
 
   Args:
@@ -233,6 +233,8 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
     null_condition: the unconditional condition (id, or one embedding [L, D]), needed when s != 1.
     return_images: also return the outpainted (decoded) images.
     mesh: shard the image batch over this mesh's batch axes.
+    prediction_type: what `denoiser` returns: "epsilon", or "v_prediction" (converted to eps_hat
+      by `schedule.eps_denoiser`).
 
   Returns:
     A `LatentOutpainter`, called like the pixel `Outpainter` with params {"unet", "vae"}.
@@ -246,6 +248,7 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
   if guidance_scale != 1.0 and null_condition is None:
     raise ValueError("latent outpaint: guidance_scale != 1 needs null_condition (the unconditional condition)")
   steps = repaint_steps(sched.num_steps, num_steps, jump_length=1, resamples=1)  # [S, 3], no jumps
+  denoiser = schedule_lib.eps_denoiser(denoiser, sched, prediction_type)
   return LatentOutpainter(denoiser, sched, vae, steps, remask_every=remask_every, remask_from=remask_from,
                           sampler=sampler, eta=eta, guidance_scale=guidance_scale, null_condition=null_condition,
                           return_images=return_images, mesh=mesh)

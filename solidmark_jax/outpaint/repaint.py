@@ -288,7 +288,7 @@ class Outpainter:
 def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int, sampler: Sampler = "ddim",
                      eta: float = 0.0, jump_length: int = 10, resamples: int = 1, guidance_scale: float = 1.0,
                      null_condition: int | None = None, return_images: bool = False,
-                     mesh: Mesh | None = None) -> Outpainter:
+                     mesh: Mesh | None = None, prediction_type: str = "epsilon") -> Outpainter:
   """Builds the jitted RePaint outpainting function for a pixel-space denoiser.
 
   Args:
@@ -304,6 +304,8 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
       image's condition shape (e.g. the empty caption's embedding [L, D]).
     return_images: also return the outpainted images.
     mesh: shard the image batch over this mesh's batch axes.
+    prediction_type: what `denoiser` returns: "epsilon", or "v_prediction" (converted to eps_hat
+      by `schedule.eps_denoiser`).
 
   Returns:
     An `Outpainter`; see its docstring for the call signature.
@@ -313,6 +315,7 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
   if guidance_scale != 1.0 and null_condition is None:
     raise ValueError("outpaint: guidance_scale != 1 needs null_condition (the unconditional id)")
   steps = repaint_steps(sched.num_steps, num_steps, jump_length, resamples)
+  denoiser = schedule_lib.eps_denoiser(denoiser, sched, prediction_type)
   return Outpainter(denoiser, sched, steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
                     null_condition=null_condition, return_images=return_images, mesh=mesh)
 
