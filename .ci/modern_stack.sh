@@ -6,7 +6,7 @@
 #   bash .ci/modern_stack.sh        # venv at $SOLIDMARK_MODERN_VENV, default ${TMPDIR:-/tmp}/solidmark-modern-venv
 set -euo pipefail
 VENV="${SOLIDMARK_MODERN_VENV:-${TMPDIR:-/tmp}/solidmark-modern-venv}"
-PY="${PYTHON:-python3.11}"
+PY="${PYTHON:-python3}"  # Python 3.11, like the project (the torch 2.13 CPU wheel here is cp311)
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch, diffusers, transformers, safetensors" 2>/dev/null; then
   echo "modern stack venv reused: $VENV"
   exit 0

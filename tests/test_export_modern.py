@@ -53,6 +53,7 @@ pytestmark = [
 
 
 def _train_and_export(config_file, workdir, fashion_dir, env, *overrides):
+  workdir.mkdir()
   args = ["--config", os.path.join(ROOT, "configs", config_file), "--workdir", str(workdir),
           f"--config.data.data_dir={fashion_dir}", *overrides]
   _run([sys.executable, os.path.join(ROOT, "train.py"), *args], env, workdir / "train.log")
