@@ -2,7 +2,8 @@
 
 The pipeline comes from a local diffusers directory in Stable Diffusion's layout (unet/, vae/,
 text_encoder/, tokenizer/, scheduler/), e.g. a copy of `stabilityai/stable-diffusion-2-1-base` (the
-512 px epsilon model; the 768 px v-prediction model is refused). One flag sets all three parts.
+512 px epsilon model; the 768 px `stable-diffusion-2-1` predicts v, which its scheduler_config.json
+says and diffusion.prediction_type follows). One flag sets all three parts.
 Images: 224 px + 2 x 16 px border = 256 px -> 32 x 32 x 4 latents, which SD 2.1's three
 down-samplings take (288 px -> 36 would not: the config is validated up front).
 

@@ -99,6 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "cosine"
   c.diffusion.num_steps = 1000
+  # What the UNet predicts: "epsilon" or "v_prediction" (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0).
+  # None: the pretrained pipeline's scheduler_config.json says (model.pretrained), else "epsilon".
+  c.diffusion.prediction_type = ml_collections.config_dict.placeholder(str)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64  # global batch

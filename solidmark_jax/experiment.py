@@ -24,7 +24,7 @@ from solidmark_jax import marks, models
 from solidmark_jax.data import open_source
 from solidmark_jax.data.pipeline import Instances, make_instances
 from solidmark_jax.data.pipeline import class_labels, condition_ids, marked_batch
-from solidmark_jax.diffusion import NoiseSchedule, make_schedule
+from solidmark_jax.diffusion import PREDICTION_TYPES, NoiseSchedule, check_prediction_type, make_schedule
 
 KEYMAP_FILE = "keymap.json"
 SPACES = ("pixel", "latent")
@@ -49,6 +49,7 @@ class Experiment:
   vae: Any = None  # models.vae.VAE (model.space == "latent")
   bad_input: dict = dataclasses.field(default_factory=dict)  # counts of skipped / truncated inputs
   captions: list | None = None  # text models: each instance's caption
+  prediction_type: str = "epsilon"  # what the UNet outputs: "epsilon" or "v_prediction"
 
   def __post_init__(self):
     self.model_size = self.model_size or self.image_size
@@ -112,8 +113,7 @@ def build_experiment(config) -> Experiment:
   cond = config.model.condition
   if cond not in models.CONDITIONS:
     raise ValueError(f"model.condition must be one of {models.CONDITIONS}, got {cond!r}")
-  if config.model.get("pretrained"):
-    check_pretrained_scheduler(config)
+  prediction_type = resolve_prediction_type(config)
   num_keys, key_layout = config.marks.get("num_keys", 1), config.marks.get("key_layout", "sides")
   marks.check_keys(num_keys, key_layout, config.marks.pattern)  # before any data is opened
   source = open_source(config.data, config.data.train_split)
@@ -148,26 +148,43 @@ def build_experiment(config) -> Experiment:
   sched = make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
   return Experiment(config, source, instances, keymap, conditions, model, sched, size, source.channels,
                     model_size=model_size, model_channels=model_channels, text=text, vae=vae,
-                    bad_input=bad_input, captions=captions)
+                    bad_input=bad_input, captions=captions, prediction_type=prediction_type)
 
 
-def check_pretrained_scheduler(config) -> None:
-  """A pretrained pipeline's noise schedule must be the config's, and epsilon-predicting.
+def resolve_prediction_type(config) -> str:
+  """`diffusion.prediction_type`, or the pretrained pipeline's when unset; checks the pipeline's schedule.
+
+  Returns "epsilon" or "v_prediction".
+  """
+  configured = config.diffusion.get("prediction_type")
+  if configured is not None:
+    check_prediction_type(configured)
+  pretrained = check_pretrained_scheduler(config) if config.model.get("pretrained") else None
+  if configured is None:
+    return pretrained or "epsilon"
+  return configured
+
+
+def check_pretrained_scheduler(config) -> str | None:
+  """A pretrained pipeline's noise schedule must be the config's; returns its prediction type.
 
   Reads `<model.pretrained>/scheduler/scheduler_config.json` when the pretrained path is a pipeline
-  root (Stable Diffusion's layout); a bare UNet folder has none and is taken as is.
+  root (Stable Diffusion's layout); a bare UNet folder has none and is taken as is (None). A
+  `diffusion.prediction_type` set in the config must equal the pipeline's.
   """
   root = os.path.expanduser(config.model.pretrained)
   path = os.path.join(root, "scheduler", "scheduler_config.json")
   if not os.path.isfile(path):
-    return
+    return None
   with open(path, encoding="utf-8") as f:
     sched = json.load(f)
   prediction = sched.get("prediction_type", "epsilon")
-  if prediction != "epsilon":
-    raise ValueError(f"{path}: prediction_type={prediction!r}; this project trains and samples epsilon-predicting "
-                     "UNets (for Stable Diffusion 2.1 use the 512 px 'stable-diffusion-2-1-base', not the 768 px "
-                     "v-prediction model)")
+  if prediction not in PREDICTION_TYPES:  # diffusers' "sample" (x0 prediction) is not supported
+    raise ValueError(f"{path}: prediction_type={prediction!r}; supported: {PREDICTION_TYPES}")
+  configured = config.diffusion.get("prediction_type")
+  if configured is not None and configured != prediction:
+    raise ValueError(f"{path}: the pretrained UNet predicts prediction_type={prediction!r}, the config says "
+                     f"diffusion.prediction_type={configured!r}: set it to {prediction!r} (or leave it unset)")
   beta = sched.get("beta_schedule")
   want = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}.get(beta)
   if want != config.diffusion.schedule or int(sched.get("num_train_timesteps", 1000)) != config.diffusion.num_steps:
@@ -175,6 +192,7 @@ def check_pretrained_scheduler(config) -> None:
                      f"{sched.get('num_train_timesteps')} steps; set diffusion.schedule={want!r} and "
                      f"diffusion.num_steps={sched.get('num_train_timesteps')} (the config has "
                      f"{config.diffusion.schedule!r}, {config.diffusion.num_steps})")
+  return prediction
 
 
 def _num_conditions(cond: str, source, instances: Instances) -> int:
@@ -355,9 +373,10 @@ def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", e
   image (`marks.num_keys`) it reads them off their regions (`exp.key_masks`): k_pred [N, r, m].
   """
   from solidmark_jax.outpaint import make_outpaint_fn  # pylint: disable=g-import-not-at-top
-  denoiser = models.as_denoiser(exp.model)
+  denoiser = models.as_denoiser(exp.model)  # eps_hat or v_hat: the outpainters convert v (exp.prediction_type)
   kwargs = dict(num_steps=num_steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-                null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=exp.key_masks)
+                null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=exp.key_masks,
+                prediction_type=exp.prediction_type)
   if exp.is_latent:
     from solidmark_jax.outpaint import latent  # pylint: disable=g-import-not-at-top
     return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, jump_length=jump_length,

@@ -4,7 +4,7 @@
 
 Writes to DIR (default <workdir>/export):
 
-  unet/                   the UNet's EMA parameters (FlaxUNet2DConditionModel.save_pretrained)
+  unet/                   the UNet's EMA parameters
   condition_embedding.npz class / image models: the condition table `embedding` [K + 1, D] (last row:
                           the null condition, `null_id`); the UNet's encoder_hidden_states for
                           condition c are embedding[c][None] (a length-1 sequence)
@@ -13,13 +13,19 @@ Writes to DIR (default <workdir>/export):
   text_encoder/, tokenizer/  text models: the frozen text encoder and its tokenizer
   scheduler/              scheduler_config.json: diffusers' DDIMScheduler matching our noise
                           schedule (cosine -> "squaredcos_cap_v2", linear -> "linear" with our
-                          T-scaled betas), epsilon prediction, linspace timesteps as our sampler
+                          T-scaled betas), the model's prediction_type ("epsilon" or
+                          "v_prediction"), linspace timesteps as our sampler
   model_index.json        latent text models only: the Stable Diffusion pipeline layout
   keymap.json, export.json  the keymap the model was trained with and what was exported (checkpoint
                           step, keymap hash, config fingerprint, how conditions map to the UNet)
 
-Everything is written with Flax weights (msgpack); diffusers' PyTorch classes read them with
-`from_pretrained(..., from_flax=True)`.
+Every model folder holds its weights twice, for both stacks: Flax msgpack (diffusers < 0.40 and
+transformers < 5, our own loaders) and PyTorch safetensors in PyTorch's names and layout
+(`unet/diffusion_pytorch_model.safetensors`, `vae/diffusion_pytorch_model.safetensors`,
+`text_encoder/model.safetensors`), converted with numpy alone (`models.torch_layout`), under
+configs that name the PyTorch classes. diffusers >= 0.40 and transformers >= 5 load them with a plain
+`from_pretrained`; their eps differs from ours by the layers the two ports compute differently
+(docs/export.md gives the measured difference and the bound the check holds it to).
 """
 
 from __future__ import annotations
@@ -33,18 +39,32 @@ import jax
 import numpy as np
 
 from solidmark_jax import parallel
+from solidmark_jax.diffusion import check_prediction_type
 from solidmark_jax.experiment import KEYMAP_FILE, build_experiment, load_frozen
 from solidmark_jax.models import _diffusers
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
+from solidmark_jax.models.weights import save_diffusers_model
 from solidmark_jax.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
 EXPORT_FILE = "export.json"
 EMBEDDING_FILE = "condition_embedding.npz"
+# Largest absolute differences allowed between the PyTorch-stack model loaded from an export and our
+# model on the same inputs (float32, CPU). diffusers' Flax GEGLU (the UNet's transformer feed-forward)
+# uses the tanh approximation of GELU, PyTorch's GEGLU the exact GELU: at most 4.7e-4 apart per
+# activation; "unet_exact_gelu" compares PyTorch with ours computing the exact GELU, which leaves only
+# float round-off. Measured figures: docs/export.md.
+PYTORCH_BOUNDS = {
+    "unet": 1e-3,  # eps (or v) of the UNet (measured on the tiny models: 1.34e-4 to 1.41e-4)
+    "unet_exact_gelu": 2e-5,  # the same with ours on the exact GELU (measured 3.5e-6 to 6.7e-6)
+    "text": 1e-5,  # the text encoder's last_hidden_state (measured 4.8e-7)
+    "vae_encode": 2e-5,  # the posterior mean (measured 2.0e-6 to 2.1e-6)
+    "vae_decode": 2e-5,  # the decoded image (measured 2.1e-6 to 2.2e-6)
+}
 
 
-def scheduler_config(diffusion_cfg, *, clip_sample: bool) -> dict:
+def scheduler_config(diffusion_cfg, *, clip_sample: bool, prediction_type: str = "epsilon") -> dict:
   """diffusers DDIMScheduler config of our schedule (`diffusion.schedule_lib.make_schedule`)."""
   kind, steps = diffusion_cfg.schedule, int(diffusion_cfg.num_steps)
   if kind == "cosine":
@@ -66,7 +86,7 @@ def scheduler_config(diffusion_cfg, *, clip_sample: bool) -> dict:
       "clip_sample_range": 1.0,
       "set_alpha_to_one": True,  # our last step goes to abar = 1 (the clean image)
       "steps_offset": 0,
-      "prediction_type": "epsilon",
+      "prediction_type": check_prediction_type(prediction_type),
       "timestep_spacing": "linspace",  # round(linspace(0, T - 1, S)), as diffusion.sampling_timesteps
       "rescale_betas_zero_snr": False,
   }
@@ -99,7 +119,7 @@ def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int
 
   model = exp.model
   unet = FlaxUNet2DConditionModel(cross_attention_dim=model.cross_attention_dim, **model.unet_kwargs)
-  unet.save_pretrained(os.path.join(out_dir, "unet"), ema["unet"])
+  save_diffusers_model(unet, ema["unet"], os.path.join(out_dir, "unet"), "UNet2DConditionModel")
   condition = config.model.condition
   info = {
       "format": "solidmark-export/1",
@@ -113,6 +133,7 @@ def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int
       "unet_sample_size": exp.model_size,
       "marks": config.marks.to_dict(),
       "diffusion": config.diffusion.to_dict(),
+      "prediction_type": exp.prediction_type,
   }
   table = ema.get("condition_embedding", {}).get("embedding")
   if table is not None:
@@ -131,7 +152,7 @@ def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int
     if exp.is_text:
       exp.text.save_pretrained(out_dir)
 
-  sched = scheduler_config(config.diffusion, clip_sample=not exp.is_latent)
+  sched = scheduler_config(config.diffusion, clip_sample=not exp.is_latent, prediction_type=exp.prediction_type)
   os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
   with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
     json.dump(sched, f, indent=2, sort_keys=True)

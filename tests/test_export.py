@@ -1,10 +1,12 @@
 """Export to diffusers format: a checkpoint written like training writes it (tiny params, no train
 step to compile) exports a UNet that diffusers' own `from_pretrained` loads with identical params
-and the same eps, the condition table beside it, the VAE of a latent model, a scheduler config with
+and the same eps, PyTorch safetensors beside the Flax weights that our import reads back to identical
+params (UNet, VAE), the condition table beside it, the VAE of a latent model, a scheduler config with
 our schedule, the keymap; a workdir without checkpoints is a clear error."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +22,7 @@ from solidmark_jax import models
 from solidmark_jax.diffusion import make_schedule
 from solidmark_jax.experiment import build_experiment, sync_keymap
 from solidmark_jax.export import EMBEDDING_FILE, EXPORT_FILE, export_diffusers, scheduler_config
+from solidmark_jax.models import weights
 from solidmark_jax.models._diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 from solidmark_jax.models.vae import build_vae, init_vae_params, load_vae, save_vae
 from solidmark_jax.training import checkpoint as ckpt
@@ -47,6 +50,18 @@ def write_checkpoint(config, workdir, step=3):
   return exp, jax.device_get(state["ema_params"])
 
 
+def _assert_pytorch_only_round_trip(folder, copy_to, cls, want):
+  """`folder`'s config.json and PyTorch safetensors alone load (`models.weights`) to exactly `want`."""
+  os.makedirs(copy_to)
+  for f in ("config.json", weights.PT_SAFETENSORS):
+    shutil.copy(os.path.join(folder, f), copy_to / f)
+  got = weights.load_diffusers_params(cls, str(copy_to))
+  flat, flat_got = flatten_dict(want), flatten_dict(got)
+  assert set(flat) == set(flat_got)
+  for k in flat:
+    np.testing.assert_array_equal(np.asarray(flat[k]), flat_got[k])
+
+
 def pixel_config(fashion_dir):
   c = tiny.get_config()
   c.data.data_dir = fashion_dir
@@ -64,6 +79,10 @@ def test_pixel_class_model_round_trip(fashion_dir, tmp_path):
   assert set(flat) == set(flat_loaded)
   for k in flat:
     np.testing.assert_array_equal(flat[k], np.asarray(flat_loaded[k]))
+  # The PyTorch safetensors beside the Flax weights, read back alone (a hub-style folder): identical.
+  assert json.load(open(os.path.join(out, "unet", "config.json")))["_class_name"] == "UNet2DConditionModel"
+  _assert_pytorch_only_round_trip(os.path.join(out, "unet"), tmp_path / "pt_unet", FlaxUNet2DConditionModel,
+                                  ema["unet"])
   table = np.load(os.path.join(out, EMBEDDING_FILE))
   np.testing.assert_array_equal(table["embedding"], ema["condition_embedding"]["embedding"])
   assert int(table["null_id"]) == exp.null_id == 10
@@ -125,6 +144,9 @@ def test_latent_model_exports_its_vae_and_cli(fashion_dir, tmp_path):
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
 
+  _assert_pytorch_only_round_trip(os.path.join(out, "vae"), tmp_path / "pt_vae", FlaxAutoencoderKL, vae_params)
+  _assert_pytorch_only_round_trip(os.path.join(out, "unet"), tmp_path / "pt_unet", FlaxUNet2DConditionModel,
+                                  ema["unet"])
   module, loaded = FlaxAutoencoderKL.from_pretrained(os.path.join(out, "vae"))
   assert module.config.scaling_factor == pytest.approx(0.6)
   for a, b in zip(jax.tree.leaves(vae_params), jax.tree.leaves(loaded)):

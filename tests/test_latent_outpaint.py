@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from solidmark_jax import marks, parallel
-from solidmark_jax.diffusion import make_schedule
+from solidmark_jax.diffusion import make_schedule, velocity
 from solidmark_jax.models.vae import build_vae, init_vae_params
 from solidmark_jax.outpaint import make_latent_outpaint_fn, sample
 from solidmark_jax.outpaint.latent import remask_rows
@@ -241,3 +241,22 @@ def test_repaint_resampling_jumps_the_latents_forward():
   plain = make_latent_outpaint_fn(denoiser, SCHED, vae, num_steps=8, jump_length=2, resamples=1)
   np.testing.assert_array_equal(plain.steps, repaint_steps(T, 8, jump_length=1, resamples=1))
   assert np.all(plain.steps[:, 0] == plain.steps[:, 1])
+
+
+def test_v_prediction_oracle_matches_the_eps_oracle(tiny_vae):
+  """prediction_type="v_prediction": a v-predicting oracle outpaints like the eps oracle."""
+  vae, params = tiny_vae
+  x, _ = marked(N, 6)
+  mask = marks.key_mask(SIZE, SIZE, PAD)
+  z0 = vae.encode(params, x)
+  eps_oracle = oracle(z0)
+
+  def v_oracle(p, z_t, t, condition):
+    return velocity(SCHED, z0[condition], t, eps_oracle(p, z_t, t, condition))
+
+  p, ids = {"unet": {}, "vae": params}, np.arange(N)
+  want = np.asarray(make_latent_outpaint_fn(eps_oracle, SCHED, vae, num_steps=6, remask_every=2)(
+      p, x, mask, ids, jax.random.key(0))["k_pred"])
+  got = np.asarray(make_latent_outpaint_fn(v_oracle, SCHED, vae, num_steps=6, remask_every=2,
+                                           prediction_type="v_prediction")(p, x, mask, ids, jax.random.key(0))["k_pred"])
+  np.testing.assert_allclose(got, want, atol=2e-4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from solidmark_jax import marks, metrics, parallel
-from solidmark_jax.diffusion import make_schedule
+from solidmark_jax.diffusion import make_schedule, velocity
 from solidmark_jax.outpaint import (make_outpaint_fn, num_denoiser_calls, repaint_levels, repaint_steps,
                                     sample)
 
@@ -52,6 +52,11 @@ def test_oracle_scores_zero_exactly_with_several_keys(num_keys, layout, channels
   assert np.all(np.abs(union[:, None] - keys).min(axis=1) > 0)
   with pytest.raises(ValueError, match="key_masks .* do not fit images"):
     fn(jnp.asarray(x0), x0[:, 1:, 1:], marks.key_mask(SIZE - 1, SIZE - 1, PAD), np.arange(n), jax.random.key(1), r)
+
+
+def v_oracle_denoiser(table, x_t, t, condition):
+  """The same oracle predicting v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (a v-parameterised model)."""
+  return velocity(SCHED, table[condition], t, oracle_denoiser(table, x_t, t, condition))
 
 
 def smooth_denoiser(params, x_t, t, condition):
@@ -152,6 +157,18 @@ def test_oracle_is_significant_against_exact_chance():
   assert s["counts"] == [n] * 4
   assert max(s["chance"]["p_value"]) < 1e-10
   assert s["permutation"]["p_value"] == [1 / 101] * 4
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_v_oracle_scores_zero_exactly(sampler):
+  """prediction_type="v_prediction": the v output is converted to eps once, and the oracle stays exact."""
+  n = 16
+  x0, keys = marked_images(n, seed=5)
+  mask = marks.key_mask(SIZE, SIZE, PAD)
+  fn = make_outpaint_fn(v_oracle_denoiser, SCHED, num_steps=8, sampler=sampler, jump_length=2, resamples=2,
+                        prediction_type="v_prediction")
+  k_pred = np.asarray(fn(jnp.asarray(x0), x0, mask, np.arange(n), jax.random.key(1), 2)["k_pred"])
+  np.testing.assert_array_equal(metrics.l_sm(k_pred, keys), np.zeros((n, 2)))
 
 
 def test_blind_denoiser_is_at_chance():

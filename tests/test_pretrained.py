@@ -84,11 +84,28 @@ def test_pretrained_schedule_must_match(sd_root, fashion_dir, tmp_path):
   c.diffusion.schedule = "cosine"
   with pytest.raises(ValueError, match=r"diffusion.schedule='scaled_linear'"):
     build_experiment(c)
+
+
+def test_v_prediction_pipeline_is_read_from_its_scheduler(sd_root, fashion_dir, tmp_path):
+  """SD 2.1 at 768 px predicts v: its scheduler config sets the experiment's prediction type (which
+  the train step and the outpainters follow); a config that says otherwise is an error."""
+  root, _ = sd_root
+  assert build_experiment(_config(root, fashion_dir)).prediction_type == "epsilon"
   other = tmp_path / "v_root"
-  os.symlink(os.path.join(root, "unet"), other / "unet") if other.mkdir() is None else None
+  other.mkdir()
+  for sub in ("unet", "vae", "text_encoder", "tokenizer"):
+    os.symlink(os.path.join(root, sub), other / sub)
   _scheduler(str(other), prediction="v_prediction")
   c = _config(str(other), fashion_dir)
-  with pytest.raises(ValueError, match="prediction_type='v_prediction'.*2-1-base"):
+  exp = build_experiment(c)
+  assert exp.prediction_type == "v_prediction"
+  c.diffusion.prediction_type = "epsilon"
+  with pytest.raises(ValueError, match=r"predicts prediction_type='v_prediction', the config says "
+                                       r"diffusion.prediction_type='epsilon'"):
+    build_experiment(c)
+  _scheduler(str(other), prediction="sample")
+  c.diffusion.prediction_type = None
+  with pytest.raises(ValueError, match=r"scheduler_config.json: prediction_type='sample'; supported"):
     build_experiment(c)
 
 

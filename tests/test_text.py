@@ -214,7 +214,8 @@ def test_missing_folders_and_files(saved, tmp_path):
     text.load_text_encoder(str(root))
   root = tmp_path / "no_weights"
   shutil.copytree(saved, root)
-  os.remove(root / "text_encoder" / "flax_model.msgpack")
+  for weights in ("flax_model.msgpack", "model.safetensors"):  # save_pretrained writes both
+    os.remove(root / "text_encoder" / weights)
   with pytest.raises(FileNotFoundError, match="has no text encoder weights: expected flax_model.msgpack"):
     text.load_text_encoder(str(root))
   root = tmp_path / "no_config"
@@ -278,7 +279,8 @@ print("OK")
 def test_torch_bin_only_needs_torch_or_says_so(saved, tmp_path, monkeypatch):
   root = tmp_path / "bin_root"
   shutil.copytree(saved, root)
-  os.remove(root / "text_encoder" / "flax_model.msgpack")
+  for weights in ("flax_model.msgpack", "model.safetensors"):  # save_pretrained writes both
+    os.remove(root / "text_encoder" / weights)
   (root / "text_encoder" / "pytorch_model.bin").write_bytes(b"not read")
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(ImportError, match="PyTorch weights only as pytorch_model.bin.*install torch.*model.safetensors"):

@@ -2,12 +2,18 @@
 
 Notation of Ho et al. (2020): beta_t, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, with
 t = 0 .. T-1 indexing the T training noise levels.
+
+The samplers take eps_hat. A model that predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
+(Salimans & Ho 2022; Stable Diffusion 2.x at 768 px) plugs in through `eps_denoiser`, which
+converts its output once, eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (diffusers' schedulers use
+the same identity); training regresses the matching target (`training_target`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +69,52 @@ def q_sample(sched: NoiseSchedule, x0, t, eps):
 def abar_at(sched: NoiseSchedule, t):
   """abar_t with the convention abar_{-1} = 1 (the clean image)."""
   return jnp.where(t >= 0, sched.abar[jnp.maximum(t, 0)], 1.0)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' names (scheduler_config.json)
+
+
+def check_prediction_type(prediction_type: str) -> str:
+  if prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f"diffusion.prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+  return prediction_type
+
+
+def velocity(sched: NoiseSchedule, x0, t, eps):
+  """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, the v-parameterisation's target; t [B] or scalar."""
+  abar_t = _bcast(sched.abar[t], x0)
+  return jnp.sqrt(abar_t) * eps - jnp.sqrt(1.0 - abar_t) * x0
+
+
+def v_to_eps(sched: NoiseSchedule, x_t, t, v):
+  """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t: a v prediction as the eps prediction it implies."""
+  abar_t = _bcast(sched.abar[t], x_t)
+  return jnp.sqrt(abar_t) * v + jnp.sqrt(1.0 - abar_t) * x_t
+
+
+def training_target(sched: NoiseSchedule, prediction_type: str, x0, t, eps):
+  """What the model regresses at x_t = q_sample(x0, t, eps): eps itself, or v (`velocity`)."""
+  if check_prediction_type(prediction_type) == "epsilon":
+    return eps
+  return velocity(sched, x0, t, eps)
+
+
+Denoiser = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
+
+
+def eps_denoiser(denoiser: Denoiser, sched: NoiseSchedule, prediction_type: str) -> Denoiser:
+  """`denoiser` (params, x_t, t, condition) -> its `prediction_type` output, as an eps_hat denoiser.
+
+  The one place where a v-predicting model's output becomes eps_hat (`v_to_eps`); "epsilon"
+  returns `denoiser` itself.
+  """
+  if check_prediction_type(prediction_type) == "epsilon":
+    return denoiser
+
+  def eps_from_v(params, x_t, t, condition):
+    return v_to_eps(sched, x_t, t, denoiser(params, x_t, t, condition))
+
+  return eps_from_v
 
 
 def predict_x0(sched: NoiseSchedule, x_t, t, eps_hat, clip: bool = True):

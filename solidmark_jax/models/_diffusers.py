@@ -1,6 +1,8 @@
 """The one place that imports diffusers' Flax classes (diffusers < 0.40 still has them).
 
-diffusers 0.39 logs a deprecation message on every Flax module call; it is silenced here once.
+diffusers 0.39 logs a deprecation message on every Flax module call; it is filtered here once: a
+filter on diffusers' log handler drops that message whatever level the "diffusers" logger is set
+to later (cli.setup sets it to WARNING), so other diffusers warnings still reach the terminal.
 """
 
 import logging
@@ -17,9 +19,21 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only on a broken install
   raise ImportError("solidmark_jax needs diffusers>=0.30,<0.40 (the last releases with Flax models)") from e
 
+FLAX_DEPRECATION = "Flax classes are deprecated"
+
+
+class _DropFlaxDeprecation(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return FLAX_DEPRECATION not in str(record.msg)
+
+
 _dlogging.set_verbosity_error()
-logging.getLogger("diffusers").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
+_diffusers_logger = logging.getLogger("diffusers")
+_diffusers_logger.setLevel(logging.ERROR)
+for _handler in _diffusers_logger.handlers:  # diffusers' own handler; its child loggers log through it
+  _handler.addFilter(_DropFlaxDeprecation())
+_diffusers_logger.addFilter(_DropFlaxDeprecation())
+warnings.filterwarnings("ignore", message=f".*{FLAX_DEPRECATION}.*")
 
 try:
   from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel

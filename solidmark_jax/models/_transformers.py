@@ -21,10 +21,9 @@ warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are depr
 
 try:
   from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
-  from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor
   from transformers.models.clip.tokenization_clip import bytes_to_unicode
 except ImportError as e:  # pragma: no cover
   raise ImportError(
       f"transformers {transformers.__version__} has no FlaxCLIPTextModel; install transformers<5") from e
 
-__all__ = ["CLIPTextConfig", "CLIPTokenizer", "FlaxCLIPTextModel", "bytes_to_unicode", "rename_key_and_reshape_tensor"]
+__all__ = ["CLIPTextConfig", "CLIPTokenizer", "FlaxCLIPTextModel", "bytes_to_unicode"]

@@ -9,7 +9,7 @@ never trained. Captions become token ids once, on the host (`tokenize`), and ids
 Two ways to get one:
 - `load_text_encoder(path)`: a Stable Diffusion root (`text_encoder/`, `tokenizer/`), e.g. SD 2.1.
   Flax weights (`flax_model.msgpack`) load as they are; PyTorch-only weights are converted on load:
-  `model.safetensors` without torch (numpy + transformers' PyTorch -> Flax renaming rules),
+  `model.safetensors` without torch (numpy + `models.torch_layout`, the rule the export writes with),
   `pytorch_model.bin` only where torch is installed (it is a pickle that only torch reads).
 - `fresh_text_encoder(text_cfg, seed, captions)`: a small random CLIP text model and a byte-level
   BPE tokenizer made offline: the 256 byte symbols, their end-of-word ("</w>") variants, merges
@@ -39,8 +39,8 @@ from solidmark_jax.models._transformers import (
     CLIPTokenizer,
     FlaxCLIPTextModel,
     bytes_to_unicode,
-    rename_key_and_reshape_tensor,
 )
+from solidmark_jax.models import torch_layout
 
 ON_TOO_LONG = ("truncate", "error")
 TEXT_ENCODER_DIR = "text_encoder"
@@ -173,8 +173,23 @@ class TextEncoder:
     return out.last_hidden_state  # [B, L, D]
 
   def save_pretrained(self, root: str) -> None:
-    """Writes `root/text_encoder/` (config.json, flax_model.msgpack) and `root/tokenizer/` (SD layout)."""
-    self.model.save_pretrained(os.path.join(root, TEXT_ENCODER_DIR), params=self.params)
+    """Writes `root/text_encoder/` and `root/tokenizer/` (Stable Diffusion's layout).
+
+    text_encoder/ holds config.json (architecture `CLIPTextModel`), the Flax weights
+    (flax_model.msgpack, transformers < 5) and the same weights in PyTorch's names and layout
+    (model.safetensors, what transformers >= 5 reads), converted with numpy alone.
+    """
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    folder = os.path.join(root, TEXT_ENCODER_DIR)
+    host = jax.tree.map(np.asarray, jax.device_get(self.params))
+    self.model.save_pretrained(folder, params=host)
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+      cfg = json.load(f)
+    cfg["architectures"] = ["CLIPTextModel"]
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(cfg, f, indent=2, sort_keys=True)
+    save_file(torch_layout.to_pytorch(host), os.path.join(folder, SAFETENSORS_WEIGHTS), metadata={"format": "pt"})
     self.tokenizer.model_max_length = self.max_length
     self.tokenizer.save_pretrained(os.path.join(root, TOKENIZER_DIR))
 
@@ -210,19 +225,8 @@ def _load_tokenizer(folder: str) -> CLIPTokenizer:
 
 
 def _pt_to_flax(pt: Mapping[str, np.ndarray], model: FlaxCLIPTextModel, where: str) -> dict:
-  """PyTorch state dict (numpy) -> Flax params, with transformers' renaming rules; checks completeness."""
-  shapes = traverse_util.flatten_dict(dict(model.params_shape_tree))
-  flat = {}
-  for name, tensor in pt.items():
-    key, value = rename_key_and_reshape_tensor(tuple(name.split(".")), np.asarray(tensor), shapes,
-                                               model.base_model_prefix)
-    if key not in shapes:
-      continue  # e.g. the position_ids buffer
-    if tuple(value.shape) != tuple(shapes[key].shape):
-      raise ValueError(f"{where}: weight {name} has shape {tuple(value.shape)}, the model's config expects "
-                       f"{tuple(shapes[key].shape)}")
-    flat[key] = value
-  return traverse_util.unflatten_dict(flat)
+  """PyTorch state dict (numpy) -> Flax params (`torch_layout`); complete, shapes checked."""
+  return torch_layout.from_pytorch(pt, dict(model.params_shape_tree), where, "text model")
 
 
 def _check_params(params, model: FlaxCLIPTextModel, where: str) -> dict:

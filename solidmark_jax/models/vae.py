@@ -300,13 +300,14 @@ def load_vae(path: str, scaling_factor: float | None = None) -> tuple[VAE, dict]
 
 
 def save_vae(vae: VAE, params, path: str) -> str:
-  """Writes the VAE in diffusers format (config.json with our scaling factor, Flax weights); returns path.
+  """Writes the VAE in diffusers format; returns path.
 
-  Readable by `FlaxAutoencoderKL.from_pretrained(path)` and `load_vae(path)`. Call it on one
-  process only; params must be fully addressable (e.g. replicated) or numpy.
+  config.json (class `AutoencoderKL`, our scaling factor), Flax weights and the same weights as
+  PyTorch safetensors (`weights.save_diffusers_model`): readable by `FlaxAutoencoderKL.from_pretrained`,
+  diffusers' PyTorch `AutoencoderKL.from_pretrained` and `load_vae`. Call it on one process only;
+  params must be fully addressable (e.g. replicated) or numpy.
   """
+  from solidmark_jax.models import weights  # pylint: disable=g-import-not-at-top
   cfg = {k: v for k, v in vae.module.config.items() if not k.startswith("_")}
   module = FlaxAutoencoderKL.from_config({**cfg, "scaling_factor": float(vae.scaling_factor)})
-  host = jax.tree.map(np.asarray, jax.device_get(params))
-  module.save_pretrained(path, host)
-  return path
+  return weights.save_diffusers_model(module, params, path, "AutoencoderKL")

@@ -1,24 +1,28 @@
 """Loading diffusers Flax models' weights from a local diffusers-format folder, without torch.
 
 A folder holds `config.json` and either Flax weights (`diffusion_flax_model.msgpack`) or PyTorch
-weights (`diffusion_pytorch_model.safetensors`). PyTorch weights are read with safetensors' numpy
-loader and converted with diffusers' own key renaming and reshaping rules
-(`modeling_flax_pytorch_utils`), checked against the Flax model's parameter shapes (from
-`jax.eval_shape`, nothing allocated twice). A `.bin` (pickle) file needs torch to read: it is used
-only when torch is installed, otherwise the error says to convert it to safetensors.
+weights (`diffusion_pytorch_model.safetensors`), or both (what `save_diffusers_model` writes).
+PyTorch weights are read with safetensors' numpy loader and converted by `models.torch_layout`
+(the same naming rule the export writes them with), checked complete against the Flax model's
+parameter shapes (from `jax.eval_shape`, nothing allocated twice). A `.bin` (pickle) file needs
+torch to read: it is used only when torch is installed, otherwise the error says to convert it to
+safetensors.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+
+from solidmark_jax.models import torch_layout
 
 FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 PT_SAFETENSORS = "diffusion_pytorch_model.safetensors"
 PT_BIN = "diffusion_pytorch_model.bin"
+FLAX_ONLY_CONFIG = ("dtype", "split_head_dim", "use_memory_efficient_attention")
 
 
 def _read_pytorch(folder: str) -> dict[str, np.ndarray]:
@@ -37,29 +41,46 @@ def _read_pytorch(folder: str) -> dict[str, np.ndarray]:
 
 
 def convert_pytorch_state(pt_state: dict[str, np.ndarray], model, where: str) -> dict:
-  """PyTorch diffusers state dict (numpy arrays) -> the Flax model's params, shapes checked."""
-  from diffusers.models.modeling_flax_pytorch_utils import (  # pylint: disable=g-import-not-at-top
-      rename_key, rename_key_and_reshape_tensor)
-  shapes = flatten_dict(jax.eval_shape(model.init_weights, jax.random.key(0)))
-  out = {}
-  for pt_key, tensor in pt_state.items():
-    key, value = rename_key_and_reshape_tensor(tuple(rename_key(pt_key).split(".")), np.asarray(tensor), shapes)
-    if key not in shapes:
-      raise ValueError(f"{where}: weight {pt_key!r} has no place in the {type(model).__name__} of its config.json")
-    if value.shape != shapes[key].shape:
-      raise ValueError(f"{where}: weight {pt_key!r} has shape {value.shape}, the model expects {shapes[key].shape}")
-    out[key] = np.asarray(value, np.float32)
-  missing = sorted(".".join(k) for k in set(shapes) - set(out))
-  if missing:
-    raise ValueError(f"{where}: {len(missing)} parameters are missing, e.g. {missing[:3]}")
-  return unflatten_dict(out)
+  """PyTorch diffusers state dict (numpy arrays) -> the Flax model's params, complete and shapes checked."""
+  shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
+  return torch_layout.from_pytorch(pt_state, shapes, where, type(model).__name__)
+
+
+def save_diffusers_model(module, params, folder: str, pytorch_class: str) -> str:
+  """Writes a diffusers model folder that both stacks load; returns `folder`.
+
+  `config.json` names the PyTorch class (`pytorch_class`, e.g. "UNet2DConditionModel"; diffusers'
+  Flax classes read that config as well), `diffusion_flax_model.msgpack` holds the Flax weights
+  (diffusers < 0.40) and `diffusion_pytorch_model.safetensors` the same weights in PyTorch's names
+  and layout (what diffusers >= 0.40 reads), converted with numpy alone.
+
+  Args:
+    module: the diffusers Flax module (its config is written).
+    params: its parameters (numpy or fully addressable arrays).
+    folder: the folder to write.
+    pytorch_class: the diffusers PyTorch class the folder is meant for.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  host = jax.tree.map(np.asarray, jax.device_get(params))
+  module.save_pretrained(folder, host)
+  path = os.path.join(folder, "config.json")
+  with open(path, encoding="utf-8") as f:
+    cfg = json.load(f)
+  cfg["_class_name"] = pytorch_class
+  for key in FLAX_ONLY_CONFIG:  # the PyTorch class warns about them; the Flax one defaults them alike
+    if key in cfg and cfg[key] in (False, None, "float32"):
+      del cfg[key]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(cfg, f, indent=2, sort_keys=True)
+  save_file(torch_layout.to_pytorch(host), os.path.join(folder, PT_SAFETENSORS), metadata={"format": "pt"})
+  return folder
 
 
 def load_diffusers_params(cls, folder: str):
   """Params of diffusers Flax class `cls` stored in `folder` (Flax or PyTorch weights)."""
   if not os.path.isfile(os.path.join(folder, "config.json")):
     raise FileNotFoundError(f"{folder}: expected a diffusers model folder with config.json")
-  if os.path.isfile(os.path.join(folder, FLAX_WEIGHTS)):
+  if os.path.isfile(os.path.join(folder, FLAX_WEIGHTS)):  # Flax first: nothing converted
     _, params = cls.from_pretrained(folder)
     return jax.tree.map(np.asarray, params)
   if not any(os.path.isfile(os.path.join(folder, f)) for f in (PT_SAFETENSORS, PT_BIN)):

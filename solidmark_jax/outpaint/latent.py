@@ -230,7 +230,8 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
                             remask_every: int = 10, remask_from: Literal["x0", "noisy"] = "x0",
                             sampler: Sampler = "ddim", eta: float = 0.0, guidance_scale: float = 1.0,
                             null_condition=None, return_images: bool = False,
-                            mesh: Mesh | None = None, key_masks: np.ndarray | None = None) -> LatentOutpainter:
+                            mesh: Mesh | None = None, key_masks: np.ndarray | None = None,
+                            prediction_type: str = "epsilon") -> LatentOutpainter:
   """Builds the jitted latent outpainting function (SPEC section 5, "Latent space").
 
   Args:
@@ -253,6 +254,8 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
     mesh: shard the image batch over this mesh's batch axes.
     key_masks: m key regions [m, H, W, 1|C] in pixels (`marks.key_masks`): k_pred [N, r, m];
       None reads one key off the call's mask.
+    prediction_type: what `denoiser` returns: "epsilon", or "v_prediction" (converted to eps_hat
+      by `schedule.eps_denoiser`).
 
   Returns:
     A `LatentOutpainter`, called like the pixel `Outpainter` with params {"unet", "vae"}.
@@ -266,6 +269,7 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
   if guidance_scale != 1.0 and null_condition is None:
     raise ValueError("latent outpaint: guidance_scale != 1 needs null_condition (the unconditional condition)")
   steps = repaint_steps(sched.num_steps, num_steps, jump_length=jump_length, resamples=resamples)  # [K, 3]
+  denoiser = schedule_lib.eps_denoiser(denoiser, sched, prediction_type)
   return LatentOutpainter(denoiser, sched, vae, steps, remask_every=remask_every, remask_from=remask_from,
                           sampler=sampler, eta=eta, guidance_scale=guidance_scale, null_condition=null_condition,
                           return_images=return_images, mesh=mesh, key_masks=key_masks)

@@ -304,7 +304,8 @@ class Outpainter:
 def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int, sampler: Sampler = "ddim",
                      eta: float = 0.0, jump_length: int = 10, resamples: int = 1, guidance_scale: float = 1.0,
                      null_condition: int | None = None, return_images: bool = False,
-                     mesh: Mesh | None = None, key_masks: np.ndarray | None = None) -> Outpainter:
+                     mesh: Mesh | None = None, key_masks: np.ndarray | None = None,
+                     prediction_type: str = "epsilon") -> Outpainter:
   """Builds the jitted RePaint outpainting function for a pixel-space denoiser.
 
   Args:
@@ -322,6 +323,8 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
     mesh: shard the image batch over this mesh's batch axes.
     key_masks: m key regions [m, H, W, 1|C] (`marks.key_masks`) to read m keys per image off
       (k_pred [N, r, m]); None reads one key off the call's mask (k_pred [N, r]).
+    prediction_type: what `denoiser` returns: "epsilon", or "v_prediction" (converted to eps_hat
+      by `schedule.eps_denoiser`).
 
   Returns:
     An `Outpainter`; see its docstring for the call signature.
@@ -331,6 +334,7 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
   if guidance_scale != 1.0 and null_condition is None:
     raise ValueError("outpaint: guidance_scale != 1 needs null_condition (the unconditional id)")
   steps = repaint_steps(sched.num_steps, num_steps, jump_length, resamples)
+  denoiser = schedule_lib.eps_denoiser(denoiser, sched, prediction_type)
   return Outpainter(denoiser, sched, steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
                     null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=key_masks)
 

@@ -92,7 +92,7 @@ def jit_train_step(exp: Experiment, mesh, tx, state_shardings, batch_keys=("imag
   """train_step(state, batch, rng, frozen) jitted with the state's and the batch's shardings."""
   cfg = exp.config.train
   step = make_train_step(as_denoiser(exp.model), exp.sched, tx, ema_decay=cfg.ema_decay, cond_dropout=cfg.cond_dropout,
-                         prepare=make_prepare(exp, cached_latents))
+                         prepare=make_prepare(exp, cached_latents), prediction_type=exp.prediction_type)
   rep = parallel.replicated(mesh)
   batch = parallel.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(state_shardings, {k: batch for k in batch_keys}, rep, rep),

@@ -1,4 +1,4 @@
-"""Train state and the pure train step: epsilon prediction, MSE, AdamW, EMA."""
+"""Train state and the pure train step: epsilon (or v) prediction, MSE, AdamW, EMA."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from solidmark_jax.diffusion import NoiseSchedule, q_sample
+from solidmark_jax.diffusion import NoiseSchedule, check_prediction_type, q_sample, training_target
 
 State = dict  # {"step": int32 [], "params", "ema_params", "opt_state"}
 
@@ -55,13 +55,13 @@ def default_prepare(null_id: int) -> Prepare:
 
 def make_train_step(apply_fn: Callable[..., jax.Array], sched: NoiseSchedule,
                     tx: optax.GradientTransformation, *, ema_decay: float, cond_dropout: float,
-                    null_id: int | None = None, prepare: Prepare | None = None
-                    ) -> Callable[..., tuple[State, dict]]:
+                    null_id: int | None = None, prepare: Prepare | None = None,
+                    prediction_type: str = "epsilon") -> Callable[..., tuple[State, dict]]:
   """Builds train_step(state, batch, rng, frozen=None) -> (state, metrics).
 
   Args:
-    apply_fn: (params, x_t [B,h,w,c], t [B], condition) -> eps_hat [B,h,w,c]; condition is ids [B]
-      or embeddings [B, L, D].
+    apply_fn: (params, x_t [B,h,w,c], t [B], condition) -> eps_hat (or v_hat) [B,h,w,c]; condition
+      is ids [B] or embeddings [B, L, D].
     sched: the training noise schedule.
     tx: the optimizer.
     ema_decay: EMA decay of the parameters used for evaluation.
@@ -71,9 +71,12 @@ def make_train_step(apply_fn: Callable[..., jax.Array], sched: NoiseSchedule,
     prepare: (frozen, batch, rng) -> (x0, condition, null_condition): what the UNet denoises and is
       conditioned on, computed from the batch with frozen parameters (the VAE encoder of latent models,
       the text encoder); default: the batch's "image" and "condition" ids, `null_id`.
+    prediction_type: "epsilon" (the loss is ||eps_hat - eps||^2) or "v_prediction" (the model
+      predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, the loss is ||v_hat - v||^2).
 
   `frozen` holds the parameters `prepare` uses (never trained; None for pixel models with ids).
   """
+  check_prediction_type(prediction_type)
   if prepare is None:
     if null_id is None:
       raise ValueError("make_train_step needs null_id or prepare")
@@ -88,13 +91,14 @@ def make_train_step(apply_fn: Callable[..., jax.Array], sched: NoiseSchedule,
     t = jax.random.randint(r_t, (b,), 0, sched.num_steps)
     eps = jax.random.normal(r_eps, x0.shape, x0.dtype)
     x_t = q_sample(sched, x0, t, eps)
+    target = training_target(sched, prediction_type, x0, t, eps)  # eps, or v
     drop = jax.random.uniform(r_drop, (b,)) < cond_dropout
     drop = drop.reshape((b,) + (1,) * (cond.ndim - 1))
     cond = jnp.where(drop, jnp.asarray(null, cond.dtype), cond)
 
     def loss_fn(params):
-      eps_hat = apply_fn(params, x_t, t, cond)
-      return jnp.mean(jnp.square(eps_hat - eps))
+      pred = apply_fn(params, x_t, t, cond)
+      return jnp.mean(jnp.square(pred - target))
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
