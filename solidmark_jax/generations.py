@@ -423,7 +423,7 @@ def score_generations(config, workdir: str, out_dir: str | None = None, num_samp
   if encoder is None and s["encoder"] is not None:
     encoder = ENCODERS[s["encoder"]]()
   exp = build_experiment(config)
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = parallel.mesh_for_config(config.mesh)
   if int(s["batch_size"]) % mesh.size:
     raise ValueError(f"eval.generations.batch_size={s['batch_size']} must be divisible by the {mesh.size} devices")
   ema, step, _ = load_checkpoint(exp, workdir, step, mesh)

@@ -93,8 +93,8 @@ def make_train_step(apply_fn: Callable[..., jax.Array], sched: NoiseSchedule,
     cond = jnp.where(drop, jnp.asarray(null, cond.dtype), cond)
 
     def loss_fn(params):
-      eps_hat = apply_fn(params, x_t, t, cond)
-      return jnp.mean(jnp.square(eps_hat - eps))
+      eps_hat = apply_fn(params, x_t, t, cond)  # any compute dtype: the loss is taken in float32
+      return jnp.mean(jnp.square(eps_hat.astype(jnp.float32) - eps))
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
