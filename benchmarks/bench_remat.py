@@ -49,7 +49,7 @@ def model_config(shape: dict):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--policies", nargs="+", default=["none", "dots_saveable", "nothing_saveable"])
-  p.add_argument("--batches", type=int, nargs="+", default=[2, 8])
+  p.add_argument("--batches", type=int, nargs="+", default=[4])
   p.add_argument("--dtype", default="float32", help="model.dtype of the UNet")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "remat_memory.json"))
   p.add_argument("--smoke", action="store_true", help="a 2-level UNet at 8 x 8, batch 1, two policies")
@@ -80,6 +80,10 @@ def main(argv=None):
     return batch["image"], batch["condition"], null
 
   rows = []
+  out = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()}, "params": int(n_params),
+         "dtype": args.dtype, "backend": jax.default_backend(), "jax": jax.__version__, "smoke": bool(args.smoke),
+         "loadavg_start": list(os.getloadavg()), "rows": rows}
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   print(f"SD 2.1-shaped UNet {n_params / 1e6:.2f}M params, widths {shape['block_out_channels']}, "
         f"{side}x{side}x{ch} latents, {L} tokens, {args.dtype}", flush=True)
   for b in args.batches:
@@ -97,12 +101,9 @@ def main(argv=None):
       rows.append(row)
       print(f"batch {b:3d}  remat {policy:18s} temporaries {row['temp_bytes'] / 2**20:8.1f} MiB  arguments "
             f"{row['argument_bytes'] / 2**20:7.1f} MiB  compile {row['compile_s']:.1f} s", flush=True)
-  out = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()}, "params": int(n_params),
-         "dtype": args.dtype, "backend": jax.default_backend(), "jax": jax.__version__, "smoke": bool(args.smoke),
-         "loadavg": list(os.getloadavg()), "rows": rows}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
+      out["loadavg_end"] = list(os.getloadavg())
+      with open(args.out, "w") as f:  # after every row: a long run keeps what it measured
+        json.dump(out, f, indent=1)
   print("wrote", args.out)
   return out
 

@@ -73,6 +73,8 @@ def parse_args(argv=None):
                  help="comma-separated outpainting batch sizes: throughput and compiled memory of ours only")
   p.add_argument("--name", default=None, help="results/<name>.json (default: <config>_<devices>dev[_sweep])")
   p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="model.dtype of our UNet (compute dtype; the PyTorch peer stays fp32)")
   p.add_argument("--profile", action="store_true",
                  help="time the train step's phases apart: forward loss, forward + backward, whole step")
   p.add_argument("--trace", default=None, help="write a jax.profiler trace of one JAX train step to this folder")
@@ -291,6 +293,7 @@ def main(argv=None):
   model = models.build(cfg.model, side, ch, num_cond)
   if args.reference_layers:
     model = model.clone(fast=False)
+  model = model.clone(dtype=args.dtype)
   sched = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps)
   mesh = parallel.make_mesh()
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -309,7 +312,8 @@ def main(argv=None):
   result = {"config": config_name, "args": vars(args), "machine": info, "versions": versions,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_devices": len(jax.devices()),
             "model": {"block_out_channels": list(cfg.model.block_out_channels), "image": [side, side, ch],
-                      "params": n_params, "fast_layers": bool(model.fast)}}
+                      "params": n_params, "fast_layers": bool(model.fast),
+                      "dtype": model.dtype}}
   print(f"{info['cpu']}, {info['cores']} cores, load {info['loadavg_start'][0]:.2f}; jax {jax.__version__} on "
         f"{len(jax.devices())} CPU devices; model {n_params / 1e6:.2f}M params, {side}x{side}x{ch}", flush=True)
 

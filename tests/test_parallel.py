@@ -53,7 +53,7 @@ def test_fsdp_shards_sd21_state_evenly_over_8_devices():
   cfg = sd21_pretrain.get_config()
   model = models.build(cfg.model, 32, 4, 0)  # 256 px images -> 32 x 32 latents
   tx = make_optimizer(cfg.train)
-  state = jax.eval_shape(lambda: init_state(models.abstract_params(model, 32, 4), tx))
+  state = jax.eval_shape(lambda p: init_state(p, tx), models.abstract_params(model, 32, 4))
   n_params = sum(a.size for a in jax.tree.leaves(state["params"]))
   assert 865e6 < n_params < 867e6
   mesh = parallel.make_mesh(1, 8)
