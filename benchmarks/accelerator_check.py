@@ -41,6 +41,9 @@ from bench_remat import SMOKE as SMOKE_UNET_SHAPE, model_config  # noqa: E402  p
 from sd21_flops import SD21_VAE, SMOKE_VAE  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+SECTIONS = ("matmul", "train", "outpaint")
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--train-batch", type=int, default=16, help="train step batch (images)")
@@ -52,6 +55,8 @@ def parse_args(argv=None):
   p.add_argument("--matmul", type=int, default=8192, help="side of the square matmul of the peak rate")
   p.add_argument("--budget-s", type=float, default=330.0, help="no section starts after this many seconds")
   p.add_argument("--only", choices=("all", "jax"), default="all", help="'jax' skips PyTorch")
+  p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                 help="what to measure (default: everything; e.g. a rerun of what the budget skipped)")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accelerator_check.json"))
   p.add_argument("--smoke", action="store_true", help="a tiny SD-shaped model, batch 2, one repeat (any CPU)")
   args = p.parse_args(argv)
@@ -375,24 +380,24 @@ def main(argv=None):
   print(f"backend {result['backend']} ({result['device']}), jax {jax.__version__}, python {result['python']}",
         flush=True)
 
-  if budget.allows("matmul"):
+  if "matmul" in args.sections and budget.allows("matmul"):
     sec["matmul_tflops"] = {"jax": jax_matmul(args.matmul, args.repeats)}
     if with_torch:
       sec["matmul_tflops"]["torch"] = torch_matmul(args.matmul, args.repeats, device)
   peak = sec.get("matmul_tflops", {}).get("jax", {}).get("bfloat16", float("nan"))
   sec["train"] = {}
-  for dtype in ("bfloat16", "float32"):
+  for dtype in ("bfloat16", "float32") if "train" in args.sections else ():
     if budget.allows(f"train jax {dtype}"):
       sec["train"][f"jax_{dtype}"] = jax_train(sh, dtype, args.train_batch, args.repeats, peak)
   sec["outpaint"] = {}
-  for b in args.outpaint_batches:
+  for b in args.outpaint_batches if "outpaint" in args.sections else ():
     if budget.allows(f"outpaint jax batch {b}"):
       sec["outpaint"][f"jax_{b}"] = jax_outpaint(sh, b, args)
   if with_torch:
-    for dtype in ("bfloat16", "float32"):
+    for dtype in ("bfloat16", "float32") if "train" in args.sections else ():
       if budget.allows(f"train torch {dtype}"):
         sec["train"][f"torch_{dtype}"] = torch_train(sh, dtype, args.train_batch, args.repeats, device)
-    for b in args.outpaint_batches:
+    for b in args.outpaint_batches if "outpaint" in args.sections else ():
       if budget.allows(f"outpaint torch batch {b}"):
         sec["outpaint"][f"torch_{b}"] = torch_outpaint(sh, b, args, device)
   best = {}
