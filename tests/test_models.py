@@ -149,16 +149,17 @@ def test_unet_attention_options_and_remat_keep_parameters_and_results():
   params = models.init_params(ref, jax.random.key(0), 16, 1)
   x, t, c = _inputs()
   eps_ref = np.asarray(jax.jit(ref.apply)({"params": params}, x, t, c))
-  loss = lambda m: (lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x, t, c))))
-  g_ref = jax.jit(jax.grad(loss(ref)))(params)
-  for kw in ({"attention": "dot_product"}, {"attention": "diffusers"}, {"attention": "cpu", "remat": "dots_saveable"},
-             {"attention": "auto", "remat": "nothing_saveable"}):
+  for kw in ({"attention": "dot_product"}, {"attention": "diffusers"}):
     m = _tiny_model(True).clone(**kw)
     assert jax.tree.structure(models.init_params(m, jax.random.key(0), 16, 1)) == jax.tree.structure(params)
     np.testing.assert_allclose(np.asarray(jax.jit(m.apply)({"params": params}, x, t, c)), eps_ref, atol=2e-5)
-    g = jax.jit(jax.grad(loss(m)))(params)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-3)
+  # remat changes how the gradient is computed, not what it is
+  loss = lambda m: (lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x, t, c))))
+  fast = _tiny_model(True)
+  g_ref = jax.jit(jax.grad(loss(fast)))(params)
+  g = jax.jit(jax.grad(loss(models.with_remat(fast, "nothing_saveable"))))(params)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-3)
 
 
 def test_remat_wraps_each_down_and_up_block():
