@@ -3,9 +3,12 @@
 
   python benchmarks/bench_conv_grad.py
 
-Prints GFLOP/s of each and writes benchmarks/results/conv_grad.json.
+Prints GFLOP/s of each and writes benchmarks/results/conv_grad.json. Without torch installed only the
+XLA columns are measured. `--smoke` (run by the test suite): one small shape, one repeat, `--out`.
 """
 
+import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -20,7 +23,7 @@ SHAPES = [(32, 32, 32, 32), (32, 16, 16, 64), (32, 8, 8, 64)]  # [B, H, W, C], C
 REPEATS = 15
 
 
-def _time(fn, n=REPEATS):
+def _time(fn, n):
   fn()
   out = []
   for _ in range(n):
@@ -30,10 +33,19 @@ def _time(fn, n=REPEATS):
   return statistics.median(out)
 
 
-def main():
-  import torch
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "conv_grad.json"))
+  p.add_argument("--smoke", action="store_true", help="one small shape, one repeat (checks the script)")
+  args = p.parse_args(argv)
+  shapes, repeats = ([(2, 8, 8, 8)], 1) if args.smoke else (SHAPES, REPEATS)
+  torch = None
+  if importlib.util.find_spec("torch") is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+  else:
+    print("torch is not installed (pip install -e '.[bench]'): XLA columns only", flush=True)
   rows = []
-  for b, h, w, c in SHAPES:
+  for b, h, w, c in shapes:
     flops = 2 * b * h * w * c * c * 9  # one convolution
     rs = np.random.default_rng(0)
     x = rs.standard_normal((b, h, w, c), np.float32)
@@ -45,42 +57,50 @@ def main():
     dk = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2) / 2, argnums=1))
     xj, kj = jnp.asarray(x), jnp.asarray(k)
     # the squared-sum's own cost is tiny next to the convolutions (one fwd + one transposed conv)
-    jt = {"forward": _time(lambda: fwd(xj, kj).block_until_ready()),
-          "grad_input": _time(lambda: dx(xj, kj).block_until_ready()),
-          "grad_kernel": _time(lambda: dk(xj, kj).block_until_ready())}
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(memory_format=torch.channels_last)
-    kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
-    f = lambda xx, kk: torch.nn.functional.conv2d(xx, kk, padding=1)
-
-    def tgrad(which):
-      xx = xt.clone().requires_grad_(which == "x")
-      kk = kt.clone().requires_grad_(which == "k")
-      y = f(xx, kk)
-      (y.square().sum() / 2).backward()
-
-    with torch.inference_mode():
-      tf = _time(lambda: f(xt, kt))
-    tt = {"forward": tf, "grad_input": _time(lambda: tgrad("x")), "grad_kernel": _time(lambda: tgrad("k"))}
-    # a gradient call = forward + one backward convolution
-    row = {"shape": [b, h, w, c], "flops_per_conv": flops, "jax_s": jt, "torch_s": tt}
-    for name, t in (("jax", jt), ("torch", tt)):
+    jt = {"forward": _time(lambda: fwd(xj, kj).block_until_ready(), repeats),
+          "grad_input": _time(lambda: dx(xj, kj).block_until_ready(), repeats),
+          "grad_kernel": _time(lambda: dk(xj, kj).block_until_ready(), repeats)}
+    row = {"shape": [b, h, w, c], "flops_per_conv": flops, "jax_s": jt}
+    timings = [("jax", jt)]
+    if torch is not None:
+      row["torch_s"] = _torch_times(torch, x, k, repeats)
+      timings.append(("torch", row["torch_s"]))
+    for name, t in timings:
       row[f"{name}_gflops"] = {
           "forward": flops / t["forward"] / 1e9,
           "grad_input_backward_only": flops / max(t["grad_input"] - t["forward"], 1e-9) / 1e9,
           "grad_kernel_backward_only": flops / max(t["grad_kernel"] - t["forward"], 1e-9) / 1e9,
       }
     rows.append(row)
-    print(f"[{b},{h},{w},{c}] GFLOP/s  forward jax {row['jax_gflops']['forward']:6.1f} torch "
-          f"{row['torch_gflops']['forward']:6.1f} | d/dx jax {row['jax_gflops']['grad_input_backward_only']:6.1f} "
-          f"torch {row['torch_gflops']['grad_input_backward_only']:6.1f} | d/dk jax "
-          f"{row['jax_gflops']['grad_kernel_backward_only']:6.1f} torch {row['torch_gflops']['grad_kernel_backward_only']:6.1f}",
-          flush=True)
-  out = {"rows": rows, "loadavg": os.getloadavg(), "torch_threads": torch.get_num_threads(),
-         "jax": jax.__version__, "torch": torch.__version__}
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "conv_grad.json")
-  with open(path, "w") as fh:
+    print(f"[{b},{h},{w},{c}] GFLOP/s " + " | ".join(
+        f"{name}: forward {row[name + '_gflops']['forward']:6.1f} d/dx "
+        f"{row[name + '_gflops']['grad_input_backward_only']:6.1f} d/dk "
+        f"{row[name + '_gflops']['grad_kernel_backward_only']:6.1f}" for name, _ in timings), flush=True)
+  out = {"rows": rows, "loadavg": os.getloadavg(), "smoke": bool(args.smoke), "jax": jax.__version__}
+  if torch is not None:
+    out.update({"torch_threads": torch.get_num_threads(), "torch": torch.__version__})
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as fh:
     json.dump(out, fh, indent=1)
-  print("wrote", path, "load", os.getloadavg())
+  print("wrote", args.out, "load", os.getloadavg())
+
+
+def _torch_times(torch, x, k, repeats):
+  """Seconds of the forward convolution and its two gradient calls under PyTorch (channels-last)."""
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(memory_format=torch.channels_last)
+  kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
+  f = lambda xx, kk: torch.nn.functional.conv2d(xx, kk, padding=1)
+
+  def tgrad(which):
+    xx = xt.clone().requires_grad_(which == "x")
+    kk = kt.clone().requires_grad_(which == "k")
+    y = f(xx, kk)
+    (y.square().sum() / 2).backward()
+
+  with torch.inference_mode():
+    tf = _time(lambda: f(xt, kt), repeats)
+  return {"forward": tf, "grad_input": _time(lambda: tgrad("x"), repeats),
+          "grad_kernel": _time(lambda: tgrad("k"), repeats)}
 
 
 if __name__ == "__main__":

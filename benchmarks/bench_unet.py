@@ -24,7 +24,13 @@ the same function; the difference without that switch is printed too.
 
 Prints a table with the ratios and writes benchmarks/results/<name>.json (with machine info and the
 load average at start). `--sweep` instead measures our outpainting throughput and compiled memory per
-batch size (no PyTorch needed).
+batch size (no PyTorch needed). `--profile` adds where the train step's time goes: the forward loss,
+forward + backward (`value_and_grad`), and the whole step (+ clipping, AdamW, EMA) timed apart, for
+both frameworks, and `--trace DIR` writes a `jax.profiler` trace of one JAX step there (TensorBoard's
+profile plugin or Perfetto read it).
+
+`--smoke` runs every section once on configs/tiny.py's UNet with tiny batches (the test suite runs
+it); without torch installed the PyTorch peer is skipped with a message.
 """
 
 from __future__ import annotations
@@ -67,7 +73,27 @@ def parse_args(argv=None):
                  help="comma-separated outpainting batch sizes: throughput and compiled memory of ours only")
   p.add_argument("--name", default=None, help="results/<name>.json (default: <config>_<devices>dev[_sweep])")
   p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-  return p.parse_args(argv)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="model.dtype of our UNet (compute dtype; the PyTorch peer stays fp32)")
+  p.add_argument("--profile", action="store_true",
+                 help="time the train step's phases apart: forward loss, forward + backward, whole step")
+  p.add_argument("--trace", default=None, help="write a jax.profiler trace of one JAX train step to this folder")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny config (configs/tiny.py), batch 4, 2 steps, one repeat: checks the script runs")
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.config = os.path.join(ROOT, "configs", "tiny.py")
+    args.batch_size = args.batch_size or 4
+    args.train_batch_size = args.train_batch_size or 4
+    args.steps, args.repeats, args.single_images = 2, 1, 1
+    args.devices = min(args.devices or 2, 2)
+    args.profile = True
+    args.name = args.name or "smoke"
+  return args
+
+
+def torch_available() -> bool:
+  return importlib.util.find_spec("torch") is not None
 
 
 NATIVE_SIZES = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32, "stl10": 96, "celeb_a": 218}
@@ -267,6 +293,7 @@ def main(argv=None):
   model = models.build(cfg.model, side, ch, num_cond)
   if args.reference_layers:
     model = model.clone(fast=False)
+  model = model.clone(dtype=args.dtype)
   sched = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps)
   mesh = parallel.make_mesh()
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -285,7 +312,8 @@ def main(argv=None):
   result = {"config": config_name, "args": vars(args), "machine": info, "versions": versions,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_devices": len(jax.devices()),
             "model": {"block_out_channels": list(cfg.model.block_out_channels), "image": [side, side, ch],
-                      "params": n_params, "fast_layers": bool(model.fast)}}
+                      "params": n_params, "fast_layers": bool(model.fast),
+                      "dtype": model.dtype}}
   print(f"{info['cpu']}, {info['cores']} cores, load {info['loadavg_start'][0]:.2f}; jax {jax.__version__} on "
         f"{len(jax.devices())} CPU devices; model {n_params / 1e6:.2f}M params, {side}x{side}x{ch}", flush=True)
 
@@ -341,7 +369,10 @@ def main(argv=None):
     _write(args.out_dir, name, result)
     return result
 
-  with_torch = args.only == "all"
+  with_torch = args.only == "all" and torch_available()
+  if args.only == "all" and not with_torch:
+    print("torch is not installed (pip install -e '.[bench]'): the PyTorch peer is skipped", flush=True)
+  result["with_torch"] = with_torch
   if with_torch:
     import torch
     if args.torch_threads:
@@ -374,16 +405,16 @@ def main(argv=None):
       raise SystemExit("the converted PyTorch UNet does not compute our eps: refusing to compare speeds")
 
   # -- matmul peak ------------------------------------------------------------------------------
-  n = 2048
+  n = 256 if args.smoke else 2048
   a = jnp.asarray(rs.randn(n, n).astype(np.float32))
   mm = jax.jit(lambda a, b: a @ b)
   peaks = {"xla": lambda: mm(a, a).block_until_ready()}
   if with_torch:
     ta = torch.from_numpy(np.asarray(a).copy())
     peaks["torch"] = lambda: ta @ ta
-  pt_times = alternate(peaks, max(args.repeats, 5))
+  pt_times = alternate(peaks, 1 if args.smoke else max(args.repeats, 5))
   result["matmul_peak_gflops"] = {k: 2 * n**3 / med(v) / 1e9 for k, v in pt_times.items()}
-  print("matmul 2048^2 fp32: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["matmul_peak_gflops"].items()),
+  print(f"matmul {n}^2 fp32: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["matmul_peak_gflops"].items()),
         flush=True)
   peak = result["matmul_peak_gflops"]["xla"]
 
@@ -447,17 +478,20 @@ def main(argv=None):
   tb = args.train_batch_size or cfg.train.batch_size
   parallel.check_batch_size(tb, mesh)
   tx_opt = make_optimizer(cfg.train)
-  exp = SimpleNamespace(config=cfg, model=model, sched=sched, null_id=model.null_id, image_size=side, channels=ch)
+  # The parts of an Experiment the train step reads (a pixel model conditioned on ids: no VAE, no text).
+  exp = SimpleNamespace(config=cfg, model=model, sched=sched, null_id=model.null_id, image_size=side, channels=ch,
+                        model_size=side, model_channels=ch, vae=None, text=None)
   state, shardings = create_state(exp, mesh, tx_opt, jax.random.key(0))
   step = jit_train_step(exp, mesh, tx_opt, shardings)
   images = rs.uniform(-1, 1, (tb, side, side, ch)).astype(np.float32)
   labels = rs.randint(0, max(num_cond, 1), tb).astype(np.int32)
   batch = parallel.global_batch(mesh, {"image": images, "condition": labels})
-  train_flops = flops_of(step.lower(state, batch, jax.random.key(2)).compile())
+  frozen = {}  # pixel models with condition ids have no frozen parameters
+  train_flops = flops_of(step.lower(state, batch, jax.random.key(2), frozen).compile())
   holder = {"state": state}
 
   def jax_step():
-    holder["state"], metrics = step(holder["state"], batch, jax.random.key(2))
+    holder["state"], metrics = step(holder["state"], batch, jax.random.key(2), frozen)
     jax.block_until_ready(metrics)
 
   fns = {"jax": jax_step}
@@ -471,6 +505,16 @@ def main(argv=None):
                      "jax_flops_per_step": train_flops, "jax_gflops": train_flops / med(ts["jax"]) / 1e9}
   print(f"train step, batch {tb}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in result["train"]["images_per_s"].items())
         + f"; ours {result['train']['jax_gflops']:.0f} GFLOP/s", flush=True)
+  if args.trace:
+    jax_step()  # compiled already: the trace holds one step's execution only
+    with jax.profiler.trace(args.trace):
+      jax_step()
+    result["train"]["trace_dir"] = args.trace
+    print(f"wrote a jax.profiler trace of one train step to {args.trace}", flush=True)
+  if args.profile:
+    result["train_phases"] = profile_train_step(
+        model, sched, params, images, labels, mesh, args.repeats,
+        (pt, embed, timg, tlab, np.asarray(sched.abar)) if with_torch else None)
 
   # -- summary ----------------------------------------------------------------------------------
   r = {"forward_jax_over_torch": None, "outpaint_jax_over_torch_batched": None,
@@ -496,6 +540,65 @@ def main(argv=None):
   name = args.name or f"{config_name}_{len(jax.devices())}dev"
   _write(args.out_dir, name, result)
   return result
+
+
+def profile_train_step(model, sched, params, images, labels, mesh, repeats, peer=None) -> dict:
+  """Seconds (medians) of a train step's phases, each jitted / run on its own, both frameworks.
+
+  Phases: "forward" (the eps-MSE loss), "forward_backward" (the loss and its gradient), and the
+  whole step is the "train" section's time. backward = forward_backward - forward.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from solidmark_jax import parallel
+  from solidmark_jax.diffusion import q_sample
+
+  rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  b = images.shape[0]
+  rs = np.random.RandomState(3)
+  t = rs.randint(0, sched.num_steps, b).astype(np.int32)
+  eps = rs.randn(*images.shape).astype(np.float32)
+  x_t = np.asarray(q_sample(sched, jnp.asarray(images), jnp.asarray(t), jnp.asarray(eps)))
+  xs = parallel.global_batch(mesh, (x_t, t, labels, eps))
+
+  def loss(p, x, t, c, e):
+    return jnp.mean(jnp.square(model.apply({"params": p}, x, t, c) - e))
+
+  fwd = jax.jit(loss, in_shardings=(rep, bsh, bsh, bsh, bsh))
+  fwd_bwd = jax.jit(jax.value_and_grad(loss), in_shardings=(rep, bsh, bsh, bsh, bsh))
+  fns = {"jax_forward": lambda: jax.block_until_ready(fwd(params, *xs)),
+         "jax_forward_backward": lambda: jax.block_until_ready(fwd_bwd(params, *xs))}
+  if peer is not None:
+    import torch
+    import torch.nn.functional as F
+    pt, embed, timg, tlab, _ = peer
+    tx_t = torch.from_numpy(x_t).permute(0, 3, 1, 2).contiguous()
+    teps = torch.from_numpy(eps).permute(0, 3, 1, 2).contiguous()
+    tt = torch.from_numpy(t).long()
+
+    def pt_loss():
+      return F.mse_loss(pt(tx_t, tt, embed(tlab)[:, None]).sample, teps)
+
+    def pt_fwd():
+      with torch.no_grad():
+        pt_loss()
+
+    def pt_fwd_bwd():
+      pt.zero_grad(set_to_none=True)
+      embed.zero_grad(set_to_none=True)
+      pt_loss().backward()
+
+    pt.train()
+    fns["torch_forward"] = pt_fwd
+    fns["torch_forward_backward"] = pt_fwd_bwd
+  ts = alternate(fns, repeats)
+  out = {k: med(v) for k, v in ts.items()}
+  for fw in ("jax", "torch"):
+    if f"{fw}_forward" in out:
+      out[f"{fw}_backward"] = out[f"{fw}_forward_backward"] - out[f"{fw}_forward"]
+  print("train-step phases, median s: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()), flush=True)
+  return {"batch": b, "median_s": out, "times_s": ts}
 
 
 def _write(out_dir, name, result):

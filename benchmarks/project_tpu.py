@@ -11,6 +11,7 @@ The text encoder (once per key) is left out (< 0.2% of the total).
 
 Throughput = chips x peak x MFU / FLOPs per key. Peaks are the vendors' published dense bf16 figures;
 the MFU is an assumption (a range), not a measurement: no TPU was available to this project.
+`--smoke` (run by the test suite) projects one slice size at one MFU to a file given with `--out`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,9 +43,14 @@ def main(argv=None):
   p.add_argument("--mfu", type=float, nargs="+", default=[0.3, 0.45, 0.6])
   p.add_argument("--chips", type=int, nargs="+", default=[1, 32, 256])
   p.add_argument("--keys", type=int, default=10_000, help="evaluation size for the time column (paper: 5k-10k)")
+  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "tpu_projection.json"))
+  p.add_argument("--smoke", action="store_true", help="one chip count at one MFU (checks the script)")
   args = p.parse_args(argv)
+  if args.smoke:
+    args.mfu, args.chips = [0.45], [1]
   with open(args.flops) as f:
     flops = json.load(f)
+  sys.path.insert(0, ROOT)
   from solidmark_jax.outpaint.latent import remask_rows  # pylint: disable=g-import-not-at-top
   remasks = int(remask_rows(args.steps, args.remask_every, "x0").sum())
   out = {"steps": args.steps, "remask_every": args.remask_every, "remasks": remasks, "rows": []}
@@ -61,7 +68,8 @@ def main(argv=None):
         print(f"{tpu:>5} {chips:>6} " + " ".join(f"{r:13.1f}" for r in rates) + f"   {args.keys / mid:8.0f} s")
         out["rows"].append({"pixels": px, "latent": int(latent), "tflop_per_key": fk["total"] / 1e12, "tpu": tpu,
                             "chips": chips, "mfu": args.mfu, "keys_per_s": rates})
-  path = os.path.join(ROOT, "benchmarks", "results", "tpu_projection.json")
+  path = args.out
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
   print("\nwrote", path)

@@ -4,7 +4,8 @@
 
 Parameters come from `jax.eval_shape`, so the 865M-parameter UNet is never materialised; the forward
 pass is lowered for abstract inputs and XLA's HLO cost analysis counts its FLOPs. These numbers feed
-the keys/s projection for TPU pods in docs/performance.md.
+the keys/s projection for TPU pods in docs/performance.md. `--smoke` (run by the test suite) lowers a
+reduced UNet and VAE of the same block types at an 8 x 8 latent instead.
 """
 
 from __future__ import annotations
@@ -39,13 +40,24 @@ SD21_VAE = dict(
     latent_channels=4,
 )
 TEXT_TOKENS = 77
+# --smoke: SD 2.1's block types and linear-projection transformers at widths of 32 (GroupNorm's minimum)
+SMOKE_UNET = dict(SD21_UNET, block_out_channels=(32, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, attention_head_dim=(2, 2),
+                  cross_attention_dim=32)
+SMOKE_VAE = dict(SD21_VAE, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 block_out_channels=(32, 32), layers_per_block=1)
+SMOKE_TOKENS = 8
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--latent", type=int, nargs="+", default=[64, 96], help="latent sides (64: 512 px, 96: 768 px)")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "sd21_flops.json"))
+  p.add_argument("--smoke", action="store_true", help="a reduced UNet and VAE at an 8 x 8 latent (checks the script)")
   args = p.parse_args(argv)
+  unet_cfg, vae_cfg, tokens = SD21_UNET, SD21_VAE, TEXT_TOKENS
+  if args.smoke:
+    unet_cfg, vae_cfg, tokens, args.latent = SMOKE_UNET, SMOKE_VAE, SMOKE_TOKENS, [8]
   os.environ.setdefault("USE_TF", "0")
   sys.path.insert(0, ROOT)
   import jax
@@ -55,14 +67,16 @@ def main(argv=None):
   from diffusers import FlaxAutoencoderKL
 
   f32 = jnp.float32
-  out = {"unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in SD21_UNET.items()},
-         "text_tokens": TEXT_TOKENS, "unet": {}, "vae": {}}
-  unet = FlaxUNet2DConditionModel(sample_size=96, **SD21_UNET)
-  vae = FlaxAutoencoderKL(sample_size=768, **SD21_VAE)
+  out = {"unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_cfg.items()},
+         "text_tokens": tokens, "smoke": bool(args.smoke), "unet": {}, "vae": {}}
+  unet = FlaxUNet2DConditionModel(sample_size=96, **unet_cfg)
+  vae = FlaxAutoencoderKL(sample_size=768, **vae_cfg)
+  factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+  cross = unet_cfg["cross_attention_dim"]
   for side in args.latent:
     x = jax.ShapeDtypeStruct((1, 4, side, side), f32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    ctx = jax.ShapeDtypeStruct((1, TEXT_TOKENS, 1024), f32)
+    ctx = jax.ShapeDtypeStruct((1, tokens, cross), f32)
     params = jax.eval_shape(lambda r, x, t, c: unet.init(r, x, t, c)["params"], jax.random.key(0),
                             jnp.zeros(x.shape), jnp.zeros(t.shape, jnp.int32), jnp.zeros(ctx.shape))
     n_params = sum(a.size for a in jax.tree.leaves(params))
@@ -74,11 +88,11 @@ def main(argv=None):
     t0 = time.perf_counter()
     cost = jax.jit(fwd).lower(params, x, t, ctx).cost_analysis()
     out["unet"][str(side)] = {"params": int(n_params), "flops_per_image": float(cost["flops"]),
-                              "pixels": side * 8, "lowering_s": time.perf_counter() - t0}
-    print(f"UNet {n_params / 1e6:.0f}M params, latent {side}x{side} ({side * 8} px): "
-          f"{cost['flops'] / 1e12:.3f} TFLOP per evaluation", flush=True)
+                              "pixels": side * factor, "lowering_s": time.perf_counter() - t0}
+    print(f"UNet {n_params / 1e6:.2f}M params, latent {side}x{side} ({side * factor} px): "
+          f"{cost['flops'] / 1e12:.6f} TFLOP per evaluation", flush=True)
 
-    img = jax.ShapeDtypeStruct((1, 3, side * 8, side * 8), f32)
+    img = jax.ShapeDtypeStruct((1, 3, side * factor, side * factor), f32)
     vparams = jax.eval_shape(lambda r, x: vae.init(r, x)["params"], jax.random.key(0), jnp.zeros(img.shape))
     lat = jax.ShapeDtypeStruct((1, 4, side, side), f32)
     enc = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode).latent_dist.mean)
@@ -86,7 +100,7 @@ def main(argv=None):
     e = enc.lower(vparams, img).cost_analysis()["flops"]
     d = dec.lower(vparams, lat).cost_analysis()["flops"]
     out["vae"][str(side)] = {"encode_flops": float(e), "decode_flops": float(d)}
-    print(f"VAE at {side * 8} px: encode {e / 1e12:.3f} TFLOP, decode {d / 1e12:.3f} TFLOP", flush=True)
+    print(f"VAE at {side * factor} px: encode {e / 1e12:.6f} TFLOP, decode {d / 1e12:.6f} TFLOP", flush=True)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(out, f, indent=1)

@@ -71,6 +71,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention_head_dim = 8
   c.model.cross_attention_dim = 64
   c.model.use_linear_projection = False  # True for Stable Diffusion 2.x's transformer blocks
+  # Compute settings (not part of a checkpoint's identity: an fp32-trained model evaluates in bf16):
+  # compute dtype of the UNet, VAE and text encoder, "float32" or "bfloat16"; parameters, optimizer
+  # state, EMA, the loss and the samplers stay float32.
+  c.model.dtype = "float32"
+  # attention: "auto" (the CPU rewrite on CPU, jax.nn.dot_product_attention elsewhere: cuDNN flash
+  # attention on GPUs for bf16), "cpu", "dot_product" or "diffusers" (diffusers' own)
+  c.model.attention = "auto"
 
   c.text = ml_collections.ConfigDict()  # model.condition == "text"
   c.text.pretrained = ml_collections.config_dict.placeholder(str)  # SD root (text_encoder/, tokenizer/) or None
@@ -112,6 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.ema_decay = 0.9995
   c.train.cond_dropout = 0.1  # null condition rate, for classifier-free guidance
+  # Rematerialisation of the UNet's down / up blocks in the backward pass: "none" or a
+  # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...; models/fast_layers.REMAT)
+  c.train.remat = "none"
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
@@ -122,6 +132,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis (-1: all devices the fsdp axis leaves)
   c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis
+  # Multi-slice TPU: slices the data axis spans over the data-centre network (DCN); within a slice
+  # the mesh follows the chips' physical layout (mesh_utils.create_hybrid_device_mesh). 1: one slice.
+  c.mesh.dcn_data = 1
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_members = 256  # n member images (chosen by eval.seed)

@@ -174,7 +174,7 @@ class Evaluator:
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.exp = exp = build_experiment(config)
-    self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    self.mesh = parallel.mesh_for_config(config.mesh)
     self.thresholds, self.mitigation, self.augmentation = _validate(config, self.mesh)
     c = config.eval
     self.groups = [_member_group(exp, c.num_members, c.seed), _nonmember_group(exp, config)]

@@ -125,7 +125,7 @@ def build_experiment(config) -> Experiment:
   model_size, model_channels = size, source.channels
   if space == "latent":
     from solidmark_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-    vae = vae_lib.vae_for_config(config, source.channels)
+    vae = vae_lib.vae_for_config(config, source.channels).with_dtype(config.model.get("dtype", "float32"))
     model_size, model_channels = vae.latent_size(size), vae.latent_channels
   instances = make_instances(len(source), config.data, config.seed)
   bad_input = {"skipped_records": len(getattr(source, "skipped", ()) or ())}
@@ -220,7 +220,8 @@ def _text_conditions(config, source, instances: Instances):
   """The text encoder and the token ids [M, L] of every instance's caption."""
   from solidmark_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
   captions = source_captions(source, f"data.train_split {config.data.train_split!r}")
-  encoder = text_lib.build_text_encoder(config.text, config.seed, captions=captions)
+  encoder = text_lib.build_text_encoder(config.text, config.seed, captions=captions,
+                                        dtype=config.model.get("dtype", "float32"))
   tokens = encoder.tokenize(captions)
   ids = np.asarray(tokens.ids, np.int32)  # [records, L]
   truncated = int(np.sum(tokens.truncated))
@@ -300,6 +301,7 @@ def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh=None) -> dic
       # Training runs (or resumes, or just checks) stage 1; evaluation needs it finished, for this config.
       load = vae_stage.train_vae if train else lambda e, w, mesh: vae_stage.load_trained_vae(e.config, w)
       exp.vae, frozen["vae"] = load(exp, workdir, mesh=mesh)
+    exp.vae = exp.vae.with_dtype(exp.config.model.get("dtype", "float32"))  # stage 1 trains in float32
   return frozen
 
 

@@ -426,7 +426,7 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
   if exp.num_keys > 1:
     raise ValueError(f"marks.num_keys={exp.num_keys}: scoring plain generations (evaluate.py --generations) reads "
                      "one key per image; evaluate the outpaintings instead (evaluate.py without --generations)")
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = parallel.mesh_for_config(config.mesh)
   if int(s["batch_size"]) % mesh.size:
     raise ValueError(f"eval.generations.batch_size={s['batch_size']} must be divisible by the {mesh.size} devices")
   ema, step, _ = load_checkpoint(exp, workdir, step, mesh)

@@ -107,3 +107,69 @@ def test_converted_pytorch_unet_matches():
     theirs = pt(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2), torch.from_numpy(np.asarray(t)).long(),
                 embed(torch.from_numpy(np.asarray(c)).long())[:, None]).sample.permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+# -- attention implementations, precision, remat -------------------------------------------------
+
+
+def test_attention_choice_by_backend_and_bad_names():
+  assert fast_layers.resolve_attention("auto", "cpu") == "cpu"
+  assert fast_layers.resolve_attention("auto", "gpu") == "dot_product"
+  assert fast_layers.resolve_attention("auto", "tpu") == "dot_product"
+  assert fast_layers.dot_product_implementation(jnp.bfloat16, 64, "gpu") == "cudnn"
+  assert fast_layers.dot_product_implementation(jnp.float32, 64, "gpu") == "xla"  # cuDNN: half precision only
+  assert fast_layers.dot_product_implementation(jnp.bfloat16, 4, "gpu") == "xla"
+  assert fast_layers.dot_product_implementation(jnp.bfloat16, 64, "cpu") == "xla"
+  cfg = tiny.get_config()
+  cfg.model.attention = "flash"
+  with pytest.raises(ValueError, match="model.attention must be one of"):
+    models.build(cfg.model, 16, 1, 10)
+  with pytest.raises(ValueError, match="train.remat must be one of"):
+    models.with_remat(_tiny_model(), "dots")
+
+
+@pytest.mark.parametrize("context_len", [None, 7])
+def test_dot_product_attention_equals_diffusers(context_len):
+  rng = np.random.default_rng(3)
+  module = FlaxAttention(query_dim=32, heads=4, dim_head=8)
+  x = jnp.asarray(rng.normal(size=(2, 36, 32)).astype(np.float32))
+  ctx = None if context_len is None else jnp.asarray(rng.normal(size=(2, context_len, 32)).astype(np.float32))
+  params = module.init(jax.random.key(0), x, ctx)
+  f = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, ctx)))
+  ref, g_ref = module.apply(params, x, ctx), jax.grad(f, argnums=(0, 1))(params, x)
+  with fast_layers.fast_layers(attention="dot_product"):
+    out, g = module.apply(params, x, ctx), jax.grad(f, argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_unet_attention_options_and_remat_keep_parameters_and_results():
+  ref = _tiny_model(False)
+  params = models.init_params(ref, jax.random.key(0), 16, 1)
+  x, t, c = _inputs()
+  eps_ref = np.asarray(jax.jit(ref.apply)({"params": params}, x, t, c))
+  for kw in ({"attention": "dot_product"}, {"attention": "diffusers"}):
+    m = _tiny_model(True).clone(**kw)
+    assert jax.tree.structure(models.init_params(m, jax.random.key(0), 16, 1)) == jax.tree.structure(params)
+    np.testing.assert_allclose(np.asarray(jax.jit(m.apply)({"params": params}, x, t, c)), eps_ref, atol=2e-5)
+  # remat changes how the gradient is computed, not what it is
+  loss = lambda m: (lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x, t, c))))
+  fast = _tiny_model(True)
+  g_ref = jax.jit(jax.grad(loss(fast)))(params)
+  g = jax.jit(jax.grad(loss(models.with_remat(fast, "nothing_saveable"))))(params)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-3)
+
+
+def test_remat_wraps_each_down_and_up_block():
+  model = _tiny_model()
+  params = models.init_params(model, jax.random.key(0), 16, 1)
+  x, t, c = _inputs(2)
+
+  def count(m):
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, t, c))))(params))
+    return jaxpr.count("remat") + jaxpr.count("checkpoint[")
+
+  assert count(model) == 0
+  assert count(models.with_remat(model, "nothing_saveable")) == 4  # 2 down + 2 up blocks (configs/tiny.py)

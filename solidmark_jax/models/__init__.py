@@ -2,6 +2,7 @@
 
 from solidmark_jax.models.unet import (
     CONDITIONS,
+    DTYPES,
     ConditionedUNet,
     Denoiser,
     abstract_params,
@@ -9,5 +10,6 @@ from solidmark_jax.models.unet import (
     build,
     init_params,
     validate,
+    with_remat,
 )
 from solidmark_jax.models.unet import build_for_config, load_pretrained_unet_params, pretrained_unet_dir

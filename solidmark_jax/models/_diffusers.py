@@ -38,9 +38,14 @@ warnings.filterwarnings("ignore", message=f".*{FLAX_DEPRECATION}.*")
 try:
   from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
   from diffusers.models.attention_flax import FlaxAttention
+  from diffusers.models.unets.unet_2d_blocks_flax import (FlaxCrossAttnDownBlock2D, FlaxCrossAttnUpBlock2D,
+                                                          FlaxDownBlock2D, FlaxUpBlock2D)
 except ImportError as e:  # pragma: no cover
   raise ImportError(
       f"diffusers {diffusers.__version__} has no FlaxUNet2DConditionModel/FlaxAutoencoderKL; "
       "install diffusers<0.40") from e
 
-__all__ = ["FlaxAttention", "FlaxAutoencoderKL", "FlaxUNet2DConditionModel"]
+# The UNet's down and up blocks: the units `train.remat` recomputes (models/fast_layers.py).
+REMAT_BLOCKS = (FlaxDownBlock2D, FlaxCrossAttnDownBlock2D, FlaxUpBlock2D, FlaxCrossAttnUpBlock2D)
+
+__all__ = ["FlaxAttention", "FlaxAutoencoderKL", "FlaxUNet2DConditionModel", "REMAT_BLOCKS"]

@@ -1,4 +1,5 @@
-"""Faster, numerically equal stand-ins for two diffusers Flax layers, swapped in at trace time.
+"""Faster, numerically equal stand-ins for two diffusers Flax layers, and per-block remat, swapped in
+at trace time.
 
 `fast_layers()` is a flax method interceptor: inside it, every `nn.GroupNorm` and diffusers
 `FlaxAttention` call runs the functions below on the module's own parameters (same names, shapes and
@@ -13,18 +14,56 @@ docs/performance.md for the measurements):
   materialises as an N x N array per head and which splits the softmax into several memory-bound
   passes. Here the query is scaled before the product, heads stay a separate axis, and the softmax
   is normalised after multiplying by V ([B, heads, N, d] instead of [B, heads, N, N]); XLA:CPU then
-  compiles the whole attention into one fused kernel.
+  compiles the whole attention into one fused kernel (`attention="cpu"`).
+- Attention on accelerators (`attention="dot_product"`): `jax.nn.dot_product_attention`, which is
+  cuDNN's fused (flash) attention on a GPU for bf16/fp16 inputs with head dims it supports, and
+  XLA's attention everywhere else. `"auto"` takes "cpu" on the CPU backend and "dot_product" on any
+  other; `"diffusers"` leaves diffusers' own attention in place.
+
+`remat` (a `jax.checkpoint_policies` name, or "none") wraps each of the UNet's down and up blocks
+(`FlaxDownBlock2D`, `FlaxCrossAttnDownBlock2D`, `FlaxUpBlock2D`, `FlaxCrossAttnUpBlock2D`) in flax's
+lifted `nn.checkpoint` with that policy: in the backward pass a block's activations are recomputed
+from its inputs instead of kept from the forward pass. Parameters and results are unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from solidmark_jax.models._diffusers import FlaxAttention
+from solidmark_jax.models._diffusers import FlaxAttention, REMAT_BLOCKS
+
+ATTENTION = ("auto", "diffusers", "cpu", "dot_product")
+REMAT = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN's fused attention takes half-precision inputs only
+
+
+def resolve_attention(name: str, backend: str | None = None) -> str:
+  """"auto" -> "cpu" on the CPU backend, "dot_product" on any other; other names are checked and kept.
+
+  Raises:
+    ValueError: an unknown name (the message lists the known ones).
+  """
+  if name not in ATTENTION:
+    raise ValueError(f"model.attention must be one of {ATTENTION}, got {name!r}")
+  if name != "auto":
+    return name
+  return "cpu" if (backend or jax.default_backend()) == "cpu" else "dot_product"
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint_policies` entry named `name`; None for "none".
+
+  Raises:
+    ValueError: an unknown name (the message lists the known ones).
+  """
+  if name not in REMAT:
+    raise ValueError(f"train.remat must be one of {REMAT}, got {name!r}")
+  return None if name == "none" else getattr(jax.checkpoint_policies, name)
 
 
 def group_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, num_groups: int,
@@ -102,6 +141,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array
   return o.transpose(0, 2, 1, 3).reshape(b, n, inner)
 
 
+def dot_product_implementation(dtype, head_dim: int, backend: str | None = None) -> str:
+  """"cudnn" where cuDNN's fused attention applies (GPU, bf16/fp16, head dim a multiple of 8 up to
+  128), else "xla"."""
+  backend = backend or jax.default_backend()
+  ok = backend == "gpu" and any(jnp.dtype(dtype) == jnp.dtype(d) for d in CUDNN_DTYPES)
+  return "cudnn" if ok and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
+def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+  """`attention` through `jax.nn.dot_product_attention`: q [B, N, heads * d], k and v [B, M, heads * d].
+
+  Returns:
+    [B, N, heads * d].
+  """
+  b, n, inner = q.shape
+  d = inner // heads
+  split = lambda t: t.reshape(b, t.shape[1], heads, d)  # [B, N, h, d], the layout it takes
+  impl = dot_product_implementation(q.dtype, d)
+  o = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=impl)  # [B, N, h, d]
+  return o.reshape(b, n, inner)
+
+
 def _group_norm_call(module: nn.GroupNorm, x, mask=None):
   channels = x.shape[-1]
   num_groups = module.num_groups if module.group_size is None else channels // module.group_size
@@ -112,9 +173,9 @@ def _group_norm_call(module: nn.GroupNorm, x, mask=None):
   return y.astype(dtype)
 
 
-def _attention_call(module, hidden_states, context=None, deterministic=True):
+def _attention_call(module, impl, hidden_states, context=None, deterministic=True):
   context = hidden_states if context is None else context
-  out = attention(module.query(hidden_states), module.key(context), module.value(context), module.heads)
+  out = impl(module.query(hidden_states), module.key(context), module.value(context), module.heads)
   out = module.proj_attn(out)
   return module.dropout_layer(out, deterministic=deterministic)
 
@@ -124,19 +185,52 @@ def _plain_group_norm(module: nn.GroupNorm, kwargs) -> bool:
           and module.use_fast_variance)
 
 
-def _interceptor(next_fun, args, kwargs, context):
-  module = context.module
-  if context.method_name == "__call__":
-    if isinstance(module, nn.GroupNorm) and _plain_group_norm(module, kwargs):
-      return _group_norm_call(module, *args, **kwargs)
-    if (isinstance(module, FlaxAttention) and not module.use_memory_efficient_attention
-        and not module.split_head_dim):
-      return _attention_call(module, *args, **kwargs)
-  return next_fun(*args, **kwargs)
+_remat_state = threading.local()  # set while a block runs inside its own checkpoint
+
+
+def _remat_call(module, policy, args, kwargs):
+  """module(*args, **kwargs) under flax's lifted `nn.checkpoint`; bools and None stay static."""
+  static = {k: v for k, v in kwargs.items() if v is None or isinstance(v, (bool, int, float, str))}
+  arrays = {k: v for k, v in kwargs.items() if k not in static}
+
+  def run(mdl, args, arrays):
+    _remat_state.active = True
+    try:
+      return mdl(*args, **arrays, **static)
+    finally:
+      _remat_state.active = False
+
+  return nn.checkpoint(run, policy=policy, prevent_cse=True)(module, args, arrays)
+
+
+def _make_interceptor(group_norm: bool, attention_name: str, policy):
+  impl = {"cpu": attention, "dot_product": dot_product}.get(attention_name)
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__":
+      if policy is not None and isinstance(module, REMAT_BLOCKS) and not getattr(_remat_state, "active", False):
+        return _remat_call(module, policy, args, kwargs)
+      if group_norm and isinstance(module, nn.GroupNorm) and _plain_group_norm(module, kwargs):
+        return _group_norm_call(module, *args, **kwargs)
+      if (impl is not None and isinstance(module, FlaxAttention) and not module.use_memory_efficient_attention
+          and not module.split_head_dim):
+        return _attention_call(module, impl, *args, **kwargs)
+    return next_fun(*args, **kwargs)
+
+  return interceptor
 
 
 @contextlib.contextmanager
-def fast_layers():
-  """Within this context, flax GroupNorm and diffusers FlaxAttention calls take the fast paths."""
-  with nn.intercept_methods(_interceptor):
+def fast_layers(attention: str = "auto", group_norm: bool = True, remat: str = "none"):
+  """Within this context, flax GroupNorm and diffusers FlaxAttention calls take the fast paths.
+
+  Args:
+    attention: "auto", "cpu" (the fused rewrite above), "dot_product" (`jax.nn.dot_product_attention`)
+      or "diffusers" (diffusers' own); "auto" is chosen by the default backend (`resolve_attention`).
+    group_norm: compute GroupNorm from per-channel sums (else flax's own).
+    remat: "none" or a `jax.checkpoint_policies` name applied to each UNet down / up block.
+  """
+  interceptor = _make_interceptor(group_norm, resolve_attention(attention), remat_policy(remat))
+  with nn.intercept_methods(interceptor):
     yield

@@ -41,6 +41,7 @@ from solidmark_jax.models._transformers import (
     bytes_to_unicode,
 )
 from solidmark_jax.models import torch_layout
+from solidmark_jax.models.unet import DTYPES
 
 ON_TOO_LONG = ("truncate", "error")
 TEXT_ENCODER_DIR = "text_encoder"
@@ -82,10 +83,16 @@ class TextEncoder:
     params: the frozen parameters (float32), a nested dict.
     max_length: L, the token sequence length, start and end tokens included.
     on_too_long: "truncate" (counted) or "error", for captions longer than L tokens.
+    dtype: compute dtype of `encode`, "float32" or "bfloat16" (config `model.dtype`); parameters
+      and embeddings stay float32.
   """
 
   def __init__(self, tokenizer: CLIPTokenizer, model: FlaxCLIPTextModel, params, max_length: int,
-               on_too_long: str = "truncate"):
+               on_too_long: str = "truncate", dtype: str = "float32"):
+    if dtype not in DTYPES:
+      raise ValueError(f"model.dtype must be one of {tuple(DTYPES)} (the compute dtype), got {dtype!r}")
+    self.dtype = dtype
+    self._compute_dtype = DTYPES[dtype]
     if on_too_long not in ON_TOO_LONG:
       raise ValueError(f"text.on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
     positions = int(model.config.max_position_embeddings)
@@ -169,8 +176,11 @@ class TextEncoder:
     """
     ids = jnp.asarray(ids, jnp.int32)  # [B, L]
     positions = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
-    out = self.model.module.apply({"params": params}, ids, jnp.ones_like(ids), positions, deterministic=True)
-    return out.last_hidden_state  # [B, L, D]
+    module = self.model.module
+    if self.dtype != "float32":
+      module = module.clone(dtype=self._compute_dtype)
+    out = module.apply({"params": params}, ids, jnp.ones_like(ids), positions, deterministic=True)
+    return out.last_hidden_state.astype(jnp.float32)  # [B, L, D]
 
   def save_pretrained(self, root: str) -> None:
     """Writes `root/text_encoder/` and `root/tokenizer/` (Stable Diffusion's layout).
@@ -273,7 +283,8 @@ def _load_model(folder: str) -> tuple[FlaxCLIPTextModel, dict]:
   return model, _check_params(_pt_to_flax(pt, model, where), model, where)
 
 
-def load_text_encoder(path: str, max_length: int | None = None, on_too_long: str = "truncate") -> TextEncoder:
+def load_text_encoder(path: str, max_length: int | None = None, on_too_long: str = "truncate",
+                      dtype: str = "float32") -> TextEncoder:
   """Loads a frozen text encoder and its tokenizer from local files (never the network).
 
   Args:
@@ -282,6 +293,7 @@ def load_text_encoder(path: str, max_length: int | None = None, on_too_long: str
       and merges.txt.
     max_length: L; None: the model's `max_position_embeddings` (77 for CLIP).
     on_too_long: "truncate" or "error".
+    dtype: compute dtype, "float32" or "bfloat16".
 
   Raises:
     FileNotFoundError: a missing folder or file, named with what was expected there.
@@ -292,7 +304,7 @@ def load_text_encoder(path: str, max_length: int | None = None, on_too_long: str
   model, params = _load_model(te)
   L = int(max_length or model.config.max_position_embeddings)
   tokenizer.model_max_length = L
-  return TextEncoder(tokenizer, model, params, L, on_too_long)
+  return TextEncoder(tokenizer, model, params, L, on_too_long, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +433,8 @@ def init_params(model: FlaxCLIPTextModel, seed: int) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def fresh_text_encoder(text_cfg, seed: int, captions: Sequence[str] | None = None) -> TextEncoder:
+def fresh_text_encoder(text_cfg, seed: int, captions: Sequence[str] | None = None,
+                       dtype: str = "float32") -> TextEncoder:
   """A small random CLIP text encoder (section `text` of the config) with an offline tokenizer.
 
   Args:
@@ -430,6 +443,7 @@ def fresh_text_encoder(text_cfg, seed: int, captions: Sequence[str] | None = Non
     seed: initialises the parameters.
     captions: the training captions the tokenizer's merges are learned from (None: bytes only,
       about one token per character).
+    dtype: compute dtype, "float32" or "bfloat16".
   """
   hidden, heads = int(text_cfg.hidden_size), int(text_cfg.num_heads)
   if hidden % heads:
@@ -446,11 +460,16 @@ def fresh_text_encoder(text_cfg, seed: int, captions: Sequence[str] | None = Non
   model = FlaxCLIPTextModel(config, _do_init=False)
   params = init_params(model, seed)
   return TextEncoder(tokenizer, model, _check_params(params, model, "fresh text model"), L,
-                     text_cfg.get("on_too_long", "truncate"))
+                     text_cfg.get("on_too_long", "truncate"), dtype)
 
 
-def build_text_encoder(text_cfg, seed: int, captions: Sequence[str] | None = None) -> TextEncoder:
-  """`text.pretrained` set: loads it (with `text.max_length`); else a fresh one (`fresh_text_encoder`)."""
+def build_text_encoder(text_cfg, seed: int, captions: Sequence[str] | None = None,
+                       dtype: str = "float32") -> TextEncoder:
+  """`text.pretrained` set: loads it (with `text.max_length`); else a fresh one (`fresh_text_encoder`).
+
+  `dtype` is the compute dtype (the config's `model.dtype`).
+  """
   if text_cfg.get("pretrained"):
-    return load_text_encoder(text_cfg.pretrained, text_cfg.get("max_length"), text_cfg.get("on_too_long", "truncate"))
-  return fresh_text_encoder(text_cfg, seed, captions)
+    return load_text_encoder(text_cfg.pretrained, text_cfg.get("max_length"), text_cfg.get("on_too_long", "truncate"),
+                             dtype)
+  return fresh_text_encoder(text_cfg, seed, captions, dtype)

@@ -18,7 +18,14 @@ Images are channels-last [B, H, W, C] in model space at our boundary; diffusers'
 
 By default the UNet runs with `fast_layers`: diffusers' GroupNorm and attention layers computed by
 equal but faster functions on the same parameters (docs/performance.md); `fast=False` gives the
-unmodified diffusers computation.
+unmodified diffusers computation. `attention` (config `model.attention`) picks the attention
+implementation, `remat` (config `train.remat`, set by the train step) recomputes each down / up block
+in the backward pass with a `jax.checkpoint` policy.
+
+Precision (config `model.dtype`): the compute dtype of the UNet's layers, float32 or bfloat16.
+Parameters are always created (and trained, and averaged) in float32: diffusers' Flax layers take
+`dtype` as their computation dtype and keep float32 parameters, which they cast on use. The output
+eps_hat is float32 whatever the compute dtype, so samplers and losses stay in float32.
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ import jax
 import jax.numpy as jnp
 
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
-from solidmark_jax.models.fast_layers import fast_layers
+from solidmark_jax.models.fast_layers import ATTENTION, REMAT, fast_layers
 
 CONDITIONS = ("class", "image", "text", "none")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype: the compute dtype
 GROUPNORM_GROUPS = 32  # diffusers' Flax UNet hard-codes 32 groups in every GroupNorm
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")  # the block types diffusers' Flax UNet has
 UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -51,6 +59,9 @@ class ConditionedUNet(nn.Module):
   num_conditions: int
   cross_attention_dim: int
   fast: bool = True  # swap in `fast_layers` (same parameters, same result to ~1e-6)
+  attention: str = "auto"  # fast_layers.ATTENTION
+  dtype: str = "float32"  # compute dtype, a key of DTYPES; parameters stay float32
+  remat: str = "none"  # fast_layers.REMAT: per down / up block recomputation in the backward pass
 
   @property
   def null_id(self) -> int:
@@ -61,7 +72,8 @@ class ConditionedUNet(nn.Module):
   def setup(self):
     if self.uses_table:
       self.embed = nn.Embed(self.num_conditions + 1, self.cross_attention_dim, name="condition_embedding")
-    self.unet = FlaxUNet2DConditionModel(cross_attention_dim=self.cross_attention_dim, **self.unet_kwargs)
+    self.unet = FlaxUNet2DConditionModel(cross_attention_dim=self.cross_attention_dim, dtype=DTYPES[self.dtype],
+                                         **self.unet_kwargs)
 
   def embed_conditions(self, condition):
     """Condition ids [B] -> their table rows [B, D]."""
@@ -77,10 +89,18 @@ class ConditionedUNet(nn.Module):
       context = condition[:, None, :]  # [B, 1, D]
     else:
       context = condition  # [B, L, D]
-    sample = jnp.transpose(x_t, (0, 3, 1, 2))  # [B, C, H, W]
-    with fast_layers() if self.fast else contextlib.nullcontext():
+    dtype = DTYPES[self.dtype]
+    sample = jnp.transpose(x_t, (0, 3, 1, 2)).astype(dtype)  # [B, C, H, W]
+    context = context.astype(dtype)
+    if self.fast:
+      layers = fast_layers(self.attention, remat=self.remat)
+    elif self.remat != "none" or self.attention not in ("auto", "diffusers"):
+      layers = fast_layers(self.attention, group_norm=False, remat=self.remat)
+    else:
+      layers = contextlib.nullcontext()  # diffusers' own computation, untouched
+    with layers:
       out = self.unet(sample, t, context, train=False).sample
-    return jnp.transpose(out, (0, 2, 3, 1))  # [B, H, W, C]
+    return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)  # [B, H, W, C]
 
 
 def num_downsamplings(model_cfg) -> int:
@@ -106,6 +126,7 @@ def validate(model_cfg, image_size: int, channels: int) -> None:
         f"(diffusers' Flax UNet uses {GROUPNORM_GROUPS} GroupNorm groups); not: {bad}")
   if model_cfg.condition not in CONDITIONS:
     raise ValueError(f"model.condition must be one of {CONDITIONS}, got {model_cfg.condition!r}")
+  validate_compute(model_cfg)
   factor = 2 ** num_downsamplings(model_cfg)
   if image_size % factor:
     lo = image_size - image_size % factor
@@ -117,6 +138,33 @@ def validate(model_cfg, image_size: int, channels: int) -> None:
         "or use fewer blocks")
   if model_cfg.get("space", "pixel") == "pixel" and channels not in (1, 3):
     raise ValueError(f"data.channels must be 1 or 3, got {channels}")
+
+
+def validate_compute(model_cfg) -> None:
+  """model.dtype and model.attention: a clear ValueError naming the field for anything unknown."""
+  dtype = model_cfg.get("dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {tuple(DTYPES)} (the compute dtype), got {dtype!r}")
+  attention = model_cfg.get("attention", "auto")
+  if attention not in ATTENTION:
+    raise ValueError(f"model.attention must be one of {ATTENTION}, got {attention!r}")
+
+
+def compute_fields(model_cfg) -> dict:
+  """ConditionedUNet's compute settings from the config's model section."""
+  validate_compute(model_cfg)
+  return {"dtype": model_cfg.get("dtype", "float32"), "attention": model_cfg.get("attention", "auto")}
+
+
+def with_remat(model: "ConditionedUNet", remat: str) -> "ConditionedUNet":
+  """The same model (same parameters) recomputing each down / up block in the backward pass.
+
+  Raises:
+    ValueError: `remat` is not "none" or one of `fast_layers.REMAT`'s policies (names the field).
+  """
+  if remat not in REMAT:
+    raise ValueError(f"train.remat must be one of {REMAT}, got {remat!r}")
+  return model.clone(remat=remat)
 
 
 def build(model_cfg, image_size: int, channels: int, num_conditions: int) -> ConditionedUNet:
@@ -143,7 +191,7 @@ def build(model_cfg, image_size: int, channels: int, num_conditions: int) -> Con
       use_linear_projection=bool(model_cfg.get("use_linear_projection", False)),
   )
   return ConditionedUNet(kwargs, int(num_conditions), int(model_cfg.cross_attention_dim),
-                         uses_table=model_cfg.condition != "text")
+                         uses_table=model_cfg.condition != "text", **compute_fields(model_cfg))
 
 
 def _head_dim(value):
@@ -167,7 +215,7 @@ def pretrained_unet_kwargs(path: str) -> dict:
   """FlaxUNet2DConditionModel constructor arguments from a local diffusers UNet's config.json."""
   with open(os.path.join(pretrained_unet_dir(path), "config.json"), encoding="utf-8") as f:
     cfg = json.load(f)
-  fields = {f.name for f in dataclasses.fields(FlaxUNet2DConditionModel)} - {"parent", "name"}
+  fields = {f.name for f in dataclasses.fields(FlaxUNet2DConditionModel)} - {"parent", "name", "dtype"}
   kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in fields}
   if kwargs.get("attention_head_dim") is None and cfg.get("num_attention_heads") is not None:
     kwargs["attention_head_dim"] = tuple(cfg["num_attention_heads"]) if isinstance(
@@ -195,7 +243,8 @@ def build_for_config(model_cfg, image_size: int, channels: int, num_conditions: 
   kwargs["sample_size"] = image_size
   if model_cfg.condition in ("none", "text"):
     num_conditions = 0
-  return ConditionedUNet(kwargs, int(num_conditions), int(cross), uses_table=model_cfg.condition != "text")
+  return ConditionedUNet(kwargs, int(num_conditions), int(cross), uses_table=model_cfg.condition != "text",
+                         **compute_fields(model_cfg))
 
 
 def load_pretrained_unet_params(model_cfg):

@@ -12,6 +12,8 @@ trained in stage 1 (`training.vae_stage`). `save_vae` writes the diffusers forma
 
 By default the VAE runs with `fast_layers` (diffusers' GroupNorm computed by an equal, faster
 function on the same parameters); `fast=False` gives the unmodified diffusers computation.
+`dtype` (config `model.dtype`) is the compute dtype of its layers; parameters stay float32 and every
+output (posterior, latents, images) is float32.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from solidmark_jax.models._diffusers import FlaxAutoencoderKL
 from solidmark_jax.models.fast_layers import fast_layers
+from solidmark_jax.models.unet import DTYPES
 
 VAE_FOLDER = "vae"  # the VAE's folder in a diffusers pipeline root (and in a workdir)
 DEFAULT_GROUPS = 32  # diffusers' (and Stable Diffusion's) GroupNorm groups
@@ -42,11 +45,13 @@ class VAE:
     module: the diffusers Flax module (its config's `scaling_factor` is ignored: ours wins).
     scaling_factor: z = scaling_factor * E(x).
     fast: run GroupNorm through `fast_layers` (same parameters, same result to ~1e-6).
+    dtype: compute dtype, "float32" or "bfloat16" (parameters and outputs stay float32).
   """
 
   module: FlaxAutoencoderKL
   scaling_factor: float = 1.0
   fast: bool = True
+  dtype: str = "float32"
 
   @property
   def factor(self) -> int:
@@ -80,14 +85,22 @@ class VAE:
   def with_scaling_factor(self, scaling_factor: float) -> "VAE":
     return dataclasses.replace(self, scaling_factor=float(scaling_factor))
 
+  def with_dtype(self, dtype: str) -> "VAE":
+    """The same VAE computing in `dtype` ("float32" or "bfloat16"; a clear error otherwise)."""
+    if dtype not in DTYPES:
+      raise ValueError(f"model.dtype must be one of {tuple(DTYPES)} (the compute dtype), got {dtype!r}")
+    return dataclasses.replace(self, dtype=dtype)
+
   def _apply(self, params, *args, method):
+    module = self.module if self.dtype == "float32" else self.module.clone(dtype=DTYPES[self.dtype])
+    args = tuple(a.astype(DTYPES[self.dtype]) for a in args)
     with fast_layers() if self.fast else contextlib.nullcontext():
-      return self.module.apply({"params": params}, *args, method=method)
+      return module.apply({"params": params}, *args, method=method)
 
   def posterior(self, params, x):
-    """Unscaled posterior of images x [B, H, W, C] -> (mean, logvar), each [B, h, w, c]."""
+    """Unscaled posterior of images x [B, H, W, C] -> (mean, logvar), each [B, h, w, c] float32."""
     dist = self._apply(params, jnp.transpose(x, (0, 3, 1, 2)), method=FlaxAutoencoderKL.encode).latent_dist
-    return dist.mean, dist.logvar
+    return dist.mean.astype(jnp.float32), dist.logvar.astype(jnp.float32)
 
   def encode(self, params, x, rng=None):
     """Images x [B, H, W, C] in [-1, 1] -> scaled latents [B, h, w, c].
@@ -101,7 +114,7 @@ class VAE:
   def decode_unscaled(self, params, z):
     """Unscaled latents [B, h, w, c] -> images [B, H, W, C] (stage-1 training)."""
     out = self._apply(params, z, method=FlaxAutoencoderKL.decode).sample  # [B, C, H, W]
-    return jnp.transpose(out, (0, 2, 3, 1))
+    return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
 
   def decode(self, params, z):
     """Scaled latents [B, h, w, c] -> images [B, H, W, C] in model space (not clipped)."""

@@ -192,13 +192,16 @@ class Outpainter:
   # -- per image -------------------------------------------------------------------------------
 
   def _eps(self, params, x, t, condition):
-    """eps_hat for one image: x [H, W, C], t [] int32, condition [] int32 -> [H, W, C]."""
+    """eps_hat for one image: x [H, W, C], t [] int32, condition [] int32 -> [H, W, C] float32.
+
+    A bf16 network's output is cast to float32: x_t, the known-region mixing and the key read stay float32.
+    """
     if self.guidance_scale == 1.0:
-      return self.denoiser(params, x[None], t[None], condition[None])[0]
+      return self.denoiser(params, x[None], t[None], condition[None])[0].astype(jnp.float32)
     xx = jnp.stack([x, x])  # [2, H, W, C]: conditional and unconditional in one call
     tt = jnp.stack([t, t])
     cc = jnp.stack([condition, jnp.asarray(self.null_condition, condition.dtype)])
-    eps_c, eps_u = self.denoiser(params, xx, tt, cc)  # [H, W, C] each
+    eps_c, eps_u = self.denoiser(params, xx, tt, cc).astype(jnp.float32)  # [H, W, C] each
     return eps_u + self.guidance_scale * (eps_c - eps_u)
 
   def _k_pred(self, x, mask):

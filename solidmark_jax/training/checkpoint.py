@@ -15,12 +15,16 @@ import orbax.checkpoint as ocp
 
 # Config sections that must not change between a checkpoint and a run that resumes or evaluates it.
 FINGERPRINT_SECTIONS = ("model", "marks", "diffusion")
+# model fields that say how the model is computed, not what it is: a checkpoint trained in float32
+# evaluates in bfloat16 (and with another attention implementation) without a config mismatch
+COMPUTE_FIELDS = ("dtype", "attention")
 FINGERPRINT_DATA_FIELDS = ("name", "train_split", "image_size", "channels", "subset_size", "subset_mode",
                            "duplicates", "folder")
 
 
 def fingerprint_fields(config) -> dict:
   out = {s: config[s].to_dict() for s in FINGERPRINT_SECTIONS}
+  out["model"] = {k: v for k, v in out["model"].items() if k not in COMPUTE_FIELDS}
   out["data"] = {k: config.data.get(k) for k in FINGERPRINT_DATA_FIELDS}
   out["seed"] = config.seed
   return json.loads(json.dumps(out, sort_keys=True, default=str))

@@ -15,7 +15,7 @@ from solidmark_jax import dirlock, parallel
 from solidmark_jax.data.pipeline import BatchPlan
 from solidmark_jax.experiment import Conditioner, Experiment, build_experiment, load_frozen, make_outpainter
 from solidmark_jax.experiment import outpaint_params, sync_keymap
-from solidmark_jax.models import as_denoiser, init_params, load_pretrained_unet_params
+from solidmark_jax.models import as_denoiser, init_params, load_pretrained_unet_params, with_remat
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.preemption import PreemptionGuard
 from solidmark_jax.training.step import init_state, learning_rate, make_optimizer, make_train_step
@@ -89,9 +89,13 @@ def make_prepare(exp: Experiment, cached_latents: bool = False):
 
 def jit_train_step(exp: Experiment, mesh, tx, state_shardings, batch_keys=("image", "condition"),
                    cached_latents: bool = False):
-  """train_step(state, batch, rng, frozen) jitted with the state's and the batch's shardings."""
+  """train_step(state, batch, rng, frozen) jitted with the state's and the batch's shardings.
+
+  The UNet recomputes its down / up blocks in the backward pass per `train.remat`.
+  """
   cfg = exp.config.train
-  step = make_train_step(as_denoiser(exp.model), exp.sched, tx, ema_decay=cfg.ema_decay, cond_dropout=cfg.cond_dropout,
+  model = with_remat(exp.model, cfg.get("remat", "none"))
+  step = make_train_step(as_denoiser(model), exp.sched, tx, ema_decay=cfg.ema_decay, cond_dropout=cfg.cond_dropout,
                          prepare=make_prepare(exp, cached_latents), prediction_type=exp.prediction_type)
   rep = parallel.replicated(mesh)
   batch = parallel.batch_sharding(mesh)
@@ -147,7 +151,7 @@ def train(config, workdir: str) -> dict:
 def _train(config, workdir: str, guard: PreemptionGuard) -> dict:
   exp = build_experiment(config)
   cfg = config.train
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = parallel.mesh_for_config(config.mesh)
   parallel.check_batch_size(cfg.batch_size, mesh)
   plan = BatchPlan(len(exp.instances), cfg.batch_size, config.seed, jax.process_index(), jax.process_count())
 

@@ -97,8 +97,8 @@ def make_train_step(apply_fn: Callable[..., jax.Array], sched: NoiseSchedule,
     cond = jnp.where(drop, jnp.asarray(null, cond.dtype), cond)
 
     def loss_fn(params):
-      pred = apply_fn(params, x_t, t, cond)
-      return jnp.mean(jnp.square(pred - target))
+      pred = apply_fn(params, x_t, t, cond)  # any compute dtype: the loss is taken in float32
+      return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -211,7 +211,7 @@ def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, di
       log.info("stage 1 done before: VAE of %d steps in %s", record["steps"], folder)
       return load_vae(folder)
 
-  mesh = mesh or parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = mesh or parallel.mesh_for_config(config.mesh)
   num = len(exp.instances)
   batch = int(vcfg.batch_size)
   if batch > num:

@@ -1,0 +1,87 @@
+"""Every script in benchmarks/ runs end to end in its --smoke mode (tiny models, one repeat).
+
+Each runs in a subprocess with 2 fake CPU devices; the PyTorch peers run where torch is installed
+(the `bench` extra) and are skipped with a message otherwise, which the tests check for.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py"))
+
+
+def run(script: str, *args: str, timeout: int = 1200) -> str:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", USE_TF="0")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, f"{script} --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+  return proc.stdout
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+  tested = {"bench_unet.py", "bench_conv_grad.py", "sd21_flops.py", "project_tpu.py", "bench_remat.py",
+            "accelerator_check.py"}
+  assert set(SCRIPTS) == tested, f"scripts without a smoke test here: {set(SCRIPTS) - tested}"
+
+
+@pytest.mark.slow
+def test_bench_unet_smoke(tmp_path):
+  out = run("bench_unet.py", "--out-dir", str(tmp_path), "--trace", str(tmp_path / "trace"))
+  result = json.loads((tmp_path / "smoke.json").read_text())
+  assert result["train"]["images_per_s"]["jax"] > 0 and result["outpaint"]["keys_per_s"]["jax"] > 0
+  assert result["train_phases"]["median_s"]["jax_backward"] is not None
+  assert any(files for _, _, files in os.walk(tmp_path / "trace"))  # the profiler wrote a trace
+  if HAS_TORCH:
+    assert result["with_torch"] and result["equality"]["max_abs_diff_eps"] < 1e-3
+    assert "torch" in result["train"]["images_per_s"]
+  else:
+    assert "PyTorch peer is skipped" in out and not result["with_torch"]
+
+
+@pytest.mark.slow
+def test_flops_and_projection_smoke(tmp_path):
+  run("sd21_flops.py", "--out", str(tmp_path / "flops.json"))
+  flops = json.loads((tmp_path / "flops.json").read_text())
+  assert flops["smoke"] and flops["unet"]["8"]["flops_per_image"] > 0 and flops["vae"]["8"]["decode_flops"] > 0
+  run("project_tpu.py", "--flops", str(tmp_path / "flops.json"), "--out", str(tmp_path / "proj.json"))
+  rows = json.loads((tmp_path / "proj.json").read_text())["rows"]
+  assert rows and all(r["keys_per_s"][0] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_conv_grad_smoke(tmp_path):
+  out = run("bench_conv_grad.py", "--out", str(tmp_path / "conv.json"))
+  row = json.loads((tmp_path / "conv.json").read_text())["rows"][0]
+  assert row["jax_gflops"]["forward"] > 0
+  assert ("torch_gflops" in row) == HAS_TORCH
+  if not HAS_TORCH:
+    assert "XLA columns only" in out
+
+
+@pytest.mark.slow
+def test_remat_memory_smoke(tmp_path):
+  run("bench_remat.py", "--out", str(tmp_path / "remat.json"))
+  rows = json.loads((tmp_path / "remat.json").read_text())["rows"]
+  assert {r["remat"] for r in rows} == {"none", "nothing_saveable"}
+  assert all(r["temp_bytes"] > 0 and r["argument_bytes"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_accelerator_check_smoke(tmp_path):
+  out = run("accelerator_check.py", "--out", str(tmp_path / "acc.json"), "--budget-s", "100000")
+  result = json.loads((tmp_path / "acc.json").read_text())
+  train, best = result["sections"]["train"], result["sections"]["outpaint_best"]
+  for dtype in ("float32", "bfloat16"):
+    row = train[f"jax_{dtype}"]
+    assert row["images_per_s"] > 0 and row["flops_per_step"] > 0 and row["mfu_vs_bf16_matmul"] > 0
+  assert best["jax"]["keys_per_s"] > 0
+  if HAS_TORCH:
+    assert train["torch_bfloat16"]["images_per_s"] > 0 and best["torch"]["keys_per_s"] > 0
+  assert "| train step bfloat16 |" in out and not result["skipped"]
