@@ -480,7 +480,7 @@ def main(argv=None):
   tx_opt = make_optimizer(cfg.train)
   # The parts of an Experiment the train step reads (a pixel model conditioned on ids: no VAE, no text).
   exp = SimpleNamespace(config=cfg, model=model, sched=sched, null_id=model.null_id, image_size=side, channels=ch,
-                        model_size=side, model_channels=ch, vae=None, text=None)
+                        model_size=side, model_channels=ch, vae=None, text=None, prediction_type="epsilon")
   state, shardings = create_state(exp, mesh, tx_opt, jax.random.key(0))
   step = jit_train_step(exp, mesh, tx_opt, shardings)
   images = rs.uniform(-1, 1, (tb, side, side, ch)).astype(np.float32)

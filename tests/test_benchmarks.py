@@ -27,7 +27,8 @@ def run(script: str, *args: str, timeout: int = 1200) -> str:
 
 def test_every_benchmark_script_has_a_smoke_test():
   tested = {"bench_unet.py", "bench_conv_grad.py", "sd21_flops.py", "project_tpu.py", "bench_remat.py",
-            "accelerator_check.py"}
+            "accelerator_check.py",
+            "bench_folder.py"}  # its smoke test: tests/test_bench_folder.py
   assert set(SCRIPTS) == tested, f"scripts without a smoke test here: {set(SCRIPTS) - tested}"
 
 
