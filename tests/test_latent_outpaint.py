@@ -218,7 +218,8 @@ def test_repaint_resampling_jumps_the_latents_forward():
   x, _ = marked(1, 7)
   mask = np.ones((SIZE, SIZE, 1), np.float32)  # no known region: no re-mask, only the sampler and the jumps
   model = types.SimpleNamespace(apply=lambda variables, z_t, t, c: denoiser(variables["params"], z_t, t, c))
-  exp = types.SimpleNamespace(is_latent=True, model=model, sched=SCHED, vae=vae, key_masks=None)
+  exp = types.SimpleNamespace(is_latent=True, model=model, sched=SCHED, vae=vae, key_masks=None,
+                              prediction_type="epsilon")
   fn = make_outpainter(exp, num_steps=8, jump_length=2, resamples=3, remask_every=0)  # as evaluate builds it
   want = repaint_steps(T, 8, jump_length=2, resamples=3)
   np.testing.assert_array_equal(fn.steps, want)
