@@ -82,9 +82,11 @@ def test_report_with_four_keys(evaluated):
   for g in ("members", "non_members"):
     s = summary["groups"][g]
     assert s["n"] == 8 and s["repeats"] == 2 and s["num_keys"] == M
-    # chance of a hit needs all four keys within d: at most 2 boxes of side 2d, far below one key's chance
+    # chance of a hit needs all four keys within d: at most 2 boxes (r = 2) of side 2d on the key grid
+    # ((2 floor(d 2^16) + 1) / 2^16 keys per side), far below one key's chance
     d = np.array(s["thresholds"])
-    assert all(r <= 2 * (2 * t)**M + 1e-12 for r, t in zip(s["chance"]["rate"], d))
+    side = (2 * np.floor(d * 2**marks.KEY_BITS) + 1) / 2**marks.KEY_BITS
+    assert all(r <= 2 * w**M * (1 + 1e-12) for r, w in zip(s["chance"]["rate"], side))
     assert s["reference_chance"]["rate"][0] == pytest.approx(1 - (1 - (2 * d[0] - d[0]**2)**M)**2)
   with open(workdir / "eval" / "per_image.csv") as f:
     head = next(csv.reader(f))
