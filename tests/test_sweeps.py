@@ -203,11 +203,13 @@ def test_sweep_trains_first_and_writes_a_report_per_setting(interrupted):
   out = os.path.join(workdir, "sweeps", "gni")
   assert json.load(open(os.path.join(out, "sweep.json")))["rows"] == table["rows"]
   text = open(os.path.join(out, "table.md")).read()
-  assert all(f"| {n} |" in text for n in names) and "reduction 0.05" in text
+  assert all(f"| {n} | " in text for n in names) and "reduction of the excess over chance" in text
   assert os.path.getsize(os.path.join(out, "sweep.png")) > 1000  # the GNI figure
   for r in table["rows"]:
     assert r["n"] == 8 and r["repeats"] == 2 and len(r["counts"]) == 4
-    assert r["reduction"][0] == sweeps.reduction(r["counts"][0], table["rows"][0]["counts"][0])
+    assert len(r["chance"]["expected"]) == 4 and len(r["effect"]["mcnemar_p"]) == 4
+  base = table["rows"][0]["effect"]  # the baseline against itself: no discordant image, no change
+  assert base["discordant"] == [[0, 0]] * 4 and all(x in (0.0, None) for x in base["reduction"])
 
 
 def test_sweep_resumes_without_redoing_finished_work(interrupted):
