@@ -25,7 +25,7 @@ def main(argv):
   cli.setup()
   import os
   if cli.FLAGS.generations:
-    from solidmark_jax.generations import score_generations
+    from solidmark_jax.evaluation.generations import score_generations
     with cli.exit_status():
       summary = score_generations(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step)
     if summary is not None:

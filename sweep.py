@@ -27,7 +27,7 @@ flags.DEFINE_string("compare_with", None, "Another workdir whose sweep scored th
 def main(argv):
   del argv
   cli.setup()
-  from solidmark_jax.sweeps import run_sweep
+  from solidmark_jax.evaluation.sweeps import run_sweep
   config_path = flags.FLAGS["config"].config_filename
   name = cli.FLAGS.name or os.path.splitext(os.path.basename(config_path))[0]
   with cli.exit_status():
@@ -37,7 +37,7 @@ def main(argv):
   out = os.path.join(os.path.abspath(cli.FLAGS.workdir), "sweeps", name)
   print(open(os.path.join(out, "table.md")).read())
   if cli.FLAGS.compare_with:
-    from solidmark_jax.sweeps import SETTINGS_DIR, compare_runs
+    from solidmark_jax.evaluation.sweeps import SETTINGS_DIR, compare_runs
     other = os.path.abspath(cli.FLAGS.compare_with)
     setting = table["baseline"]
     labels = (os.path.basename(other.rstrip("/")), os.path.basename(os.path.abspath(cli.FLAGS.workdir).rstrip("/")))

@@ -4,7 +4,7 @@ The model, data and workdir of configs/paper_table3_mitigations.py (the checkpoi
 the public SolidMark code, each member's centre is cropped by a random resized crop of area 0.8 / 0.6 /
 0.4 / 0.2 of the centre (aspect ratio in [3/4, 4/3]) and resized back (crop 1-4), or blurred with a
 Gaussian kernel of 5 / 9 / 13 / 17 px and sigma ~ U(0.1, 2.0) per query (blur 1-4), before the border
-is outpainted (outpaint/augment.py). Blur kernels wider than the 12 px centre act as strong blurs
+is outpainted (evaluation/augment.py). Blur kernels wider than the 12 px centre act as strong blurs
 here. The earlier side-scaled crops and fixed sigmas are the settings "crop_side:N" / "blur_fixed:N".
 One command (trains first if the workdir has no final checkpoint):
 

@@ -151,18 +151,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.guidance_scale = 1.0
   c.eval.thresholds = (0.1, 0.05, 0.01, 0.005)
   c.eval.random_init_baseline = False
-  # Inference-time mitigation (mitigations.py): "none", "gni" (strength = sigma), "rt", "cwr", "rna",
+  # Inference-time mitigation (evaluation/mitigations.py): "none", "gni" (strength = sigma), "rt", "cwr", "rna",
   # "random_words" (strength = iterations); caption ones need model.condition == "text". probability:
   # RT's per-token replacement probability per iteration (only RT uses it).
   c.eval.mitigation = ml_collections.ConfigDict({"name": "none", "strength": 0.0, "seed": 0, "probability": 0.1})
-  # Query augmentation of the known centre (outpaint/augment.py): "none", "crop" / "blur" (level 1-4, the
+  # Query augmentation of the known centre (evaluation/augment.py): "none", "crop" / "blur" (level 1-4, the
   # public SolidMark code's: random resized crop of area 0.8-0.2, Gaussian kernel 5-17 with sigma ~ U(0.1, 2)),
   # "crop_side" / "blur_fixed" (side 0.8-0.2, fixed sigma per kernel), "rotate" (angle in degrees).
   c.eval.augment = ml_collections.ConfigDict({"name": "none", "level": 0, "angle": 0.0, "seed": 0})
   c.eval.remask_every = 10  # latent models: decode, re-mask in pixels and re-encode every s steps
   c.eval.remask_from = "x0"  # latent re-mask decodes the predicted clean latent ("x0") or z_t ("noisy")
   c.eval.num_grid = 16  # images in the PNG grid
-  # Baseline metrics from plain generations (generations.py; `evaluate.py --generations`). None: as in eval.
+  # Baseline metrics from plain generations (evaluation/generations.py; `evaluate.py --generations`). None: as in eval.
   c.eval.generations = ml_collections.ConfigDict({
       "num_samples": 256, "seed": 0,
       "batch_size": ml_collections.config_dict.placeholder(int),
@@ -178,7 +178,7 @@ def default_config() -> ml_collections.ConfigDict:
       "encoder": ml_collections.config_dict.placeholder(str), "num_grid": 8, "cache_train_mb": 1024,
   })
 
-  # Sweeps (sweep.py, solidmark_jax/sweeps.py): several evaluation settings of one checkpoint in one
+  # Sweeps (sweep.py, solidmark_jax/evaluation/sweeps.py): several evaluation settings of one checkpoint in one
   # process. kind: "mitigation" (eval.mitigation) or "augment" (eval.augment); either `name` with
   # `values` (strengths, levels or angles) or `settings` as "name:value" strings (e.g. "gni:0.1",
   # "crop:2", "none"). The identity setting ("none") is the baseline row; it is added if missing.

@@ -305,63 +305,18 @@ def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh=None) -> dic
   return frozen
 
 
-class Conditioner:
-  """Per-instance conditions -> what the denoiser takes, with an inference-time mitigation.
+def null_condition(exp: Experiment, frozen: dict) -> int | np.ndarray:
+  """The unconditional input of classifier-free guidance: the null id, or the empty caption's embedding [L, D]."""
+  return np.asarray(frozen["text_null"]) if exp.is_text else exp.null_id
 
-  Without a mitigation ids pass through; caption token ids [n, L] become text embeddings [n, L, D]
-  (jitted, frozen encoder). A mitigation (mitigations.py) acts at its stage: caption strings before
-  tokenisation (CWR, RNA, random words), token ids (RT), or embeddings (GNI; class / image models
-  then pass their noised condition-table rows [n, D] instead of ids). Seeded by instance id.
 
-  `null` is the unconditional input for classifier-free guidance, never perturbed: the null id, the
-  clean null row of the condition table (GNI on a class / image model), or the empty caption's
-  embedding [L, D].
-  """
-
-  def __init__(self, exp: Experiment, frozen: dict, mitigation=None, unet_params=None):
-    from solidmark_jax import mitigations  # pylint: disable=g-import-not-at-top
-    self.exp = exp
-    self.spec = mitigation or mitigations.Mitigation()
-    mitigations.check_condition(self.spec, exp.config.model.condition)
-    self._m = mitigations
-    self._table = None
-    if exp.is_text:
-      text, params = exp.text, frozen["text"]
-      if getattr(exp, "_encode_text", None) is None:  # one compilation per experiment, not per Conditioner
-        exp._encode_text = jax.jit(text.encode)  # pylint: disable=protected-access
-      encode = exp._encode_text  # pylint: disable=protected-access
-      self._encode = lambda ids: encode(params, ids)
-      self.null = np.asarray(frozen["text_null"])  # [L, D]
-      self._tokens = mitigations.TokenSpec.from_tokenizer(text.tokenizer) if self.spec.stage == "tokens" else None
-      self._vocabulary = None
-      if self.spec.name == "random_words":  # random words of the training captions
-        self._vocabulary = sorted({w for c in exp.captions for w in c.split()})
-    else:
-      self._encode = None
-      self.null = exp.null_id
-      if self.spec.stage == "embedding" and not self.spec.is_identity:
-        self._table = np.asarray(mitigations.condition_table(unet_params))  # [K + 1, D]
-        self.null = self._table[exp.null_id]  # [D]
-
-  def __call__(self, conditions: np.ndarray, ids: np.ndarray, captions=None) -> np.ndarray:
-    """conditions [n] ids or [n, L] token ids, ids [n] instance ids, captions (text, caption stage)."""
-    m, spec = self._m, self.spec
-    ids = np.asarray(ids, np.int64)
-    if self._encode is None:
-      if self._table is None:
-        return np.asarray(conditions, np.int32)
-      rows = m.condition_embeddings(self._table, np.asarray(conditions, np.int32))
-      return np.asarray(m.mitigate_embeddings(spec, rows, ids))
-    tokens = np.asarray(conditions, np.int32)
-    if spec.stage == "caption" and not spec.is_identity:
-      if captions is None:
-        raise ValueError(f"eval.mitigation {spec.name!r} needs the captions of the batch")
-      tokens = np.asarray(self.exp.text.tokenize(m.mitigate_captions(spec, captions, ids, self._vocabulary)).ids,
-                          np.int32)
-    elif spec.stage == "tokens" and not spec.is_identity:
-      tokens = m.mitigate_tokens(spec, tokens, ids, self._tokens)
-    emb = self._encode(tokens)
-    return np.asarray(m.mitigate_embeddings(spec, emb, ids))
+def encode_conditions(exp: Experiment, frozen: dict, conditions: np.ndarray) -> np.ndarray:
+  """Per-instance conditions -> what the denoiser takes: ids [n] pass through (int32), caption token
+  ids [n, L] become text embeddings [n, L, D] (the frozen encoder, jitted once)."""
+  conditions = np.asarray(conditions, np.int32)
+  if not exp.is_text:
+    return conditions
+  return np.asarray(exp.text.encode_jit(frozen["text"], conditions))
 
 
 def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", eta: float = 0.0,

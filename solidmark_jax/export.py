@@ -40,6 +40,7 @@ import numpy as np
 
 from solidmark_jax import parallel
 from solidmark_jax.diffusion import check_prediction_type
+from solidmark_jax.evaluation.evaluator import load_checkpoint
 from solidmark_jax.experiment import KEYMAP_FILE, build_experiment, load_frozen
 from solidmark_jax.models import _diffusers
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
@@ -108,7 +109,6 @@ def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int
     out_dir: where to write (default <workdir>/export); existing exported files are overwritten.
     step: checkpoint step (default: the latest).
   """
-  from solidmark_jax.evaluation import load_checkpoint  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, "export"))
   exp = build_experiment(config)

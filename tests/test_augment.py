@@ -5,8 +5,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from solidmark_jax import marks
-from solidmark_jax.outpaint import augment as aug
-from solidmark_jax.outpaint.augment import Augmentation
+from solidmark_jax.evaluation import augment as aug
+from solidmark_jax.evaluation.augment import Augmentation
 
 PAD, SIZE = 2, 16  # 12 x 12 centre inside a 2 px border
 MASK = marks.key_mask(SIZE, SIZE, PAD)

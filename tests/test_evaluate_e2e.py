@@ -21,7 +21,7 @@ from PIL import Image
 
 from e2e_helpers import _command, _config, _run, _snapshot, cli_env  # noqa: F401  (cli_env is a fixture)
 from solidmark_jax import marks, metrics
-from solidmark_jax.evaluation import NONMEMBER_KEY_SALT, evaluate
+from solidmark_jax.evaluation.evaluator import NONMEMBER_KEY_SALT, evaluate
 from solidmark_jax.metrics import memorisation
 from solidmark_jax.training import checkpoint as ckpt
 

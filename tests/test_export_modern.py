@@ -106,7 +106,7 @@ def _unet_outputs(exp, ema, x_t, t, condition):
 
 
 def _our_model(config, workdir):
-  from solidmark_jax.evaluation import load_checkpoint
+  from solidmark_jax.evaluation.evaluator import load_checkpoint
   from solidmark_jax.experiment import build_experiment
   exp = build_experiment(config)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)

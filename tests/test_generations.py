@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from configs import tiny, tiny_latent
-from solidmark_jax import generations, parallel, report
+from solidmark_jax import parallel, report
+from solidmark_jax.evaluation import generations
 from solidmark_jax.experiment import build_experiment
 from solidmark_jax.metrics import baselines
 from solidmark_jax.training.loop import train

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from solidmark_jax import mitigations as mit
-from solidmark_jax.mitigations import Mitigation, TokenSpec
+from solidmark_jax.evaluation import mitigations as mit
+from solidmark_jax.evaluation.mitigations import Mitigation, TokenSpec
 
 CAPTIONS = ["a red dog sitting on green grass", "portrait of an old man with a hat", "blue sky", "one"]
 TOKENS = TokenSpec(vocab_size=50, bos_id=1, eos_id=2, pad_id=0, special_ids=(3,))

@@ -14,7 +14,7 @@ import pytest
 
 from e2e_helpers import TIMEOUT_S, _command, _config, _run, cli_env  # noqa: F401  (cli_env is a fixture)
 from solidmark_jax import marks, metrics
-from solidmark_jax.evaluation import NONMEMBER_KEY_SALT
+from solidmark_jax.evaluation.evaluator import NONMEMBER_KEY_SALT
 from solidmark_jax.experiment import build_experiment
 from solidmark_jax.report import ResultStore
 from solidmark_jax.training import checkpoint as ckpt

@@ -1,4 +1,4 @@
-"""Sweeps (sweeps.py): settings parsing, one process over several GNI strengths (trains first, compiles
+"""Sweeps (evaluation/sweeps.py): settings parsing, one process over several GNI strengths (trains first, compiles
 the outpainter once per shape, a report per setting, resumes after an interruption without redoing
 finished work, GNI rows differ from sigma = 0), and duplication scoring end to end.
 
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from configs import paper_table3_mitigations, tiny
-from solidmark_jax import marks, mitigations, report
-from solidmark_jax.evaluation import Evaluator
+from solidmark_jax import marks, report
+from solidmark_jax.evaluation import mitigations
+from solidmark_jax.evaluation.evaluator import Evaluator
 from solidmark_jax.metrics import chance, memorisation
-from solidmark_jax import sweeps
+from solidmark_jax.evaluation import sweeps
 
 ONE_BLOCK = {"model.block_out_channels": (32,), "model.down_block_types": ("CrossAttnDownBlock2D",),
              "model.up_block_types": ("CrossAttnUpBlock2D",)}

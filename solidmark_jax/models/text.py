@@ -85,6 +85,7 @@ class TextEncoder:
     on_too_long: "truncate" (counted) or "error", for captions longer than L tokens.
     dtype: compute dtype of `encode`, "float32" or "bfloat16" (config `model.dtype`); parameters
       and embeddings stay float32.
+    encode_jit: `encode`, jitted once for this encoder.
   """
 
   def __init__(self, tokenizer: CLIPTokenizer, model: FlaxCLIPTextModel, params, max_length: int,
@@ -105,6 +106,7 @@ class TextEncoder:
     self.max_length = int(max_length)
     self.on_too_long = on_too_long
     self._null_ids: np.ndarray | None = None
+    self.encode_jit = jax.jit(self.encode)  # one compilation per encoder, shared by every caller
 
   @property
   def hidden_size(self) -> int:

@@ -12,10 +12,4 @@ from solidmark_jax.outpaint.repaint import (
     sample,
 )
 from solidmark_jax.outpaint.latent import REMASK_FROM, LatentOutpainter, make_latent_outpaint_fn
-# `outpaint.augment` stays the module (its function is `outpaint.augment.augment`).
-from solidmark_jax.outpaint.augment import (
-    AUGMENTATIONS,
-    BLUR_KERNELS,
-    CROP_SIZES,
-    Augmentation,
-)
+

@@ -13,9 +13,11 @@ from tqdm import tqdm
 
 from solidmark_jax import dirlock, parallel
 from solidmark_jax.data.pipeline import BatchPlan
-from solidmark_jax.experiment import Conditioner, Experiment, build_experiment, load_frozen, make_outpainter
-from solidmark_jax.experiment import outpaint_params, sync_keymap
+from solidmark_jax.experiment import Experiment, build_experiment, encode_conditions, load_frozen, make_outpainter
+from solidmark_jax.experiment import null_condition, outpaint_params, sync_keymap
 from solidmark_jax.models import as_denoiser, init_params, load_pretrained_unet_params, with_remat
+from solidmark_jax.outpaint import sample
+from solidmark_jax.report import write_sample_grid
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.preemption import PreemptionGuard
 from solidmark_jax.training.step import init_state, learning_rate, make_optimizer, make_train_step
@@ -267,16 +269,12 @@ def _cache_latents(exp: Experiment, frozen: dict, mesh, plan: BatchPlan) -> np.n
 
 def _sample_grid_fn(exp: Experiment, mesh, frozen: dict):
   """Returns save(params, step, directory): a PNG grid of plain samples (no known region)."""
-  from solidmark_jax.outpaint import sample
-  from solidmark_jax.report import write_sample_grid
-
   cfg = exp.config.train
-  conditioner = Conditioner(exp, frozen)
-  outpainter = make_outpainter(exp, num_steps=cfg.sample_steps, null_condition=conditioner.null, mesh=mesh,
+  outpainter = make_outpainter(exp, num_steps=cfg.sample_steps, null_condition=null_condition(exp, frozen), mesh=mesh,
                                remask_every=exp.config.eval.get("remask_every", 10))
   per_row = 4  # samples per condition: one row of the grid per condition
   rows = np.linspace(0, len(exp.conditions) - 1, max(cfg.num_samples // per_row, 1)).astype(np.int64)
-  conds = conditioner(exp.conditions[rows], rows)
+  conds = encode_conditions(exp, frozen, exp.conditions[rows])
   labels = [f"instance {r}" for r in rows] if exp.is_text else [f"condition {c}" for c in conds]
 
   def save(params, step, directory):

@@ -13,7 +13,7 @@
    instance prompts once before any prompts twice, and generation g is the same for any N. Its
    noise is seeded by g, so batches can be cut anywhere. Text models are prompted with that
    instance's training caption (recorded per generation in scores.json), encoded by the frozen
-   text encoder (`experiment.Conditioner`, no mitigation); classifier-free guidance
+   text encoder (`evaluation.conditioning.Conditioner`, no mitigation); classifier-free guidance
    (`guidance_scale` != 1) uses the Conditioner's null (the empty caption's embedding, or the
    null id).
 3. Each finished batch is stored as it is made: the images (uint8, the whole marked-size
@@ -55,7 +55,9 @@ import numpy as np
 from tqdm import tqdm
 
 from solidmark_jax import atomic, dirlock, marks, parallel, report
-from solidmark_jax.experiment import Conditioner, Experiment, build_experiment, load_frozen, make_outpainter
+from solidmark_jax.evaluation.conditioning import Conditioner
+from solidmark_jax.evaluation.evaluator import load_checkpoint
+from solidmark_jax.experiment import Experiment, build_experiment, load_frozen, make_outpainter
 from solidmark_jax.experiment import outpaint_params
 from solidmark_jax.metrics import baselines
 from solidmark_jax.training import checkpoint as ckpt
@@ -413,7 +415,6 @@ def score_generations(config, workdir: str, out_dir: str | None = None, num_samp
 
 def _score_generations(config, workdir: str, out_dir: str, num_samples: int | None, step: int | None,
                        encoder: Callable | None) -> dict | None:
-  from solidmark_jax.evaluation import load_checkpoint  # pylint: disable=g-import-not-at-top
 
   s = generation_settings(config)
   if num_samples is not None:

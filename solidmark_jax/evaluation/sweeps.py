@@ -34,9 +34,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import atomic, dirlock, metrics, mitigations, report
-from solidmark_jax.evaluation import DUPLICATION_FILES, Evaluator
-from solidmark_jax.outpaint import augment as augment_lib
+from solidmark_jax import atomic, dirlock, metrics, report
+from solidmark_jax.evaluation import augment as augment_lib
+from solidmark_jax.evaluation import mitigations
+from solidmark_jax.evaluation.evaluator import DUPLICATION_FILES, Evaluator
 
 log = logging.getLogger(__name__)
 

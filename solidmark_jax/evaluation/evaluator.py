@@ -29,14 +29,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import atomic, dirlock, marks, metrics, mitigations, parallel, report
+from solidmark_jax import atomic, dirlock, marks, metrics, parallel, report
 from solidmark_jax.data import open_source
 from solidmark_jax.data.pipeline import class_labels, marked_batch, select_records
-from solidmark_jax.experiment import KEYMAP_FILE, Conditioner, Experiment, build_experiment, load_frozen
+from solidmark_jax.evaluation import augment as augment_lib
+from solidmark_jax.evaluation import mitigations
+from solidmark_jax.evaluation.conditioning import Conditioner
+from solidmark_jax.experiment import KEYMAP_FILE, Experiment, build_experiment, load_frozen
 from solidmark_jax.experiment import make_outpainter, outpaint_params, source_captions
 from solidmark_jax.metrics import duplication
 from solidmark_jax.models import init_params
-from solidmark_jax.outpaint import augment as augment_lib
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.loop import abstract_state
 from solidmark_jax.training.step import make_optimizer

@@ -1,0 +1,11 @@
+"""Evaluation: members and non-members outpainted, scored and reported.
+
+- `evaluator`: the groups, the checkpoint and the outpainter of one evaluation; `evaluate(config, workdir)`.
+- `conditioning`: conditions -> the denoiser's input, with an inference-time mitigation.
+- `mitigations`: inference-time mitigations (GNI, RT, CWR, RNA, random words), pure and seeded.
+- `augment`: query augmentations of the known region (crops, blurs, rotations).
+- `sweeps`: several settings of one checkpoint in one process, and their table.
+- `generations`: plain generations scored against the training set.
+"""
+
+from solidmark_jax.evaluation.evaluator import evaluate
