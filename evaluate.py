@@ -33,9 +33,9 @@ def main(argv):
     return
   from solidmark_jax.evaluation import evaluate
   with cli.exit_status():
-    summary = evaluate(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step)
-  if summary is not None:
-    print(open(os.path.join(os.path.abspath(cli.FLAGS.workdir), "eval", "summary.md")).read())
+    report_dir = evaluate(cli.FLAGS.config, cli.FLAGS.workdir, step=cli.FLAGS.step)
+  if report_dir is not None:
+    print(open(os.path.join(report_dir, "summary.md")).read())
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def main(argv):
     train(cli.FLAGS.config, cli.FLAGS.workdir)
     if cli.FLAGS.evaluate:
       from solidmark_jax.evaluation import evaluate
-      if evaluate(cli.FLAGS.config, cli.FLAGS.workdir) is not None:
-        print(open(os.path.join(os.path.abspath(cli.FLAGS.workdir), "eval", "summary.md")).read())
+      report_dir = evaluate(cli.FLAGS.config, cli.FLAGS.workdir)
+      if report_dir is not None:
+        print(open(os.path.join(report_dir, "summary.md")).read())
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def jax_train(sh: dict, dtype: str, batch: int, repeats: int, peak_tflops: float
   import jax.numpy as jnp
   from solidmark_jax import models
   from solidmark_jax.diffusion import make_schedule
-  from solidmark_jax.training.step import init_state, make_optimizer, make_train_step
+  from solidmark_jax.training.state import init_state, make_optimizer
+  from solidmark_jax.training.step import make_train_step
 
   cfg, side, L = sh["cfg"], sh["latent"], sh["tokens"]
   model_cfg = sh["model"].copy_and_resolve_references()
@@ -202,7 +203,7 @@ def jax_outpaint(sh: dict, batch: int, args, dtype: str = "bfloat16") -> dict:
   from solidmark_jax.diffusion import make_schedule
   from solidmark_jax.models._diffusers import FlaxAutoencoderKL
   from solidmark_jax.models.vae import VAE, abstract_vae_params
-  from solidmark_jax.outpaint import make_latent_outpaint_fn
+  from solidmark_jax.outpaint import SamplerSpec, make_latent_outpaint_fn
 
   cfg, side, L = sh["cfg"], sh["latent"], sh["tokens"]
   model_cfg = sh["model"].copy_and_resolve_references()
@@ -219,14 +220,15 @@ def jax_outpaint(sh: dict, batch: int, args, dtype: str = "bfloat16") -> dict:
   null = np.zeros((L, D), np.float32)
   op = make_latent_outpaint_fn(models.as_denoiser(model), make_schedule(cfg.diffusion.schedule,
                                                                        cfg.diffusion.num_steps), vae,
-                               num_steps=args.outpaint_steps, remask_every=args.remask_every,
-                               guidance_scale=args.guidance, null_condition=null)
+                               SamplerSpec(num_steps=args.outpaint_steps, remask_every=args.remask_every,
+                                           guidance_scale=args.guidance))
   known = rs.uniform(-1, 1, (batch, px, px, 3)).astype(np.float32)
   conds = rs.normal(size=(batch, L, D)).astype(np.float32)
   mask = marks.key_mask(px, px, pad)
   ids = np.arange(batch, dtype=np.int32)
   t0 = time.perf_counter()
-  run = lambda: jax.block_until_ready(op(params, known, mask, conds, jax.random.key(2), ids=ids)["k_pred"])
+  run = lambda: jax.block_until_ready(op(params, known, mask, conds, jax.random.key(2), ids=ids,
+                                                 null_condition=null)["k_pred"])
   run()
   compile_s = time.perf_counter() - t0
   t, ts = med_time(run, args.repeats)

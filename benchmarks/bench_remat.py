@@ -63,7 +63,8 @@ def main(argv=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from solidmark_jax import models  # pylint: disable=g-import-not-at-top
   from solidmark_jax.diffusion import make_schedule  # pylint: disable=g-import-not-at-top
-  from solidmark_jax.training.step import init_state, make_optimizer, make_train_step  # pylint: disable=g-import-not-at-top
+  from solidmark_jax.training.state import init_state, make_optimizer  # pylint: disable=g-import-not-at-top
+  from solidmark_jax.training.step import make_train_step  # pylint: disable=g-import-not-at-top
 
   cfg, model_cfg = model_config(shape)
   model_cfg.dtype = args.dtype

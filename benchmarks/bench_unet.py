@@ -278,9 +278,10 @@ def main(argv=None):
 
   from solidmark_jax import marks, models, parallel
   from solidmark_jax.diffusion import make_schedule
-  from solidmark_jax.outpaint import make_outpaint_fn
-  from solidmark_jax.training.loop import create_state, jit_train_step
-  from solidmark_jax.training.step import make_optimizer
+  from solidmark_jax.outpaint import SamplerSpec, make_outpaint_fn
+  from solidmark_jax.training.loop import jit_train_step
+  from solidmark_jax.training.state import create_state
+  from solidmark_jax.training.state import make_optimizer
 
   cfg = load_config(args.config)
   config_name = os.path.splitext(os.path.basename(args.config))[0]
@@ -334,12 +335,12 @@ def main(argv=None):
     return float(cost.get("flops", float("nan"))) * mesh.size
 
   def make_outpainter(b):
-    op = make_outpaint_fn(models.as_denoiser(model), sched, num_steps=args.steps, mesh=mesh)
+    op = make_outpaint_fn(models.as_denoiser(model), sched, SamplerSpec(num_steps=args.steps), mesh=mesh)
     known, conds = outpaint_inputs(b)
     known, conds, ids = parallel.global_batch(mesh, (known, conds, np.arange(b, dtype=np.int32)))
     rng = jax.random.key(1)
     call = lambda: jax.block_until_ready(op(params, known, mask, conds, rng, ids=ids)["k_pred"])
-    return op, call, (params, known, jnp.asarray(mask), conds, rng, ids, 1, False)
+    return op, call, (params, known, jnp.asarray(mask), conds, rng, ids, np.int32(0), 1, False)
 
   # -- sweep mode: ours only, throughput and compiled memory per outpainting batch ---------------
   if args.sweep:

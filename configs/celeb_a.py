@@ -1,4 +1,4 @@
-"""The paper's unconditional CelebA DDPM (SPEC section 4): 5,000 evaluated images, border 16.
+"""The paper's unconditional CelebA DDPM: 5,000 evaluated images, border 16.
 
 Faces centre-cropped to a square and resized to 64 px + 2 x 16 border = 96 x 96. Needs CelebA
 prepared in a TFDS data dir. Unconditional: every image gets the null condition.

@@ -1,4 +1,4 @@
-"""The paper's class-conditional DDPM setup on CIFAR-10 (SPEC section 4), border 16.
+"""The paper's class-conditional DDPM setup on CIFAR-10, border 16.
 
 32 x 32 images + 2 x 16 border = 64 x 64. Needs CIFAR-10 prepared in a TFDS data dir
 (`tfds build cifar10 --data_dir DIR` on a machine with network, copied here).

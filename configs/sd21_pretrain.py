@@ -1,5 +1,5 @@
 """Pretrain a fresh Stable Diffusion 2.1 UNet on bordered image-caption shards (the paper's 200k
-LAION subset, SPEC section 4), with SD 2.1's frozen VAE and OpenCLIP text encoder, laid out for a TPU pod.
+LAION subset, as the SolidMark paper), with SD 2.1's frozen VAE and OpenCLIP text encoder, laid out for a TPU pod.
 
 The UNet has SD 2.1's architecture (865.9M parameters, widths 320/640/1280/1280, linear-projection
 transformers, cross-attention dim 1024) initialised at random; the VAE and text encoder come from a

@@ -14,6 +14,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from solidmark_jax import dirlock, parallel
+from solidmark_jax.training import preemption
+
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, keymap, logs and reports.")
 flags.DEFINE_string("coordinator_address", None,
@@ -43,11 +46,10 @@ def setup() -> None:
     for name, level in LIBRARY_LOGGERS.items():
       logging.getLogger(name).setLevel(level)
   try:  # TFDS prepares and reads data through TensorFlow: it must not claim the GPUs JAX uses
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow is heavy, and only TFDS needs it
     tf.config.set_visible_devices([], "GPU")
   except Exception:  # pragma: no cover - TensorFlow missing or already initialised
     pass
-  from solidmark_jax import parallel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
@@ -58,8 +60,6 @@ def exit_status():
   Preempted (SIGTERM / SIGINT, checkpoint written): exit `preemption.PREEMPTED_EXIT_CODE` (75).
   Directory in use by another process (`dirlock.DirectoryInUse`): exit 1 with the message.
   """
-  from solidmark_jax import dirlock  # pylint: disable=g-import-not-at-top
-  from solidmark_jax.training import preemption  # pylint: disable=g-import-not-at-top
   try:
     yield
   except preemption.Preempted:

@@ -19,23 +19,30 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from solidmark_jax import marks, models
 from solidmark_jax.data import open_source
 from solidmark_jax.data.pipeline import Instances, make_instances
 from solidmark_jax.data.pipeline import class_labels, condition_ids, marked_batch
 from solidmark_jax.diffusion import PREDICTION_TYPES, NoiseSchedule, check_prediction_type, make_schedule
+from solidmark_jax.models.text import TextEncoder, build_text_encoder
+from solidmark_jax.models.vae import VAE, vae_for_config
+from solidmark_jax.outpaint import Outpainter, SamplerSpec, make_latent_outpaint_fn, make_outpaint_fn
+from solidmark_jax.workdir import Workdir
 
-KEYMAP_FILE = "keymap.json"
 SPACES = ("pixel", "latent")
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Experiment:
-  config: object
-  source: object  # solidmark_jax.data Source of the training split
+  """What a config defines, built once by `build_experiment` and never changed (`load_frozen` returns a
+  new one with the loaded VAE)."""
+
+  config: Any  # ml_collections.ConfigDict
+  source: Any  # the training split's data source (`data.open_source`)
   instances: Instances
   keymap: marks.Keymap
   conditions: np.ndarray  # int64 [M] condition id per instance, or int32 [M, L] caption token ids (text)
@@ -43,17 +50,13 @@ class Experiment:
   sched: NoiseSchedule
   image_size: int  # marked image side
   channels: int
-  model_size: int = 0  # side of what the UNet sees (the latent side for latent models)
-  model_channels: int = 0
-  text: Any = None  # models.text.TextEncoder (model.condition == "text")
-  vae: Any = None  # models.vae.VAE (model.space == "latent")
+  model_size: int  # side of what the UNet sees (the latent side for latent models)
+  model_channels: int
+  text: TextEncoder | None = None  # model.condition == "text"
+  vae: VAE | None = None  # model.space == "latent"
   bad_input: dict = dataclasses.field(default_factory=dict)  # counts of skipped / truncated inputs
-  captions: list | None = None  # text models: each instance's caption
+  captions: list[str] | None = None  # text models: each instance's caption
   prediction_type: str = "epsilon"  # what the UNet outputs: "epsilon" or "v_prediction"
-
-  def __post_init__(self):
-    self.model_size = self.model_size or self.image_size
-    self.model_channels = self.model_channels or self.channels
 
   @property
   def is_latent(self) -> bool:
@@ -124,8 +127,7 @@ def build_experiment(config) -> Experiment:
   vae = None
   model_size, model_channels = size, source.channels
   if space == "latent":
-    from solidmark_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-    vae = vae_lib.vae_for_config(config, source.channels).with_dtype(config.model.get("dtype", "float32"))
+    vae = vae_for_config(config, source.channels).with_dtype(config.model.get("dtype", "float32"))
     model_size, model_channels = vae.latent_size(size), vae.latent_channels
   instances = make_instances(len(source), config.data, config.seed)
   bad_input = {"skipped_records": len(getattr(source, "skipped", ()) or ())}
@@ -218,9 +220,8 @@ def source_captions(source, what: str) -> list[str]:
 
 def _text_conditions(config, source, instances: Instances):
   """The text encoder and the token ids [M, L] of every instance's caption."""
-  from solidmark_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
   captions = source_captions(source, f"data.train_split {config.data.train_split!r}")
-  encoder = text_lib.build_text_encoder(config.text, config.seed, captions=captions,
+  encoder = build_text_encoder(config.text, config.seed, captions=captions,
                                         dtype=config.model.get("dtype", "float32"))
   tokens = encoder.tokenize(captions)
   ids = np.asarray(tokens.ids, np.int32)  # [records, L]
@@ -242,7 +243,7 @@ def sync_keymap(exp: Experiment, workdir: str, *, write: bool) -> str:
   there) but learn process 0's verdict in a broadcast, so every process returns, or raises, together,
   and the file is in place on return. Every process must call this at the same point.
   """
-  path = os.path.join(workdir, KEYMAP_FILE)
+  path = Workdir(workdir).keymap
   multi = jax.process_count() > 1
   error = None
   if write or not multi:
@@ -251,7 +252,6 @@ def sync_keymap(exp: Experiment, workdir: str, *, write: bool) -> str:
     except Exception as e:  # pylint: disable=broad-except - re-raised below, after the broadcast
       error = e
   if multi:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
     if failed and error is None:
       raise ValueError(f"{path}: process 0 could not check or write the workdir's keymap (see its log)")
@@ -274,35 +274,7 @@ def _check_or_write_keymap(exp: Experiment, path: str, write: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Frozen parts (text encoder, VAE) and what the denoiser is conditioned on.
-
-VAE_FOLDER = "vae"
-
-
-def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh=None) -> dict:
-  """The frozen parameters of latent / text models: {"text", "text_null", "vae"} (empty for pixel ids).
-
-  The VAE comes from `vae.pretrained`, or from the workdir's stage-1 result (`DIR/vae/`), which
-  training produces first when it is missing (`training.vae_stage`); evaluation needs it there.
-  Updates `exp.vae` to the loaded VAE (its scaling factor is measured at stage 1).
-  """
-  frozen = {}
-  if exp.is_text:
-    frozen["text"] = exp.text.params
-    # the empty caption's embedding [L, D]: the null condition, computed once here, not per train step
-    frozen["text_null"] = np.asarray(exp.text.encode(exp.text.params, np.asarray(exp.text.null_ids, np.int32)[None]))[0]
-  if exp.is_latent:
-    from solidmark_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-    cfg = exp.config.vae
-    if cfg.get("pretrained"):
-      exp.vae, frozen["vae"] = vae_lib.load_vae(cfg.pretrained, scaling_factor=cfg.get("scaling_factor"))
-    else:
-      from solidmark_jax.training import vae_stage  # pylint: disable=g-import-not-at-top
-      # Training runs (or resumes, or just checks) stage 1; evaluation needs it finished, for this config.
-      load = vae_stage.train_vae if train else lambda e, w, mesh: vae_stage.load_trained_vae(e.config, w)
-      exp.vae, frozen["vae"] = load(exp, workdir, mesh=mesh)
-    exp.vae = exp.vae.with_dtype(exp.config.model.get("dtype", "float32"))  # stage 1 trains in float32
-  return frozen
+# What the denoiser is conditioned on, and the outpainter of the experiment's model.
 
 
 def null_condition(exp: Experiment, frozen: dict) -> int | np.ndarray:
@@ -319,27 +291,18 @@ def encode_conditions(exp: Experiment, frozen: dict, conditions: np.ndarray) -> 
   return np.asarray(exp.text.encode_jit(frozen["text"], conditions))
 
 
-def make_outpainter(exp: Experiment, *, num_steps: int, sampler: str = "ddim", eta: float = 0.0,
-                    jump_length: int = 10, resamples: int = 1, guidance_scale: float = 1.0, null_condition=None,
-                    remask_every: int = 10, remask_from: str = "x0", mesh=None, return_images: bool = False):
+def make_outpainter(exp: Experiment, spec: SamplerSpec, *, mesh=None, return_images: bool = False) -> Outpainter:
   """The pixel or latent RePaint outpainter for this experiment's model (see `outpaint`).
-
-  Both honour RePaint's `jump_length` / `resamples`; `remask_every` / `remask_from` are latent only.
 
   Params of a call: the UNet's params (pixel) or {"unet": ..., "vae": ...} (latent). With m keys per
   image (`marks.num_keys`) it reads them off their regions (`exp.key_masks`): k_pred [N, r, m].
+  The spec's `remask_every` / `remask_from` act on latent models only.
   """
-  from solidmark_jax.outpaint import make_outpaint_fn  # pylint: disable=g-import-not-at-top
   denoiser = models.as_denoiser(exp.model)  # eps_hat or v_hat: the outpainters convert v (exp.prediction_type)
-  kwargs = dict(num_steps=num_steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-                null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=exp.key_masks,
-                prediction_type=exp.prediction_type)
+  kwargs = dict(return_images=return_images, mesh=mesh, key_masks=exp.key_masks, prediction_type=exp.prediction_type)
   if exp.is_latent:
-    from solidmark_jax.outpaint import latent  # pylint: disable=g-import-not-at-top
-    return latent.make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, jump_length=jump_length,
-                                          resamples=resamples, remask_every=remask_every,
-                                          remask_from=remask_from, **kwargs)
-  return make_outpaint_fn(denoiser, exp.sched, jump_length=jump_length, resamples=resamples, **kwargs)
+    return make_latent_outpaint_fn(denoiser, exp.sched, exp.vae, spec, **kwargs)
+  return make_outpaint_fn(denoiser, exp.sched, spec, **kwargs)
 
 
 def outpaint_params(exp: Experiment, unet_params, frozen: dict):

@@ -1,6 +1,6 @@
 """Export a trained SolidMark model in diffusers format.
 
-  python -m solidmark_jax.export --config configs/tiny.py --workdir /tmp/sm_tiny [--out DIR] [--step N]
+  python export.py --config configs/tiny.py --workdir /tmp/sm_tiny [--out DIR] [--step N]
 
 Writes to DIR (default <workdir>/export):
 
@@ -40,12 +40,14 @@ import numpy as np
 
 from solidmark_jax import parallel
 from solidmark_jax.diffusion import check_prediction_type
-from solidmark_jax.evaluation.evaluator import load_checkpoint
-from solidmark_jax.experiment import KEYMAP_FILE, build_experiment, load_frozen
+from solidmark_jax.experiment import build_experiment
 from solidmark_jax.models import _diffusers
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
+from solidmark_jax.models.vae import save_vae
 from solidmark_jax.models.weights import save_diffusers_model
 from solidmark_jax.training import checkpoint as ckpt
+from solidmark_jax.training.state import load_frozen, restore_ema
+from solidmark_jax.workdir import KEYMAP_FILE, Workdir
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, "export"))
   exp = build_experiment(config)
   mesh = parallel.mesh_for_config(config.mesh)
-  ema, step, meta = load_checkpoint(exp, workdir, step, mesh)
+  ema, step, meta = restore_ema(exp, workdir, mesh, step)
   ema = _host(ema)
   os.makedirs(out_dir, exist_ok=True)
 
@@ -144,9 +146,8 @@ def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int
     info["conditioning"] = "encoder_hidden_states = text_encoder(tokenizer(caption)).last_hidden_state"
 
   if exp.is_latent or exp.is_text:
-    frozen = load_frozen(exp, workdir, train=False, mesh=mesh)
+    exp, frozen = load_frozen(exp, workdir, train=False, mesh=mesh)
     if exp.is_latent:
-      from solidmark_jax.models.vae import save_vae  # pylint: disable=g-import-not-at-top
       save_vae(exp.vae, _host(frozen["vae"]), os.path.join(out_dir, "vae"))
       info["vae_scaling_factor"] = exp.vae.scaling_factor
     if exp.is_text:
@@ -158,7 +159,7 @@ def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int
     json.dump(sched, f, indent=2, sort_keys=True)
   if exp.is_latent and exp.is_text:
     _write_model_index(out_dir)
-  shutil.copyfile(os.path.join(workdir, KEYMAP_FILE), os.path.join(out_dir, KEYMAP_FILE))
+  shutil.copyfile(Workdir(workdir).keymap, os.path.join(out_dir, KEYMAP_FILE))
   info["checkpoint_meta_keymap_hash"] = meta.get("keymap_hash")
   with open(os.path.join(out_dir, EXPORT_FILE), "w", encoding="utf-8") as f:
     json.dump(info, f, indent=2, sort_keys=True, default=str)
@@ -182,20 +183,3 @@ def _write_model_index(out_dir: str) -> None:
   }
   with open(os.path.join(out_dir, "model_index.json"), "w", encoding="utf-8") as f:
     json.dump(index, f, indent=2)
-
-
-def main(argv):
-  del argv
-  from solidmark_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.setup()
-  export_diffusers(cli.FLAGS.config, cli.FLAGS.workdir, FLAGS.out, FLAGS.step)
-
-
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from solidmark_jax import cli as _cli  # defines --config, --workdir  # pylint: disable=unused-import
-
-  flags.DEFINE_string("out", None, "Export directory (default: <workdir>/export).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  FLAGS = flags.FLAGS
-  app.run(main)

@@ -1,4 +1,4 @@
-"""SolidMark keys, keymaps and patterns (SPEC sections 1-2).
+"""SolidMark keys, keymaps and patterns (the SolidMark paper: a grey border whose intensity is the key).
 
 Pure functions over plain arrays. Images are channels-last, values in [0, 1] unless a name says
 "model space" ([-1, 1], where a key k is the value 2k - 1).
@@ -405,7 +405,7 @@ def predicted_key(x_model, mask):
   """k_pred: the mean of the marked region of a model-space image, mapped back to [0, 1].
 
   The mean is taken relative to one pixel of the region, so a region of one constant value c
-  gives exactly c (an oracle scores l_SM == 0 exactly, SPEC section 2).
+  gives exactly c (an oracle scores l_SM == 0 exactly).
 
   Args:
     x_model: [..., H, W, C] in model space.

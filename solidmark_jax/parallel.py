@@ -190,3 +190,14 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+
+
+def pad_rows(arrays, size: int):
+  """Pads each array's rows to `size` by repeating its last row (a tuple in, a tuple out; one array, one array).
+
+  Every batch of an evaluation, the ragged last one included, then has one shape: one compilation.
+  """
+  one = not isinstance(arrays, (tuple, list))
+  arrays = (arrays,) if one else tuple(arrays)
+  out = tuple(np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)]) if size > len(a) else a for a in arrays)
+  return out[0] if one else out

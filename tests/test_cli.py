@@ -58,7 +58,7 @@ def test_train_evaluate_prints_the_summary_and_no_library_noise(trained):
 
 def test_export_has_no_library_noise(trained, fashion_dir, cli_env, tmp_path):
   workdir, _ = trained
-  cmd = [sys.executable, "-m", "solidmark_jax.export", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+  cmd = [sys.executable, os.path.join(ROOT, "export.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
          "--workdir", str(workdir), "--out", str(tmp_path / "export")]
   cmd += [f"--config.{k}={repr(v) if isinstance(v, tuple) else v}" for k, v in _overrides(fashion_dir).items()]
   done = _run_apart(cmd, cli_env)

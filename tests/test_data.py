@@ -224,7 +224,7 @@ def test_class_model_refuses_unlabelled_records(fake_tfds):
   class: a class-conditional model refuses them (train or eval split), naming the field and the fix;
   the labelled test split gives non-members their own classes."""
   from configs import tiny
-  from solidmark_jax import evaluation
+  from solidmark_jax.evaluation import evaluator
   from solidmark_jax.experiment import build_experiment
 
   def config(train_split, eval_split):
@@ -247,9 +247,9 @@ def test_class_model_refuses_unlabelled_records(fake_tfds):
   own_class = lambda source, rows: (source.read(rows)["image"][:, 0, 0, 0] // 10 + 1) % 3  # as generated
   np.testing.assert_array_equal(exp.conditions, own_class(exp.source, exp.instances.record_index))  # members
   with pytest.raises(ValueError, match=r"data\.eval_split='unlabelled\[:2\]': 2 of the 2 records used have no label"):
-    evaluation._nonmember_group(exp, c)
+    evaluator.nonmember_group(exp, c)
   c = config("train", "test")
-  group = evaluation._nonmember_group(build_experiment(c), c)
+  group = evaluator.nonmember_group(build_experiment(c), c)
   test = open_source(c.data, "test")
   np.testing.assert_array_equal(group.conditions, own_class(test, group.ids))  # non-members: their own classes
   assert exp.null_id == 3 and not np.any(group.conditions == exp.null_id)

@@ -168,13 +168,13 @@ def options_eval(fashion_dir, trained, tmp_path_factory):
   workdir = _copy(trained, tmp_path_factory.mktemp("options") / "wd")
   overrides = _overrides(fashion_dir, eval__num_members=8, eval__num_nonmembers=8, eval__repeats=3,
                          eval__random_init_baseline=True, eval__num_grid=0, eval__num_steps=4)
-  summary = evaluate(_config(overrides), str(workdir), step=2)
-  return workdir, overrides, summary
+  report_dir = evaluate(_config(overrides), str(workdir), step=2)
+  assert report_dir == str(workdir / "eval")
+  return workdir, overrides, json.loads((workdir / "eval" / "summary.json").read_text())
 
 
 def test_step_repeats_and_random_init(options_eval):
   workdir, _, summary = options_eval
-  assert summary == json.loads((workdir / "eval" / "summary.json").read_text())
   assert summary["checkpoint_step"] == 2
   assert list(summary["groups"]) == ["members", "non_members", "random_init"]
   rows = _read_csv(workdir / "eval" / "per_image.csv")

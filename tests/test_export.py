@@ -26,7 +26,7 @@ from solidmark_jax.models import weights
 from solidmark_jax.models._diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 from solidmark_jax.models.vae import build_vae, init_vae_params, load_vae, save_vae
 from solidmark_jax.training import checkpoint as ckpt
-from solidmark_jax.training.step import init_state, make_optimizer
+from solidmark_jax.training.state import init_state, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +137,7 @@ def test_latent_model_exports_its_vae_and_cli(fashion_dir, tmp_path):
   assert exp.model_size == 8 and exp.model_channels == 4
   out = str(tmp_path / "out")
   # The command line, as a user runs it.
-  cmd = [sys.executable, "-m", "solidmark_jax.export", f"--config={ROOT}/configs/tiny.py", f"--workdir={wd}",
+  cmd = [sys.executable, os.path.join(ROOT, "export.py"), f"--config={ROOT}/configs/tiny.py", f"--workdir={wd}",
          f"--out={out}", f"--config.data.data_dir={fashion_dir}", "--config.model.space=latent",
          "--config.model.condition=image", f"--config.vae.pretrained={tmp_path / 'sd'}"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}

@@ -3,7 +3,7 @@ with plain `from_pretrained`, computes what our model computes, within the bound
 `export.PYTORCH_BOUNDS` (docs/export.md).
 
 Tiny models are trained with train.py (pixel: configs/tiny.py as a v-prediction model; latent
-text-to-image: configs/tiny_latent.py), exported with `python -m solidmark_jax.export`, and our
+text-to-image: configs/tiny_latent.py), exported with `python export.py`, and our
 outputs on fixed inputs are handed to tests/export_check/modern_check.py, which runs in a separate
 virtualenv (`bash .ci/modern_stack.sh` builds it at $SOLIDMARK_MODERN_VENV, default
 ${TMPDIR:-/tmp}/solidmark-modern-venv). The check then saves what it loaded with PyTorch's own
@@ -58,7 +58,7 @@ def _train_and_export(config_file, workdir, fashion_dir, env, *overrides):
           f"--config.data.data_dir={fashion_dir}", *overrides]
   _run([sys.executable, os.path.join(ROOT, "train.py"), *args], env, workdir / "train.log")
   out = workdir / "export"
-  log = _run([sys.executable, "-m", "solidmark_jax.export", *args, "--out", str(out)], env, workdir / "export.log")
+  log = _run([sys.executable, os.path.join(ROOT, "export.py"), *args, "--out", str(out)], env, workdir / "export.log")
   assert "deprecated" not in log.lower(), log[-3000:]  # no diffusers / transformers Flax banner
   return out
 
@@ -106,11 +106,11 @@ def _unet_outputs(exp, ema, x_t, t, condition):
 
 
 def _our_model(config, workdir):
-  from solidmark_jax.evaluation.evaluator import load_checkpoint
+  from solidmark_jax.training.state import restore_ema
   from solidmark_jax.experiment import build_experiment
   exp = build_experiment(config)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  ema, _, _ = load_checkpoint(exp, str(workdir), None, mesh)
+  ema, _, _ = restore_ema(exp, str(workdir), mesh)
   return exp, mesh, jax.device_get(ema)
 
 
@@ -137,11 +137,12 @@ def test_pixel_v_prediction_export_in_modern_stack(tmp_path, fashion_dir, cli_en
 
 def test_latent_text_export_in_modern_stack(tmp_path, fashion_dir, cli_env):  # noqa: F811
   from configs import tiny_latent
-  from solidmark_jax.experiment import load_frozen
+  from solidmark_jax.training.state import load_frozen
   wd = tmp_path / "latent"
   out = _train_and_export("tiny_latent.py", wd, fashion_dir, cli_env)
   exp, mesh, ema = _our_model(_config(tiny_latent, fashion_dir), wd)
-  frozen = jax.device_get(load_frozen(exp, str(wd), train=False, mesh=mesh))
+  exp, frozen = load_frozen(exp, str(wd), train=False, mesh=mesh)
+  frozen = jax.device_get(frozen)
   captions = exp.captions[:3] + ["a caption never seen in training"]
   ids = exp.text.tokenize(captions).ids  # [4, L]
   hidden = np.asarray(jax.jit(exp.text.encode)(frozen["text"], ids))

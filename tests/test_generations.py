@@ -190,9 +190,18 @@ def latent_reference(latent_trained, tmp_path_factory):
   built = []
   real = generations.make_outpainter
 
-  def spy(exp, **kwargs):
-    built.append({"latent": exp.is_latent, "scaling_factor": exp.vae.scaling_factor, **kwargs})
-    return real(exp, **kwargs)
+  def spy(exp, spec, **kwargs):
+    record = {"latent": exp.is_latent, "scaling_factor": exp.vae.scaling_factor, "spec": spec, **kwargs}
+    built.append(record)
+    op = real(exp, spec, **kwargs)
+    run = op.run
+
+    def recording_run(*args, **kw):
+      record["null_condition"] = kw.get("null_condition")
+      return run(*args, **kw)
+
+    op.run = recording_run
+    return op
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(generations, "make_outpainter", spy)
@@ -211,7 +220,7 @@ def test_latent_text_generations_end_to_end(latent_trained, latent_reference):
   # the latent sampler with the frozen VAE, guided towards the caption and away from the empty
   # caption's embedding [L, D]
   assert len(built) == 1 and built[0]["latent"] and built[0]["scaling_factor"] == VAE_SCALING
-  assert built[0]["guidance_scale"] == 2.0 and built[0]["return_images"]
+  assert built[0]["spec"].guidance_scale == 2.0 and built[0]["return_images"]
   null = np.asarray(exp.text.encode(exp.text.params, np.asarray(exp.text.null_ids, np.int32)[None]))[0]
   assert null.shape == (32, 32)
   np.testing.assert_allclose(np.asarray(built[0]["null_condition"]), null, rtol=1e-5, atol=1e-6)

@@ -61,7 +61,7 @@ def test_evaluate_writes_latent_report(trained, fashion_dir, cli_env, tmp_path):
 def test_export_loads_back_in_diffusers(trained, fashion_dir, cli_env, tmp_path):  # noqa: F811
   workdir, _ = trained
   out = tmp_path / "export"
-  _run(_cmd("solidmark_jax.export", workdir, fashion_dir, "--out", str(out)), cli_env, tmp_path / "export.log")
+  _run(_cmd("export.py", workdir, fashion_dir, "--out", str(out)), cli_env, tmp_path / "export.log")
   from solidmark_jax.models._diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
   unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(str(out / "unet"))
   assert unet.config.in_channels == 4 and unet.config.cross_attention_dim == 32

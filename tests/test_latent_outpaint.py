@@ -18,7 +18,7 @@ import pytest
 from solidmark_jax import marks, parallel
 from solidmark_jax.diffusion import make_schedule, velocity
 from solidmark_jax.models.vae import build_vae, init_vae_params
-from solidmark_jax.outpaint import make_latent_outpaint_fn, sample
+from solidmark_jax.outpaint import SamplerSpec, make_latent_outpaint_fn, sample
 from solidmark_jax.outpaint.latent import remask_rows
 from solidmark_jax.training import vae_stage
 
@@ -90,7 +90,7 @@ def test_oracle_recovers_key_within_vae_error_and_compiles_once(tiny_vae):
   assert vae_error.max() < 0.1  # the VAE is good enough for the claim to mean something (chance: ~0.33)
 
   # 6 steps, s = 2: re-masks after the denoiser calls of steps 0, 2, 4; the last step (5) is plain.
-  fn = make_latent_outpaint_fn(oracle(z0), SCHED, vae, num_steps=6, remask_every=2, return_images=True)
+  fn = make_latent_outpaint_fn(oracle(z0), SCHED, vae, SamplerSpec(num_steps=6, remask_every=2), return_images=True)
   assert fn.num_remasks == 3
   ids = np.arange(N)
   p = {"unet": {}, "vae": params}
@@ -106,14 +106,14 @@ def test_oracle_recovers_key_within_vae_error_and_compiles_once(tiny_vae):
   assert fn.trace_count == 1  # new noise, same shapes: no recompile
 
   # 5 steps, s = 2: the last step (4) re-masks: the output is the re-masked clean latent, decoded.
-  last = make_latent_outpaint_fn(oracle(z0), SCHED, vae, num_steps=5, remask_every=2)
+  last = make_latent_outpaint_fn(oracle(z0), SCHED, vae, SamplerSpec(num_steps=5, remask_every=2))
   k_ref = reference_keys(vae, params, x, mask, z0)
   print(f"with a re-mask at the last step (two VAE round trips): mean {np.abs(k_ref - keys).mean():.4f}")
   np.testing.assert_allclose(np.asarray(last(p, x, mask, ids, jax.random.key(0))["k_pred"])[:, 0], k_ref,
                              atol=2e-4)
 
   # "noisy" mode re-masks at the start of steps 2, 4: the output is again one round trip D(E(x)).
-  noisy = make_latent_outpaint_fn(oracle(z0), SCHED, vae, num_steps=6, remask_every=2, remask_from="noisy")
+  noisy = make_latent_outpaint_fn(oracle(z0), SCHED, vae, SamplerSpec(num_steps=6, remask_every=2, remask_from="noisy"))
   k_noisy = np.asarray(noisy(p, x, mask, ids, jax.random.key(0))["k_pred"])[:, 0]
   np.testing.assert_allclose(k_noisy, k_roundtrip, atol=2e-4)
 
@@ -126,9 +126,8 @@ def test_sharded_equals_unsharded(tiny_vae):
   ids = np.arange(N)
   mesh = parallel.make_mesh()
   assert mesh.size == 8
-  plain = make_latent_outpaint_fn(oracle(table), SCHED, vae, num_steps=4, remask_every=2, sampler="ddpm")
-  sharded = make_latent_outpaint_fn(oracle(table), SCHED, vae, num_steps=4, remask_every=2, sampler="ddpm",
-                                    mesh=mesh)
+  plain = make_latent_outpaint_fn(oracle(table), SCHED, vae, SamplerSpec(num_steps=4, remask_every=2, sampler="ddpm"))
+  sharded = make_latent_outpaint_fn(oracle(table), SCHED, vae, SamplerSpec(num_steps=4, remask_every=2, sampler="ddpm"), mesh=mesh)
   p = {"unet": {}, "vae": params}
   a = np.asarray(plain(p, x, mask, ids, jax.random.key(5))["k_pred"])
   out = sharded(p, x, mask, ids, jax.random.key(5))
@@ -136,7 +135,7 @@ def test_sharded_equals_unsharded(tiny_vae):
   np.testing.assert_allclose(np.asarray(out["k_pred"]), a, atol=1e-5)
   # Under vmap the re-mask stays a real branch (stablehlo.case), not a select that would run the VAE
   # round trip at every step.
-  hlo = plain._jitted.lower(p, x, mask, ids, jax.random.key(5), ids, 1, False).as_text()
+  hlo = plain._jitted.lower(p, x, mask, ids, jax.random.key(5), ids, np.int32(0), 1, False).as_text()
   assert hlo.count("stablehlo.case") == 1
 
 
@@ -161,16 +160,16 @@ def test_guidance_with_array_null_condition_and_plain_sampling(tiny_vae):
   conds = np.zeros((N, 2, 3), np.float32)
   conds[:, 0, 0] = np.arange(N)
   null = np.full((2, 3), -1.0, np.float32)
-  fn = make_latent_outpaint_fn(denoiser, SCHED, vae, num_steps=4, remask_every=2, guidance_scale=s,
-                               null_condition=null)
-  k_pred = fn.run({"unet": {}, "vae": params}, x, mask, conds, jax.random.key(0), batch_size=N)["k_pred"][:, 0]
+  fn = make_latent_outpaint_fn(denoiser, SCHED, vae, SamplerSpec(num_steps=4, remask_every=2, guidance_scale=s))
+  k_pred = fn.run({"unet": {}, "vae": params}, x, mask, conds, jax.random.key(0), batch_size=N,
+                  null_condition=null)["k_pred"][:, 0]
   k_roundtrip = np.asarray(marks.predicted_key(vae.decode(params, table), mask))
   np.testing.assert_allclose(k_pred, k_roundtrip, atol=2e-4)  # 4 steps, s = 2: the last step is plain
   with pytest.raises(ValueError, match="null_condition has shape"):
-    fn({"unet": {}, "vae": params}, x, mask, conds[:, :1], jax.random.key(0))
+    fn({"unet": {}, "vae": params}, x, mask, conds[:, :1], jax.random.key(0), null_condition=null)
 
   # Plain sampling (no known region): never re-masks, decodes the oracle's clean latent.
-  plain = make_latent_outpaint_fn(base, SCHED, vae, num_steps=3, remask_every=1)
+  plain = make_latent_outpaint_fn(base, SCHED, vae, SamplerSpec(num_steps=3, remask_every=1))
   images = sample(plain, {"unet": {}, "vae": params}, np.arange(2), jax.random.key(0), (SIZE, SIZE, 1))
   np.testing.assert_allclose(images[:, 0], np.clip(vae.decode(params, table[:2]), -1, 1), atol=2e-4)
 
@@ -188,7 +187,7 @@ def test_four_keys_per_image_are_read_off_their_sides(tiny_vae):
   z0 = vae.encode(params, x)
   k_roundtrip = np.asarray(marks.predicted_key(vae.decode(params, z0), regions))  # [N, 4]
   # 4 steps, s = 2: re-masks after steps 0 and 2, the last step is plain (one VAE round trip)
-  fn = make_latent_outpaint_fn(oracle(z0), SCHED, vae, num_steps=4, remask_every=2, key_masks=regions)
+  fn = make_latent_outpaint_fn(oracle(z0), SCHED, vae, SamplerSpec(num_steps=4, remask_every=2), key_masks=regions)
   k_pred = np.asarray(fn({"unet": {}, "vae": params}, x, mask, np.arange(N), jax.random.key(0), repeats=2)["k_pred"])
   assert k_pred.shape == (N, 2, 4)
   np.testing.assert_allclose(k_pred, np.repeat(k_roundtrip[:, None], 2, 1), atol=2e-4)
@@ -220,7 +219,7 @@ def test_repaint_resampling_jumps_the_latents_forward():
   model = types.SimpleNamespace(apply=lambda variables, z_t, t, c: denoiser(variables["params"], z_t, t, c))
   exp = types.SimpleNamespace(is_latent=True, model=model, sched=SCHED, vae=vae, key_masks=None,
                               prediction_type="epsilon")
-  fn = make_outpainter(exp, num_steps=8, jump_length=2, resamples=3, remask_every=0)  # as evaluate builds it
+  fn = make_outpainter(exp, SamplerSpec(num_steps=8, jump_length=2, resamples=3, remask_every=0))  # as evaluate builds it
   want = repaint_steps(T, 8, jump_length=2, resamples=3)
   np.testing.assert_array_equal(fn.steps, want)
   assert fn.num_denoiser_calls == num_denoiser_calls(8, 2, 3) == 20  # 8 + 3 jump points x 2 extra x 2 levels
@@ -239,7 +238,7 @@ def test_repaint_resampling_jumps_the_latents_forward():
   assert abs(eps.std() - 1) < 0.1 and abs(eps.mean()) < 0.1, (eps.mean(), eps.std())
 
   # u = 1 (the default): no jump rows, the rows of plain latent sampling
-  plain = make_latent_outpaint_fn(denoiser, SCHED, vae, num_steps=8, jump_length=2, resamples=1)
+  plain = make_latent_outpaint_fn(denoiser, SCHED, vae, SamplerSpec(num_steps=8, jump_length=2, resamples=1))
   np.testing.assert_array_equal(plain.steps, repaint_steps(T, 8, jump_length=1, resamples=1))
   assert np.all(plain.steps[:, 0] == plain.steps[:, 1])
 
@@ -256,8 +255,7 @@ def test_v_prediction_oracle_matches_the_eps_oracle(tiny_vae):
     return velocity(SCHED, z0[condition], t, eps_oracle(p, z_t, t, condition))
 
   p, ids = {"unet": {}, "vae": params}, np.arange(N)
-  want = np.asarray(make_latent_outpaint_fn(eps_oracle, SCHED, vae, num_steps=6, remask_every=2)(
+  want = np.asarray(make_latent_outpaint_fn(eps_oracle, SCHED, vae, SamplerSpec(num_steps=6, remask_every=2))(
       p, x, mask, ids, jax.random.key(0))["k_pred"])
-  got = np.asarray(make_latent_outpaint_fn(v_oracle, SCHED, vae, num_steps=6, remask_every=2,
-                                           prediction_type="v_prediction")(p, x, mask, ids, jax.random.key(0))["k_pred"])
+  got = np.asarray(make_latent_outpaint_fn(v_oracle, SCHED, vae, SamplerSpec(num_steps=6, remask_every=2), prediction_type="v_prediction")(p, x, mask, ids, jax.random.key(0))["k_pred"])
   np.testing.assert_allclose(got, want, atol=2e-4)

@@ -8,7 +8,7 @@ import pytest
 
 from solidmark_jax import marks, metrics, parallel
 from solidmark_jax.diffusion import make_schedule, velocity
-from solidmark_jax.outpaint import (make_outpaint_fn, num_denoiser_calls, repaint_levels, repaint_steps,
+from solidmark_jax.outpaint import (SamplerSpec, make_outpaint_fn, num_denoiser_calls, repaint_levels, repaint_steps,
                                     sample)
 
 T = 100
@@ -41,7 +41,7 @@ def test_oracle_scores_zero_exactly_with_several_keys(num_keys, layout, channels
   keys = marks.keys_for(5, np.arange(n), num_keys)  # [n, m]
   x0 = marks.to_model_space(marks.apply_border(content, keys.astype(np.float32), PAD, layout))
   regions = marks.key_masks(SIZE, SIZE, PAD, "border", num_keys, layout, channels)
-  fn = make_outpaint_fn(oracle_denoiser, SCHED, num_steps=8, jump_length=2, resamples=2, key_masks=regions)
+  fn = make_outpaint_fn(oracle_denoiser, SCHED, SamplerSpec(num_steps=8, jump_length=2, resamples=2), key_masks=regions)
   k_pred = np.asarray(fn(jnp.asarray(x0), x0, marks.key_mask(SIZE, SIZE, PAD), np.arange(n), jax.random.key(1),
                          r)["k_pred"])
   assert k_pred.shape == (n, r, num_keys)
@@ -112,7 +112,7 @@ def test_denoiser_called_once_per_schedule_row():
     jax.debug.callback(lambda tt: seen.append(int(np.asarray(tt)[0])), t)
     return jnp.zeros_like(x_t)
 
-  fn = make_outpaint_fn(counting, SCHED, num_steps=6, jump_length=2, resamples=3)
+  fn = make_outpaint_fn(counting, SCHED, SamplerSpec(num_steps=6, jump_length=2, resamples=3))
   out = fn({}, np.zeros((1, SIZE, SIZE, 1), np.float32), marks.key_mask(SIZE, SIZE, PAD), np.zeros(1),
            jax.random.key(0), 1)
   jax.block_until_ready(out)
@@ -128,8 +128,7 @@ def test_oracle_scores_zero_exactly(sampler, resamples):
   n, r = 16, 2
   x0, keys = marked_images(n, channels=3)
   mask = marks.key_mask(SIZE, SIZE, PAD)
-  fn = make_outpaint_fn(oracle_denoiser, SCHED, num_steps=8, sampler=sampler, eta=0.0, jump_length=2,
-                        resamples=resamples, return_images=True)
+  fn = make_outpaint_fn(oracle_denoiser, SCHED, SamplerSpec(num_steps=8, sampler=sampler, eta=0.0, jump_length=2, resamples=resamples), return_images=True)
   out = fn(jnp.asarray(x0), x0, mask, np.arange(n), jax.random.key(1), r)
   k_pred, images = np.asarray(out["k_pred"]), np.asarray(out["images"])
   assert k_pred.shape == (n, r) and images.shape == (n, r, SIZE, SIZE, 3)
@@ -150,7 +149,7 @@ def test_oracle_is_significant_against_exact_chance():
   n = 64
   x0, keys = marked_images(n, seed=5)
   mask = marks.key_mask(SIZE, SIZE, PAD)
-  fn = make_outpaint_fn(oracle_denoiser, SCHED, num_steps=4)
+  fn = make_outpaint_fn(oracle_denoiser, SCHED, SamplerSpec(num_steps=4))
   k_pred = np.asarray(fn(jnp.asarray(x0), x0, mask, np.arange(n), jax.random.key(4), 2)["k_pred"])
   np.testing.assert_array_equal(metrics.l_sm(k_pred, keys), np.zeros((n, 2)))
   s = metrics.summarize(k_pred, keys, num_permutations=100)
@@ -165,8 +164,7 @@ def test_v_oracle_scores_zero_exactly(sampler):
   n = 16
   x0, keys = marked_images(n, seed=5)
   mask = marks.key_mask(SIZE, SIZE, PAD)
-  fn = make_outpaint_fn(v_oracle_denoiser, SCHED, num_steps=8, sampler=sampler, jump_length=2, resamples=2,
-                        prediction_type="v_prediction")
+  fn = make_outpaint_fn(v_oracle_denoiser, SCHED, SamplerSpec(num_steps=8, sampler=sampler, jump_length=2, resamples=2), prediction_type="v_prediction")
   k_pred = np.asarray(fn(jnp.asarray(x0), x0, mask, np.arange(n), jax.random.key(1), 2)["k_pred"])
   np.testing.assert_array_equal(metrics.l_sm(k_pred, keys), np.zeros((n, 2)))
 
@@ -178,7 +176,7 @@ def test_blind_denoiser_is_at_chance():
   mask = marks.key_mask(SIZE, SIZE, PAD)
   u = np.random.default_rng(7).random(n).astype(np.float32)  # independent of the keys
   blind_x0 = np.where(mask[None] > 0, marks.to_model_space(u)[:, None, None, None], x0).astype(np.float32)
-  fn = make_outpaint_fn(oracle_denoiser, SCHED, num_steps=3)
+  fn = make_outpaint_fn(oracle_denoiser, SCHED, SamplerSpec(num_steps=3))
   # The true bordered images go in as `known`: their border must not leak.
   k_pred = np.asarray(fn(jnp.asarray(blind_x0), x0, mask, np.arange(n), jax.random.key(2), 1)["k_pred"])
   l = metrics.l_sm(k_pred, keys)[:, 0]
@@ -194,7 +192,7 @@ def test_noise_independent_per_image_and_repeat_and_seeded_by_id():
   n = 8
   x0, _ = marked_images(n)
   mask = marks.key_mask(SIZE, SIZE, PAD)
-  fn = make_outpaint_fn(smooth_denoiser, SCHED, num_steps=4, sampler="ddpm")
+  fn = make_outpaint_fn(smooth_denoiser, SCHED, SamplerSpec(num_steps=4, sampler="ddpm"))
   cond = np.zeros(n, np.int32)
   same = np.repeat(x0[:1], n, axis=0)
   k = np.asarray(fn(SMOOTH_PARAMS, same, mask, cond, jax.random.key(0), 3)["k_pred"])
@@ -212,7 +210,7 @@ def test_noise_independent_per_image_and_repeat_and_seeded_by_id():
 def test_compiles_once_per_shape():
   n = 4
   mask = marks.key_mask(SIZE, SIZE, PAD)
-  fn = make_outpaint_fn(smooth_denoiser, SCHED, num_steps=3, jump_length=1, resamples=2)
+  fn = make_outpaint_fn(smooth_denoiser, SCHED, SamplerSpec(num_steps=3, jump_length=1, resamples=2))
   for seed in range(3):
     x0, _ = marked_images(n, seed=seed)
     jax.block_until_ready(fn(SMOOTH_PARAMS, x0, mask, np.arange(n) + seed, jax.random.key(seed), 2))
@@ -228,9 +226,9 @@ def test_sharded_matches_unsharded():
   x0, _ = marked_images(n, seed=5)
   mask = marks.key_mask(SIZE, SIZE, PAD)
   cond = np.arange(n) % 7
-  kwargs = dict(num_steps=5, sampler="ddim", eta=0.5, jump_length=2, resamples=2, return_images=True)
-  plain = make_outpaint_fn(smooth_denoiser, SCHED, **kwargs)
-  sharded = make_outpaint_fn(smooth_denoiser, SCHED, mesh=mesh, **kwargs)
+  spec = SamplerSpec(num_steps=5, sampler="ddim", eta=0.5, jump_length=2, resamples=2)
+  plain = make_outpaint_fn(smooth_denoiser, SCHED, spec, return_images=True)
+  sharded = make_outpaint_fn(smooth_denoiser, SCHED, spec, mesh=mesh, return_images=True)
   a = plain(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(3), r)
   b = sharded(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(3), r)
   assert b["k_pred"].sharding.is_equivalent_to(parallel.batch_sharding(mesh), 2)
@@ -257,25 +255,28 @@ def test_classifier_free_guidance_combines_predictions():
     eps_u = smooth_denoiser(params, x_t, t, jnp.full_like(condition, null))
     return eps_u + s * (smooth_denoiser(params, x_t, t, condition) - eps_u)
 
-  kwargs = dict(num_steps=4, sampler="ddpm", return_images=True)
-  guided = make_outpaint_fn(recording, SCHED, guidance_scale=s, null_condition=null, **kwargs)
-  reference = make_outpaint_fn(combined, SCHED, **kwargs)
-  a = guided(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(4), 2)
+  spec = SamplerSpec(num_steps=4, sampler="ddpm")
+  guided = make_outpaint_fn(recording, SCHED, spec.replace(guidance_scale=s), return_images=True)
+  reference = make_outpaint_fn(combined, SCHED, spec, return_images=True)
+  a = guided(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(4), 2, null_condition=null)
   b = reference(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(4), 2)
   assert batch_sizes == [2]  # cond and uncond in one denoiser call
+  # the null condition is traced: another null value runs the same compiled function
+  guided(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(4), 2, null_condition=null - 1)
+  assert guided.trace_count == 1
   np.testing.assert_allclose(np.asarray(a["images"]), np.asarray(b["images"]), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(a["k_pred"]), np.asarray(b["k_pred"]), rtol=1e-5, atol=1e-6)
-  unguided = make_outpaint_fn(smooth_denoiser, SCHED, **kwargs)
+  unguided = make_outpaint_fn(smooth_denoiser, SCHED, spec, return_images=True)
   c = unguided(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(4), 2)
   assert not np.allclose(np.asarray(c["k_pred"]), np.asarray(a["k_pred"]))
-  with pytest.raises(ValueError, match="null_condition"):
-    make_outpaint_fn(smooth_denoiser, SCHED, num_steps=4, guidance_scale=2.0)
+  with pytest.raises(ValueError, match="needs null_condition"):
+    guided(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(4), 2)
 
 
 def test_sample_without_known_region():
   n = 3
   x0, _ = marked_images(n)
-  fn = make_outpaint_fn(oracle_denoiser, SCHED, num_steps=6)
+  fn = make_outpaint_fn(oracle_denoiser, SCHED, SamplerSpec(num_steps=6))
   images = sample(fn, jnp.asarray(x0), np.arange(n), jax.random.key(0), (SIZE, SIZE, 1), repeats=2)
   assert images.shape == (n, 2, SIZE, SIZE, 1)
   # Nothing is pasted (mask all ones): the oracle's sample is its clean image, border and all.
@@ -284,10 +285,10 @@ def test_sample_without_known_region():
 
 def test_bad_arguments():
   with pytest.raises(ValueError, match="sampler"):
-    make_outpaint_fn(smooth_denoiser, SCHED, num_steps=4, sampler="euler")
+    make_outpaint_fn(smooth_denoiser, SCHED, SamplerSpec(num_steps=4, sampler="euler"))
   with pytest.raises(ValueError, match="resamples"):
-    make_outpaint_fn(smooth_denoiser, SCHED, num_steps=4, resamples=0)
-  fn = make_outpaint_fn(smooth_denoiser, SCHED, num_steps=2)
+    make_outpaint_fn(smooth_denoiser, SCHED, SamplerSpec(num_steps=4, resamples=0))
+  fn = make_outpaint_fn(smooth_denoiser, SCHED, SamplerSpec(num_steps=2))
   with pytest.raises(ValueError, match="mask"):
     fn(SMOOTH_PARAMS, np.zeros((2, SIZE, SIZE, 1), np.float32), np.ones((SIZE, SIZE), np.float32),
        np.zeros(2), jax.random.key(0), 1)

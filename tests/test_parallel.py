@@ -10,7 +10,7 @@ import pytest
 
 from solidmark_jax import models, parallel
 from solidmark_jax.training import checkpoint as ckpt
-from solidmark_jax.training.step import init_state, make_optimizer
+from solidmark_jax.training.state import init_state, make_optimizer
 from configs import sd21_pretrain, tiny
 
 

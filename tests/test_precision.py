@@ -15,8 +15,9 @@ from solidmark_jax import marks, metrics, models
 from solidmark_jax.diffusion import make_schedule
 from solidmark_jax.models import text as text_lib
 from solidmark_jax.models.vae import build_vae, init_vae_params
-from solidmark_jax.outpaint import make_outpaint_fn
-from solidmark_jax.training.step import init_state, make_optimizer, make_train_step
+from solidmark_jax.outpaint import SamplerSpec, make_outpaint_fn
+from solidmark_jax.training.state import init_state, make_optimizer
+from solidmark_jax.training.step import make_train_step
 from configs import tiny
 
 PAD, SIZE = 2, 16
@@ -55,7 +56,7 @@ def test_bf16_oracle_outpainting_scores_zero():
     return eps.astype(jnp.bfloat16)  # the network's precision
 
   mask = marks.key_mask(SIZE, SIZE, PAD)
-  fn = make_outpaint_fn(bf16_oracle, sched, num_steps=8, return_images=True)
+  fn = make_outpaint_fn(bf16_oracle, sched, SamplerSpec(num_steps=8), return_images=True)
   out = fn(jnp.asarray(x0), x0, mask, np.arange(n), jax.random.key(1), 2)
   assert out["k_pred"].dtype == jnp.float32 and out["images"].dtype == jnp.float32
   k_pred = np.asarray(out["k_pred"])
@@ -107,7 +108,7 @@ def test_bf16_keys_track_fp32_keys_of_a_trained_model(trained):
   mask = marks.key_mask(SIZE, SIZE, PAD)
   out = {}
   for dtype in ("float32", "bfloat16"):
-    fn = make_outpaint_fn(models.as_denoiser(model.clone(dtype=dtype)), sched, num_steps=OUTPAINT_STEPS)
+    fn = make_outpaint_fn(models.as_denoiser(model.clone(dtype=dtype)), sched, SamplerSpec(num_steps=OUTPAINT_STEPS))
     out[dtype] = np.asarray(fn(fp32["params"], x0, mask, np.arange(8), jax.random.key(5), 2)["k_pred"])
   diff = np.abs(out["bfloat16"] - out["float32"])
   assert diff.max() < KEY_MAX_BOUND and diff.mean() < KEY_MEAN_BOUND, (diff.max(), diff.mean())

@@ -13,12 +13,12 @@ import pytest
 
 from configs import sd21_finetune, sd21_pretrain, tiny_latent
 from solidmark_jax import models, parallel
-from solidmark_jax.experiment import build_experiment, load_frozen
+from solidmark_jax.experiment import build_experiment
 from solidmark_jax.models import text as text_lib
 from solidmark_jax.models import vae as vae_lib
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
-from solidmark_jax.training.loop import create_state, jit_train_step
-from solidmark_jax.training.step import make_optimizer
+from solidmark_jax.training.loop import jit_train_step
+from solidmark_jax.training.state import create_state, load_frozen, make_optimizer
 
 T = 100
 
@@ -67,7 +67,8 @@ def test_finetune_starts_from_the_pretrained_unet_and_trains(sd_root, fashion_di
   state, shardings = create_state(exp, mesh, tx, jax.random.key(0))
   got = jax.tree.map(np.asarray, state["params"]["unet"])
   assert jax.tree.all(jax.tree.map(np.array_equal, got, saved))
-  frozen = jax.device_put(load_frozen(exp, str(tmp_path), train=False, mesh=mesh), parallel.replicated(mesh))
+  exp, frozen = load_frozen(exp, str(tmp_path), train=False, mesh=mesh)
+  frozen = jax.device_put(frozen, parallel.replicated(mesh))
   assert exp.vae.scaling_factor == 0.5  # from the root's vae/config.json
   step = jit_train_step(exp, mesh, tx, shardings)
   batch = exp.read_marked(np.arange(8))
@@ -137,7 +138,8 @@ def test_cached_latents_are_the_posterior_means(sd_root, fashion_dir, tmp_path):
   c.vae.cache_latents = True
   exp = build_experiment(c)
   mesh = parallel.make_mesh(-1, 1)
-  frozen = jax.device_put(load_frozen(exp, str(tmp_path), train=False, mesh=mesh), parallel.replicated(mesh))
+  exp, frozen = load_frozen(exp, str(tmp_path), train=False, mesh=mesh)
+  frozen = jax.device_put(frozen, parallel.replicated(mesh))
   latents = _cache_latents(exp, frozen, mesh, BatchPlan(len(exp.instances), 8, 0))  # [M, 8, 8, 4]
   assert latents.shape == (len(exp.instances), 8, 8, 4)
   ids = np.array([0, 5, 31])

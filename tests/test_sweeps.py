@@ -16,7 +16,7 @@ import pytest
 from configs import paper_table3_mitigations, tiny
 from solidmark_jax import marks, report
 from solidmark_jax.evaluation import mitigations
-from solidmark_jax.evaluation.evaluator import Evaluator
+from solidmark_jax.evaluation.evaluator import build_evaluator
 from solidmark_jax.metrics import chance, memorisation
 from solidmark_jax.evaluation import sweeps
 
@@ -229,7 +229,7 @@ def test_sweep_compiles_once_per_shape_and_matches_the_resumed_run(interrupted, 
   workdir = str(tmp_path / "wd")
   shutil.copytree(interrupted["workdir"], workdir, ignore=shutil.ignore_patterns("sweeps"))
   config = interrupted["config"]
-  ev = Evaluator(config, workdir)
+  ev = build_evaluator(config, workdir)
   table = sweeps.run_sweep(config, workdir, name="gni", evaluator=ev)
   # sigma = 0 passes class ids [8]; sigma > 0 noised condition rows [8, D]: two shapes, each traced once,
   # for 3 settings x 2 groups x 1 batch

@@ -8,7 +8,8 @@ import pytest
 
 from solidmark_jax import models, parallel
 from solidmark_jax.diffusion import make_schedule
-from solidmark_jax.training.step import init_state, make_optimizer, make_train_step
+from solidmark_jax.training.state import init_state, make_optimizer
+from solidmark_jax.training.step import make_train_step
 from configs import tiny
 
 

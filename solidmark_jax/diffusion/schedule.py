@@ -123,30 +123,46 @@ def predict_x0(sched: NoiseSchedule, x_t, t, eps_hat, clip: bool = True):
   return jnp.clip(x0, -1.0, 1.0) if clip else x0
 
 
-def ddim_step(sched: NoiseSchedule, x_t, t, t_prev, eps_hat, noise, eta: float = 0.0):
-  """One DDIM step from noise level t to t_prev < t (t_prev = -1 means the clean image).
+def ddim_update(sched: NoiseSchedule, t, t_prev, x0, eps, noise, eta: float = 0.0):
+  """DDIM from level t to t_prev < t given the clean estimate x0 and the noise estimate eps.
 
-  eta = 1 gives the DDPM posterior variance on the strided sequence.
+  x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise, with
+  sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)); t_prev = -1 is the
+  clean image. eta = 1 gives the DDPM posterior variance on the strided sequence. The one DDIM
+  update of the pixel (`ddim_step`) and the latent (`outpaint.latent`) loops.
   """
-  abar_t = _bcast(abar_at(sched, t), x_t)
-  abar_prev = _bcast(abar_at(sched, t_prev), x_t)
-  x0 = predict_x0(sched, x_t, t, eps_hat)
-  eps = (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)  # consistent with the clipped x0
+  abar_t = _bcast(abar_at(sched, t), x0)
+  abar_prev = _bcast(abar_at(sched, t_prev), x0)
   sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
   dir_xt = jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0)) * eps
   return jnp.sqrt(abar_prev) * x0 + dir_xt + sigma * noise
 
 
-def ddpm_step(sched: NoiseSchedule, x_t, t, t_prev, eps_hat, noise):
-  """Ancestral DDPM step t -> t_prev (strided: betas taken between the two levels)."""
+def ddpm_update(sched: NoiseSchedule, x_t, t, t_prev, x0, noise):
+  """A sample of the posterior q(x_{t_prev} | x_t, x0), strided (beta taken between the two levels).
+
+  The one DDPM update of the pixel (`ddpm_step`) and the latent loops.
+  """
   abar_t = _bcast(abar_at(sched, t), x_t)
   abar_prev = _bcast(abar_at(sched, t_prev), x_t)
   beta = 1.0 - abar_t / abar_prev
-  x0 = predict_x0(sched, x_t, t, eps_hat)
   coef_x0 = jnp.sqrt(abar_prev) * beta / (1.0 - abar_t)
   coef_xt = jnp.sqrt(abar_t / abar_prev) * (1.0 - abar_prev) / (1.0 - abar_t)
   var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
   return coef_x0 * x0 + coef_xt * x_t + jnp.sqrt(var) * noise
+
+
+def ddim_step(sched: NoiseSchedule, x_t, t, t_prev, eps_hat, noise, eta: float = 0.0):
+  """One pixel-space DDIM step t -> t_prev: x0 predicted and clipped to [-1, 1], eps made consistent."""
+  abar_t = _bcast(abar_at(sched, t), x_t)
+  x0 = predict_x0(sched, x_t, t, eps_hat)
+  eps = (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)  # consistent with the clipped x0
+  return ddim_update(sched, t, t_prev, x0, eps, noise, eta)
+
+
+def ddpm_step(sched: NoiseSchedule, x_t, t, t_prev, eps_hat, noise):
+  """One pixel-space ancestral DDPM step t -> t_prev (x0 predicted and clipped to [-1, 1])."""
+  return ddpm_update(sched, x_t, t, t_prev, predict_x0(sched, x_t, t, eps_hat), noise)
 
 
 def forward_jump(sched: NoiseSchedule, x_t, t, t_next, noise):

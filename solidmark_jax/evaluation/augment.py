@@ -1,4 +1,4 @@
-"""Query augmentations: transform the known region before outpainting (SPEC section 6, paper Table 4).
+"""Query augmentations: transform the known region before outpainting (the paper's Table 4).
 
 Only the known region (mask == 0) changes; the marked region (mask == 1) is returned untouched.
 The transform acts on the known region's bounding box, the "centre" (for the border pattern,

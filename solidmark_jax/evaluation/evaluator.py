@@ -1,18 +1,17 @@
 """Evaluation: outpaint members and non-members, score l_SM, write the memorisation report.
 
-Groups (SPEC section 3):
+Groups (the paper's Section 4; docs/statistics.md):
 - members: n training instances (chosen by eval.seed), their keys from the training keymap;
 - non_members: n held-out images (data.eval_split), bordered with fresh keys, queried with the
   condition a new image would get (its class, its own caption for text models, or the null id for
   "image"/"none" models): the empirical null;
 - random_init (optional): the members, outpainted by a randomly initialised model.
 
-`Evaluator` builds the experiment, loads the checkpoint and the frozen parts, picks the groups and
-builds the outpainter once; `Evaluator.score` then scores one setting (an inference-time mitigation
-and a query augmentation) into its own directory. Several settings of one evaluator (a sweep,
-sweeps.py) share the compiled outpainter: a mitigation changes the conditions on the host (same
-shapes, no recompile), each augmentation level is one compile of the augmentation. `evaluate` is
-one setting, the config's own.
+`build_evaluator(config, workdir)` restores the EMA parameters and the frozen parts, picks the groups
+and builds the outpainter once; `Evaluator.score(out_dir, mitigation, augmentation)` scores one
+setting into its own directory. The settings of a sweep share the compiled outpainter: a mitigation
+changes the conditions on the host, the null condition is a traced argument, each augmentation is one
+compile of the augmentation. `evaluate(config, workdir)` is one setting, the config's own.
 
 Results are appended to <out>/results.jsonl as batches finish; a re-run skips what is done. With
 `data.duplicates`, the members are distinct images (each queried eval.repeats times whatever its
@@ -22,11 +21,15 @@ any of its keys, exact chance per image, metrics/duplication.py) into <out>/dupl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from solidmark_jax import atomic, dirlock, marks, metrics, parallel, report
@@ -35,13 +38,13 @@ from solidmark_jax.data.pipeline import class_labels, marked_batch, select_recor
 from solidmark_jax.evaluation import augment as augment_lib
 from solidmark_jax.evaluation import mitigations
 from solidmark_jax.evaluation.conditioning import Conditioner
-from solidmark_jax.experiment import KEYMAP_FILE, Experiment, build_experiment, load_frozen
-from solidmark_jax.experiment import make_outpainter, outpaint_params, source_captions
+from solidmark_jax.experiment import Experiment, build_experiment, make_outpainter, outpaint_params, source_captions
 from solidmark_jax.metrics import duplication
 from solidmark_jax.models import init_params
+from solidmark_jax.outpaint import Outpainter, SamplerSpec
 from solidmark_jax.training import checkpoint as ckpt
-from solidmark_jax.training.loop import abstract_state
-from solidmark_jax.training.step import make_optimizer
+from solidmark_jax.training.state import load_frozen, restore_ema
+from solidmark_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,12 @@ NONMEMBER_KEY_SALT = 0x0E1D  # non-member keys: keys_for(key_seed + salt, record
 DUPLICATION_FILES = ("duplication.json", "duplication.md")
 
 
-def _validate(config, mesh) -> tuple[tuple[float, ...], mitigations.Mitigation, augment_lib.Augmentation]:
+# ---------------------------------------------------------------------------------------------
+# Settings and groups.
+
+
+def validate(config, mesh: Mesh) -> tuple[tuple[float, ...], mitigations.Mitigation, augment_lib.Augmentation]:
+  """The eval section checked against the model and the mesh: (thresholds, mitigation, augmentation)."""
   c = config.eval
   mitigation = mitigations.Mitigation.from_config(c.get("mitigation"))
   mitigations.check_condition(mitigation, config.model.condition)
@@ -78,16 +86,30 @@ def _validate(config, mesh) -> tuple[tuple[float, ...], mitigations.Mitigation, 
   return thresholds, mitigation, augmentation
 
 
-class _Group:
-  """What to outpaint for one report group: ids, keys, conditions, and a reader of marked images."""
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """What to outpaint for one report group.
 
-  def __init__(self, name, ids, keys, conditions, read, bad_input=None, captions=None):
-    self.name, self.ids, self.keys, self.conditions, self.read = name, ids, keys, conditions, read
-    self.bad_input = bad_input or {}
-    self.captions = captions  # text models: [n] captions in the order of ids
+  Attributes:
+    name: "members", "non_members" or "random_init".
+    ids: int64 [n] instance ids (members) or record indices (non-members), sorted.
+    keys: [n] or [n, m] keys.
+    conditions: [n] condition ids or [n, L] caption token ids.
+    read: rows -> marked images [len(rows), H, W, C] in model space (process-local reads).
+    bad_input: counts of skipped / truncated inputs for the report.
+    captions: text models: [n] captions in the order of ids.
+  """
+
+  name: str
+  ids: np.ndarray
+  keys: np.ndarray
+  conditions: np.ndarray
+  read: Callable[[np.ndarray], np.ndarray]
+  bad_input: dict = dataclasses.field(default_factory=dict)
+  captions: list[str] | None = None
 
 
-def _member_group(exp: Experiment, n: int, seed: int, name: str = "members") -> _Group:
+def member_group(exp: Experiment, n: int, seed: int, name: str = "members") -> Group:
   """n training instances chosen by `seed`; with duplicated data, n distinct images, each queried once
   (through its first copy) so that every image gets eval.repeats evaluations whatever its copies."""
   if exp.config.data.get("duplicates"):
@@ -97,11 +119,12 @@ def _member_group(exp: Experiment, n: int, seed: int, name: str = "members") -> 
   else:
     ids = select_records(len(exp.instances), n, "random", seed, field="eval.num_members")
   captions = [exp.captions[i] for i in ids] if exp.captions is not None else None
-  return _Group(name, ids, exp.keymap.lookup(ids), exp.conditions[ids],
-                lambda rows: exp.read_marked(rows)["image"], captions=captions)
+  return Group(name, ids, exp.keymap.lookup(ids), exp.conditions[ids], lambda rows: exp.read_marked(rows)["image"],
+               captions=captions)
 
 
-def _nonmember_group(exp: Experiment, config) -> _Group:
+def nonmember_group(exp: Experiment, config) -> Group:
+  """eval.num_nonmembers held-out records of data.eval_split, bordered with fresh keys."""
   source = open_source(config.data, config.data.eval_split)
   if (source.image_size, source.channels) != (exp.source.image_size, exp.source.channels):
     raise ValueError(f"data.eval_split {config.data.eval_split!r} gives {source.image_size} px x {source.channels} "
@@ -110,6 +133,7 @@ def _nonmember_group(exp: Experiment, config) -> _Group:
                        field="eval.num_nonmembers")
   keys = marks.keys_for(config.marks.key_seed + NONMEMBER_KEY_SALT, ids, exp.num_keys)  # [n] or [n, m]
   bad = {"skipped_records": len(getattr(source, "skipped", ()) or ())}
+  captions = None
   if config.model.condition == "class":
     conds = class_labels(source.labels()[ids], "data.eval_split", config.data.eval_split)
   elif config.model.condition == "text":
@@ -119,8 +143,6 @@ def _nonmember_group(exp: Experiment, config) -> _Group:
     bad["truncated_captions"] = int(np.sum(tokens.truncated))
   else:
     conds = np.full(len(ids), exp.null_id, np.int64)
-  if config.model.condition != "text":
-    captions = None
   key_of = dict(zip(ids.tolist(), keys))
   pad, pattern, layout = config.marks.pad, config.marks.pattern, config.marks.get("key_layout", "sides")
 
@@ -128,109 +150,101 @@ def _nonmember_group(exp: Experiment, config) -> _Group:
     images = source.read(rows)["image"]
     return marked_batch(images, np.array([key_of[int(r)] for r in rows]), pad, pattern, layout)
 
-  return _Group("non_members", ids, keys, conds, read, bad_input=bad, captions=captions)
+  return Group("non_members", ids, keys, conds, read, bad_input=bad, captions=captions)
 
 
-def load_checkpoint(exp: Experiment, workdir: str, step: int | None, mesh):
-  """EMA parameters of checkpoint `step` (default: latest), checked against config and keymap."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no checkpoints here; train first (python train.py ... --workdir {workdir})")
-  checkpointer = ckpt.Checkpointer(directory, create=False)
-  try:
-    steps = checkpointer.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{directory}: no checkpoints here; train first")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise ValueError(f"{directory}: no checkpoint at step {step}; there are {sorted(steps)}")
-    meta = checkpointer.check_compatible(step, exp.config, keymap_hash=None)
-    keymap_path = os.path.join(workdir, KEYMAP_FILE)
-    stored = marks.Keymap.load(keymap_path, expected_hash=meta["keymap_hash"])
-    if stored.hash != exp.keymap.hash:
-      raise ValueError(f"{keymap_path}: the keymap the model was trained with differs from the one this config "
-                       "draws (data, subset, duplication or key seed changed)")
-    target, _ = abstract_state(exp, mesh, make_optimizer(exp.config.train))
-    state = checkpointer.restore_state(step, target)
-  finally:
-    checkpointer.close()
-  return state["ema_params"], step, meta
+# ---------------------------------------------------------------------------------------------
+# One batch of queries.
 
 
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """How one setting queries the model: the outpainter, the conditions (with a mitigation), the
+  augmentation of the known region, and the fixed batch shape (one compilation)."""
+
+  op: Outpainter
+  conditioner: Conditioner
+  augmentation: augment_lib.Augmentation
+  mask: np.ndarray  # [H, W, 1], 1 on the key region
+  batch_size: int
+  mesh: Mesh
+
+  def known(self, g: Group, rows: np.ndarray) -> np.ndarray:
+    """The marked images of `rows`, their known region augmented (seeded by id)."""
+    known = g.read(rows)
+    if not self.augmentation.is_identity:
+      known = np.asarray(augment_lib.augment(known, self.mask, self.augmentation, self.augmentation.key(), rows))
+    return known
+
+  def run(self, params: Any, g: Group, ids: np.ndarray, rng: jax.Array, repeats: int,
+          return_images: bool = False) -> dict[str, np.ndarray]:
+    """One padded batch: each process reads its rows, the batch runs sharded; k_pred [n, r] (and images)."""
+    n = len(ids)
+    rows = parallel.pad_rows(ids, self.batch_size)  # fixed shape: compile once
+    local = parallel.process_slice(self.batch_size)
+    pos = np.searchsorted(g.ids, rows)[local]
+    mine = rows[local]
+    captions = [g.captions[p] for p in pos] if g.captions is not None else None
+    batch = {"known": self.known(g, mine), "condition": self.conditioner(g.conditions[pos], mine, captions),
+             "ids": mine.astype(np.int32)}
+    batch = parallel.global_batch(self.mesh, batch)
+    out = self.op(params, batch["known"], self.mask, batch["condition"], rng, repeats, ids=batch["ids"],
+                  null_condition=self.conditioner.null, return_images=return_images)
+    return {k: parallel.to_host(v)[:n] for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluator: built once, scores any number of settings.
+
+
+@dataclasses.dataclass(frozen=True)
 class Evaluator:
-  """One checkpoint, its groups and its outpainter, built once; scores any number of settings.
-
-  Args:
-    config: the experiment config (`eval` section: groups, sampler, thresholds; its `mitigation`
-      and `augment` are only the defaults of `score`).
-    workdir: the training workdir (checkpoints, keymap, frozen parts).
-    step: checkpoint step (default: the latest).
+  """One checkpoint, its groups and its outpainter (`build_evaluator`); scores any number of settings.
 
   Attributes:
-    exp, mesh, thresholds, step, groups (list of `_Group`), mitigation and augmentation (the
-    config's), is_main (process 0 writes).
+    config: the experiment config (its eval `mitigation` / `augment` are only the defaults of `score`).
+    exp: the experiment (with the loaded VAE for latent models).
+    mesh: the device mesh.
+    thresholds, mitigation, augmentation: the validated eval settings.
+    groups: members, non-members (and random_init).
+    params: the outpainter's params per group name (the random-init model's for "random_init").
+    step: the checkpoint step.
+    frozen: the frozen text / VAE parameters.
+    unet_params: the EMA parameters.
+    op: the compiled outpainter (one for every setting).
+    is_main: process 0 writes.
   """
 
-  def __init__(self, config, workdir: str, step: int | None = None):
-    self.config = config
-    self.workdir = os.path.abspath(workdir)
-    self.exp = exp = build_experiment(config)
-    self.mesh = parallel.mesh_for_config(config.mesh)
-    self.thresholds, self.mitigation, self.augmentation = _validate(config, self.mesh)
-    c = config.eval
-    self.groups = [_member_group(exp, c.num_members, c.seed), _nonmember_group(exp, config)]
-    self.ema, self.step, _ = load_checkpoint(exp, self.workdir, step, self.mesh)
-    self.frozen = jax.device_put(load_frozen(exp, self.workdir, train=False, mesh=self.mesh),
-                                 parallel.replicated(self.mesh))
-    self.params = outpaint_params(exp, self.ema, self.frozen)
-    self.param_sets = {"members": self.params, "non_members": self.params}
-    self.is_main = jax.process_index() == 0
-    self._ops: dict = {}  # outpainters by the kind of null condition (guidance) they bake in
-    self._random_init = bool(c.random_init_baseline)
-    if self._random_init:
-      self.groups.append(_member_group(exp, c.num_members, c.seed, name="random_init"))
-
-  # -- shared pieces -----------------------------------------------------------------------------
-
-  def _random_params(self):
-    if "random_init" not in self.param_sets:
-      exp = self.exp
-      shardings = jax.tree.map(lambda x: x.sharding, self.ema)
-      random = jax.jit(lambda r: init_params(exp.model, r, exp.model_size, exp.model_channels),
-                       out_shardings=shardings)(jax.random.key(self.config.seed + 7))
-      self.param_sets["random_init"] = outpaint_params(exp, random, self.frozen)
-    return self.param_sets["random_init"]
-
-  def conditioner(self, mitigation: mitigations.Mitigation) -> Conditioner:
-    """Conditions -> denoiser input under `mitigation` (validated against the model's condition)."""
-    mitigations.check_condition(mitigation, self.config.model.condition)
-    return Conditioner(self.exp, self.frozen, mitigation, self.ema)
-
-  def outpainter(self, conditioner: Conditioner):
-    """The compiled outpainter for this conditioner's null condition; one per kind, built once."""
-    null = conditioner.null
-    if isinstance(null, (int, np.integer)):
-      kind = ("id", int(null))
-    else:
-      null = np.asarray(null)
-      kind = ("embedding", null.shape, null.tobytes())
-    if kind not in self._ops:
-      c = self.config.eval
-      self._ops[kind] = make_outpainter(
-          self.exp, num_steps=c.num_steps, sampler=c.sampler, eta=c.eta, jump_length=c.jump_length,
-          resamples=c.resamples, guidance_scale=c.guidance_scale, null_condition=null,
-          remask_every=c.get("remask_every", 10), remask_from=c.get("remask_from", "x0"), mesh=self.mesh)
-    return self._ops[kind]
+  config: Any
+  exp: Experiment
+  mesh: Mesh
+  thresholds: tuple[float, ...]
+  mitigation: mitigations.Mitigation
+  augmentation: augment_lib.Augmentation
+  groups: tuple[Group, ...]
+  params: dict
+  step: int
+  frozen: dict
+  unet_params: Any
+  op: Outpainter
+  is_main: bool
 
   @property
   def trace_count(self) -> int:
-    """Traces of every outpainter built so far (one per distinct shape / static arguments)."""
-    return sum(op.trace_count for op in self._ops.values())
+    """Traces of the outpainter so far (one per distinct shape / static arguments)."""
+    return self.op.trace_count
 
   @property
   def images_per_setting(self) -> int:
     return sum(len(g.ids) for g in self.groups)
+
+  def conditioner(self, mitigation: mitigations.Mitigation) -> Conditioner:
+    """Conditions -> denoiser input under `mitigation` (validated against the model's condition)."""
+    return Conditioner(self.exp, self.frozen, mitigation, self.unet_params)
+
+  def query(self, mitigation: mitigations.Mitigation, augmentation: augment_lib.Augmentation) -> Query:
+    return Query(self.op, self.conditioner(mitigation), augmentation, self.exp.mask, self.config.eval.batch_size,
+                 self.mesh)
 
   def meta(self, mitigation: mitigations.Mitigation, augmentation: augment_lib.Augmentation) -> dict:
     """The metadata of one setting's result store and report."""
@@ -259,8 +273,6 @@ class Evaluator:
     done = sum(len(g.ids) - len(store.remaining(g.name, g.ids)) for g in self.groups) if self.is_main else 0
     return int(parallel.to_host(_broadcast(done)))
 
-  # -- one setting -------------------------------------------------------------------------------
-
   def score(self, out_dir: str, mitigation: mitigations.Mitigation | None = None,
             augmentation: augment_lib.Augmentation | None = None, *, bar=None, store=None,
             write_grid: bool = True) -> dict | None:
@@ -281,33 +293,21 @@ class Evaluator:
     mitigation = self.mitigation if mitigation is None else mitigation
     augmentation = self.augmentation if augmentation is None else augmentation
     c = self.config.eval
-    conditioner = self.conditioner(mitigation)
-    # Opened before anything is compiled: results of other settings in out_dir fail fast, untouched.
+    query = self.query(mitigation, augmentation)
+    # Opened before anything runs: results of other settings in out_dir fail fast, untouched.
     store = store if store is not None else self.open_store(out_dir, mitigation, augmentation)
-    op = self.outpainter(conditioner)
-    if self._random_init:
-      self._random_params()
     own_bar = bar is None
     if own_bar:
-      done = self.done_count(store)
-      total = self.images_per_setting
-      if self.is_main and done:
-        log.info("%s: %d of %d images already scored; outpainting the other %d", store.path, done, total,
-                 total - done)
-      bar = tqdm(total=total, initial=done, desc="outpaint", unit="img", dynamic_ncols=True,
-                 disable=not self.is_main)
-    mask = self.exp.mask
+      bar = self._bar(store)
     rng = jax.random.key(c.seed)
     for gi, g in enumerate(self.groups):
       todo = parallel.broadcast_ids(store.remaining(g.name, g.ids) if self.is_main else None)
       g_rng = jax.random.fold_in(rng, gi)  # the same noise for every setting: settings differ only by the setting
       for start in range(0, len(todo), c.batch_size):
         ids = todo[start:start + c.batch_size]
-        k_pred = _outpaint_batch(op, self.param_sets[g.name], g, ids, c.batch_size, mask, g_rng, c.repeats,
-                                 self.mesh, conditioner, augmentation)
+        k_pred = query.run(self.params[g.name], g, ids, g_rng, c.repeats)["k_pred"]
         if self.is_main:
-          pos = np.searchsorted(g.ids, ids)
-          store.append(g.name, ids, g.keys[pos], k_pred)
+          store.append(g.name, ids, g.keys[np.searchsorted(g.ids, ids)], k_pred)
         bar.update(len(ids))
     if own_bar:
       bar.close()
@@ -317,12 +317,51 @@ class Evaluator:
       results = store.results()
       summary = report.write_report(out_dir, results, self.thresholds, statistic=c.score,
                                     metadata=self.meta(mitigation, augmentation))
-      if self.exp.config.data.get("duplicates"):
+      if self.config.data.get("duplicates"):
         summary["duplication"] = write_duplication_report(self.exp, results, self.thresholds, out_dir)
     if write_grid and c.num_grid:
-      _write_grid(op, self.params, self.groups[0], c, mask, rng, self.mesh, out_dir, self.is_main, conditioner,
-                  augmentation)
+      self._write_grid(query, rng, out_dir)
     return summary
+
+  def _bar(self, store) -> tqdm:
+    done, total = self.done_count(store), self.images_per_setting
+    if self.is_main and done:
+      log.info("%s: %d of %d images already scored; outpainting the other %d", store.path, done, total, total - done)
+    return tqdm(total=total, initial=done, desc="outpaint", unit="img", dynamic_ncols=True, disable=not self.is_main)
+
+  def _write_grid(self, query: Query, rng: jax.Array, out_dir: str) -> None:
+    """outpaintings.png: the first eval.num_grid members, known region, outpainting and keys."""
+    g = self.groups[0]
+    n = min(self.config.eval.num_grid, len(g.ids), query.batch_size)
+    ids = g.ids[:n]
+    out = query.run(self.params[g.name], g, ids, jax.random.fold_in(rng, 0), 1, return_images=True)
+    if self.is_main:
+      report.write_image_grid(os.path.join(out_dir, "outpaintings.png"), query.known(g, ids), query.mask, out["images"],
+                              keys=g.keys[:n], k_pred=out["k_pred"], row_labels=[f"member {i}" for i in ids])
+
+
+def build_evaluator(config, workdir: str, step: int | None = None) -> Evaluator:
+  """Builds the experiment, restores checkpoint `step`'s EMA parameters (default: the latest) and the
+  frozen parts, picks the groups and builds the outpainter."""
+  exp = build_experiment(config)
+  mesh = parallel.mesh_for_config(config.mesh)
+  thresholds, mitigation, augmentation = validate(config, mesh)
+  c = config.eval
+  groups = [member_group(exp, c.num_members, c.seed), nonmember_group(exp, config)]
+  ema, step, _ = restore_ema(exp, workdir, mesh, step)
+  exp, frozen = load_frozen(exp, workdir, train=False, mesh=mesh)
+  frozen = jax.device_put(frozen, parallel.replicated(mesh))
+  trained = outpaint_params(exp, ema, frozen)
+  params = {"members": trained, "non_members": trained}
+  if c.random_init_baseline:
+    groups.append(member_group(exp, c.num_members, c.seed, name="random_init"))
+    shardings = jax.tree.map(lambda x: x.sharding, ema)
+    random = jax.jit(lambda r: init_params(exp.model, r, exp.model_size, exp.model_channels),
+                     out_shardings=shardings)(jax.random.key(config.seed + 7))
+    params["random_init"] = outpaint_params(exp, random, frozen)
+  op = make_outpainter(exp, SamplerSpec.from_config(c), mesh=mesh)
+  return Evaluator(config, exp, mesh, thresholds, mitigation, augmentation, tuple(groups), params, step, frozen, ema,
+                   op, jax.process_index() == 0)
 
 
 def write_duplication_report(exp: Experiment, results: report.Results, thresholds, out_dir: str) -> dict:
@@ -341,60 +380,24 @@ def write_duplication_report(exp: Experiment, results: report.Results, threshold
   return summary
 
 
-def evaluate(config, workdir: str, step: int | None = None, out_dir: str | None = None) -> dict:
-  """Outpaints members and non-members, writes the report under DIR/eval/, returns the summary.
+def evaluate(config, workdir: str, step: int | None = None, out_dir: str | None = None) -> str | None:
+  """Outpaints members and non-members and writes the report; returns the report's directory on
+  process 0 (DIR/eval/ by default: summary.json, summary.md, per_image.csv, plots), None elsewhere.
 
   Raises `dirlock.DirectoryInUse` when another live process writes to the same output directory.
   """
-  out_dir = out_dir or os.path.join(os.path.abspath(workdir), "eval")
+  out_dir = out_dir or Workdir(workdir).eval
   with dirlock.hold(out_dir, "evaluation"):
-    evaluator = Evaluator(config, workdir, step)
-    summary = evaluator.score(out_dir)
-  if evaluator.is_main:
-    log.info("report written to %s", out_dir)
-  return summary
+    evaluator = build_evaluator(config, workdir, step)
+    evaluator.score(out_dir)
+  if not evaluator.is_main:
+    return None
+  log.info("report written to %s", out_dir)
+  return out_dir
 
 
 def _broadcast(x):
   """A host value from process 0, on every process."""
   if jax.process_count() == 1:
     return np.asarray(x)
-  from jax.experimental import multihost_utils
   return multihost_utils.broadcast_one_to_all(np.asarray(x))
-
-
-def _outpaint_batch(op, params, g: _Group, ids, batch_size, mask, rng, repeats, mesh, conditioner, augmentation,
-                    return_images=False):
-  """One padded batch: each process reads its rows, the batch runs sharded, k_pred comes back [n, r].
-
-  The query augmentation changes the known region, the mitigation the condition; both seeded by id.
-  """
-  n = len(ids)
-  rows = np.concatenate([ids, np.repeat(ids[-1:], batch_size - n)])  # fixed shape: compile once
-  local = parallel.process_slice(batch_size)
-  pos = np.searchsorted(g.ids, rows)[local]
-  mine = rows[local]
-  known = g.read(mine)
-  if not augmentation.is_identity:
-    known = np.asarray(augment_lib.augment(known, mask, augmentation, augmentation.key(), mine))
-  captions = [g.captions[p] for p in pos] if g.captions is not None else None
-  batch = {"known": known, "condition": conditioner(g.conditions[pos], mine, captions),
-           "ids": mine.astype(np.int32)}
-  batch = parallel.global_batch(mesh, batch)
-  out = op(params, batch["known"], mask, batch["condition"], rng, repeats, ids=batch["ids"],
-           return_images=return_images)
-  out = {k: parallel.to_host(v)[:n] for k, v in out.items()}
-  return out if return_images else out["k_pred"]
-
-
-def _write_grid(op, params, g: _Group, c, mask, rng, mesh, out_dir, is_main, conditioner, augmentation):
-  n = min(c.num_grid, len(g.ids), c.batch_size)
-  ids = g.ids[:n]
-  out = _outpaint_batch(op, params, g, ids, c.batch_size, mask, jax.random.fold_in(rng, 0), 1, mesh, conditioner,
-                        augmentation, return_images=True)
-  if is_main:
-    known = g.read(ids)
-    if not augmentation.is_identity:
-      known = np.asarray(augment_lib.augment(known, mask, augmentation, augmentation.key(), ids))
-    report.write_image_grid(os.path.join(out_dir, "outpaintings.png"), known, mask, out["images"],
-                            keys=g.keys[:n], k_pred=out["k_pred"], row_labels=[f"member {i}" for i in ids])

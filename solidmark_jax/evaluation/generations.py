@@ -1,8 +1,8 @@
-"""Baseline memorisation metrics from plain generations (SPEC section 3), beside SolidMark's l_SM.
+"""Baseline memorisation metrics from plain generations (the paper's Section 3), beside SolidMark's l_SM.
 
   score_generations(config, workdir)  ->  DIR/generations/{scores.json, summary.md, nearest.png}
 
-1. The EMA parameters of a checkpoint (`evaluation.load_checkpoint`: config and keymap checked).
+1. The EMA parameters of a checkpoint (`training.state.restore_ema`: config and keymap checked).
 2. N generations without a known region: the project's jitted, batched sampler
    (`experiment.make_outpainter` with an all-ones mask, the eval section's sampler settings): the
    pixel RePaint loop, or for latent models (`model.space == "latent"`) the latent one, which
@@ -56,11 +56,12 @@ from tqdm import tqdm
 
 from solidmark_jax import atomic, dirlock, marks, parallel, report
 from solidmark_jax.evaluation.conditioning import Conditioner
-from solidmark_jax.evaluation.evaluator import load_checkpoint
-from solidmark_jax.experiment import Experiment, build_experiment, load_frozen, make_outpainter
+from solidmark_jax.experiment import Experiment, build_experiment, make_outpainter
 from solidmark_jax.experiment import outpaint_params
 from solidmark_jax.metrics import baselines
+from solidmark_jax.outpaint import SamplerSpec
 from solidmark_jax.training import checkpoint as ckpt
+from solidmark_jax.training.state import load_frozen, restore_ema
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +221,9 @@ def _sample_all(exp, params, conditioner: Conditioner, s, ids, store, samples_di
   params: the UNet's (pixel) or `outpaint_params` {"unet", "vae"} (latent); either way the
   outpainter returns pixel images in model space [-1, 1], which are stored as uint8.
   """
-  op = make_outpainter(exp, num_steps=int(s["num_steps"]), sampler=s["sampler"], eta=float(s["eta"]), resamples=1,
-                       guidance_scale=float(s["guidance_scale"]), null_condition=conditioner.null,
-                       remask_every=exp.config.eval.get("remask_every", 10), mesh=mesh, return_images=True)
+  spec = SamplerSpec(num_steps=int(s["num_steps"]), sampler=s["sampler"], eta=float(s["eta"]),
+                     guidance_scale=float(s["guidance_scale"]), remask_every=exp.config.eval.get("remask_every", 10))
+  op = make_outpainter(exp, spec, mesh=mesh, return_images=True)
   todo = parallel.broadcast_ids(store.remaining(GROUP, ids) if is_main else None)
   done = len(ids) - len(todo)
   if is_main and done:
@@ -239,7 +240,8 @@ def _sample_all(exp, params, conditioner: Conditioner, s, ids, store, samples_di
     # [n] ids, or text: caption token ids [n, L] -> embeddings [n, L, D] (the same on every process)
     conditions = conditioner(np.asarray(exp.conditions)[prompts], prompts)
     known = np.zeros((len(batch), size, size, c), np.float32)
-    out = op.run(params, known, mask, conditions, rng, 1, ids=batch, batch_size=batch_size, return_images=True)
+    out = op.run(params, known, mask, conditions, rng, 1, ids=batch, batch_size=batch_size,
+                 null_condition=conditioner.null, return_images=True)
     if is_main:
       images = _to_uint8(out["images"][:, 0])  # [n, H, W, C] pixels
       k_pred = np.asarray(marks.predicted_key(marks.to_model_space(images.astype(np.float32) / 255.0), key_mask))
@@ -430,9 +432,10 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
   mesh = parallel.mesh_for_config(config.mesh)
   if int(s["batch_size"]) % mesh.size:
     raise ValueError(f"eval.generations.batch_size={s['batch_size']} must be divisible by the {mesh.size} devices")
-  ema, step, _ = load_checkpoint(exp, workdir, step, mesh)
-  # Frozen text encoder / VAE (latent: the workdir's stage-1 VAE, which also sets exp.vae).
-  frozen = jax.device_put(load_frozen(exp, workdir, train=False, mesh=mesh), parallel.replicated(mesh))
+  ema, step, _ = restore_ema(exp, workdir, mesh, step)
+  # Frozen text encoder / VAE (latent: the workdir's stage-1 VAE, the experiment's VAE from here on).
+  exp, frozen = load_frozen(exp, workdir, train=False, mesh=mesh)
+  frozen = jax.device_put(frozen, parallel.replicated(mesh))
   params = outpaint_params(exp, ema, frozen)  # UNet params, or {"unet", "vae"}
   conditioner = Conditioner(exp, frozen)
   sampling = {k: s[k] for k in ("seed", "num_steps", "sampler", "eta", "guidance_scale")}

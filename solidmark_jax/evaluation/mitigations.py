@@ -1,4 +1,4 @@
-"""Inference-time memorisation mitigations (SPEC section 6; Somepalli et al. 2023b).
+"""Inference-time memorisation mitigations (the paper's Table 3; Somepalli et al. 2023b).
 
 Each mitigation perturbs what the model is conditioned on, at one of three stages:
 

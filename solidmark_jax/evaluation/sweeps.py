@@ -37,7 +37,9 @@ from tqdm import tqdm
 from solidmark_jax import atomic, dirlock, metrics, report
 from solidmark_jax.evaluation import augment as augment_lib
 from solidmark_jax.evaluation import mitigations
-from solidmark_jax.evaluation.evaluator import DUPLICATION_FILES, Evaluator
+from solidmark_jax.evaluation.evaluator import DUPLICATION_FILES, Evaluator, build_evaluator
+from solidmark_jax.training.loop import train
+from solidmark_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +311,7 @@ def plot_sweep(path: str, table: dict) -> str | None:
 
 
 def _latest_step(workdir: str) -> int | None:
-  directory = os.path.join(workdir, "checkpoints")
+  directory = Workdir(workdir).checkpoints
   if not os.path.isdir(directory):
     return None
   steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
@@ -323,7 +325,6 @@ def ensure_trained(config, workdir: str) -> None:
     return
   log.info("%s: %s; training to step %d first", workdir,
            "no checkpoint" if latest is None else f"latest checkpoint {latest}", config.train.num_steps)
-  from solidmark_jax.training.loop import train  # pylint: disable=g-import-not-at-top
   train(config, workdir)
 
 
@@ -371,7 +372,7 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
   name = name or f"{kind}_{config.sweep.get('name') or 'settings'}"
   if train and step is None and evaluator is None:
     ensure_trained(config, workdir)
-  ev = evaluator or Evaluator(config, workdir, step)
+  ev = evaluator or build_evaluator(config, workdir, step)
   root = os.path.join(workdir, "sweeps")
   dirs = [os.path.join(root, SETTINGS_DIR, s.name) for s in settings]
   has_dup = bool(config.data.get("duplicates"))

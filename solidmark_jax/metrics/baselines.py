@@ -1,4 +1,4 @@
-"""Baseline memorisation metrics from the paper's section 3 (SPEC section 3), for side-by-side comparison.
+"""Baseline memorisation metrics from the paper's Section 3, for side-by-side comparison.
 
 Distances compare generations x_hat [G, H, W, C] with training images [M, H, W, C] in one fixed value
 range (compare like with like; `solidmark_jax.generations` strips the SolidMark border first):
@@ -384,7 +384,7 @@ def percentile_score(scores, q: float = 95.0) -> float:
 
 
 def validate_score_thresholds(thresholds: Sequence[float], what: str = "thresholds") -> tuple[float, ...]:
-  """Thresholds as a tuple of distinct finite floats (never a single threshold, SPEC section 3)."""
+  """Thresholds as a tuple of distinct finite floats (never a single threshold: the paper reports several)."""
   if isinstance(thresholds, (int, float, str)):
     raise ValueError(f"{what} must be a sequence of thresholds, got {thresholds!r}")
   out = tuple(float(t) for t in thresholds)

@@ -31,7 +31,7 @@ STATISTICS = ("best", "mean")
 def validate_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
   """Thresholds as a tuple of floats, each strictly inside (0, 1); a clear ValueError otherwise."""
   if isinstance(thresholds, (int, float)):
-    raise ValueError(f"thresholds must be a sequence (SPEC: never a single threshold), got {thresholds!r}")
+    raise ValueError(f"thresholds must be a sequence (several thresholds, as the paper reports), got {thresholds!r}")
   out = tuple(float(d) for d in thresholds)
   if not out:
     raise ValueError("thresholds: need at least one delta, e.g. (0.1, 0.05, 0.01, 0.005)")

@@ -1,8 +1,8 @@
 """Outpainting: RePaint in pixel space, decode/re-mask/re-encode in latent space; one jitted, vmapped
-reverse process per evaluation batch."""
+reverse process per evaluation batch, configured by one `SamplerSpec`."""
 
+from solidmark_jax.outpaint.latent import LatentOutpainter, make_latent_outpaint_fn
 from solidmark_jax.outpaint.repaint import (
-    SAMPLERS,
     Denoiser,
     Outpainter,
     make_outpaint_fn,
@@ -11,5 +11,4 @@ from solidmark_jax.outpaint.repaint import (
     repaint_steps,
     sample,
 )
-from solidmark_jax.outpaint.latent import REMASK_FROM, LatentOutpainter, make_latent_outpaint_fn
-
+from solidmark_jax.outpaint.spec import REMASK_FROM, SAMPLERS, SamplerSpec

@@ -1,4 +1,4 @@
-"""Outpainting for latent-space models (SPEC section 5, "Latent space"; the paper's Appendix B).
+"""Outpainting for latent-space models (the paper's Appendix B, "Latent space").
 
 The UNet denoises VAE latents z (scaled, `models.vae.VAE`); the known region and the mask live in
 pixel space. The reverse process runs in latent space and, every s = `remask_every` steps, goes
@@ -51,8 +51,6 @@ condition an id or one embedding [L, D] (the empty caption's).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,42 +59,19 @@ from jax.sharding import Mesh
 from solidmark_jax.diffusion import schedule as schedule_lib
 from solidmark_jax.diffusion.schedule import NoiseSchedule
 from solidmark_jax.models.vae import VAE
-from solidmark_jax.outpaint.repaint import SAMPLERS, Denoiser, Outpainter, Sampler, repaint_steps
+from solidmark_jax.outpaint.repaint import Denoiser, Outpainter
+from solidmark_jax.outpaint.spec import SamplerSpec
 
-REMASK_FROM = ("x0", "noisy")
 _JUMP_SALT = 0x7A3F0  # the jump noise of row i: fold_in(fold_in(key, salt), i), apart from the u = 1 streams
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure latent sampler updates (the x0 estimate given, unclipped).
+# The latent clean estimate (unclipped) and the re-mask grid.
 
 
 def latent_x0(sched: NoiseSchedule, z_t, t, eps_hat):
   """z0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), not clipped (latents are unbounded)."""
   return schedule_lib.predict_x0(sched, z_t, t, eps_hat, clip=False)
-
-
-def ddim_update(sched: NoiseSchedule, t, t_prev, z0, eps, noise, eta: float = 0.0):
-  """DDIM from level t to t_prev given the clean estimate z0 and noise estimate eps.
-
-  z_prev = sqrt(abar_prev) z0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise, with
-  sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)).
-  """
-  abar_t = schedule_lib.abar_at(sched, t)
-  abar_prev = schedule_lib.abar_at(sched, t_prev)
-  sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
-  return jnp.sqrt(abar_prev) * z0 + jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0)) * eps + sigma * noise
-
-
-def ddpm_update(sched: NoiseSchedule, z_t, t, t_prev, z0, noise):
-  """A sample of the posterior q(z_{t_prev} | z_t, z0) (strided: beta taken between the two levels)."""
-  abar_t = schedule_lib.abar_at(sched, t)
-  abar_prev = schedule_lib.abar_at(sched, t_prev)
-  beta = 1.0 - abar_t / abar_prev
-  coef_z0 = jnp.sqrt(abar_prev) * beta / (1.0 - abar_t)
-  coef_zt = jnp.sqrt(abar_t / abar_prev) * (1.0 - abar_prev) / (1.0 - abar_t)
-  var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
-  return coef_z0 * z0 + coef_zt * z_t + jnp.sqrt(var) * noise
 
 
 def remask_rows(num_rows: int, remask_every: int, remask_from: str) -> np.ndarray:
@@ -117,7 +92,7 @@ class LatentOutpainter(Outpainter):
   """A compiled latent outpainting function; build it with `make_latent_outpaint_fn`.
 
   Same call convention as the pixel `Outpainter`: `fn(params, known, mask, conditions, rng,
-  repeats, ids=None, return_images=None)` and `.run(...)`, returning {"k_pred": [N, r]} ([N, r, m]
+  repeats, ids=None, null_condition=None, return_images=None)` and `.run(...)`, returning {"k_pred": [N, r]} ([N, r, m]
   with m key regions) and on request "images" [N, r, H, W, C] in pixel model space (known region
   pasted back), with:
 
@@ -127,20 +102,17 @@ class LatentOutpainter(Outpainter):
 
   Attributes (beyond `Outpainter`'s):
     vae: the VAE.
-    remask: bool [K], the steps that decode, re-mask and re-encode.
-    remask_from: "x0" or "noisy".
+    remask: bool [K], the steps that decode, re-mask and re-encode (`spec.remask_every`, `spec.remask_from`).
     steps: int32 [K, 3] (t_from, t, t_prev) rows, RePaint jumps included (`repaint.repaint_steps`).
   """
 
-  def __init__(self, denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, steps: np.ndarray, *, remask_every: int,
-               remask_from: str, sampler: str, eta: float, guidance_scale: float, null_condition,
-               return_images: bool, mesh: Mesh | None, key_masks: np.ndarray | None = None):
+  name = "latent outpaint"  # error messages
+
+  def __init__(self, denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, spec: SamplerSpec, *,
+               return_images: bool = False, mesh: Mesh | None = None, key_masks: np.ndarray | None = None):
     self.vae = vae
-    self.remask_every = int(remask_every)
-    self.remask_from = remask_from
-    self.remask = remask_rows(len(steps), self.remask_every, remask_from)
-    super().__init__(denoiser, sched, steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-                     null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=key_masks)
+    super().__init__(denoiser, sched, spec, return_images=return_images, mesh=mesh, key_masks=key_masks)
+    self.remask = remask_rows(len(self.steps), spec.remask_every, spec.remask_from)
 
   @property
   def num_remasks(self) -> int:
@@ -165,7 +137,7 @@ class LatentOutpainter(Outpainter):
     x_known_t = schedule_lib.q_sample(self.sched, x0_known, t, noise)  # [H, W, C]
     return self._encode(params_vae, mask * self._decode(params_vae, z_t) + (1.0 - mask) * x_known_t)
 
-  def _one(self, params, x0_known, mask, condition, key):
+  def _one(self, params, x0_known, mask, condition, null, key):
     """Outpaints one image once: x0_known [H, W, C] pixels -> (k_pred [] or [m], x0 [H, W, C])."""
     sched, p_unet, p_vae = self.sched, params["unet"], params["vae"]
     key_init, key_loop = jax.random.split(key)
@@ -187,19 +159,19 @@ class LatentOutpainter(Outpainter):
       if jumps:  # RePaint resampling: back from t_from to the noisier t (no-op row when t_from == t)
         noise_jump = jax.random.normal(jax.random.fold_in(key_jump, i), z_t.shape, z_t.dtype)
         z_t = jnp.where(t_from < t, schedule_lib.forward_jump(sched, z_t, t_from, t, noise_jump), z_t)
-      if self.remask_from == "noisy":
+      if self.spec.remask_from == "noisy":
         noise_px = jax.random.normal(k_pixel, x0_known.shape, x0_known.dtype)
         z_t = jax.lax.cond(remask, lambda z: self._remask_noisy(p_vae, z, t, x0_known, mask, noise_px),
                            lambda z: z, z_t)
-      eps_hat = self._eps(p_unet, z_t, t, condition)  # [h, w, c]
+      eps_hat = self._eps(p_unet, z_t, t, condition, null)  # [h, w, c]
       z0 = latent_x0(sched, z_t, t, eps_hat)
-      if self.remask_from == "x0":
+      if self.spec.remask_from == "x0":
         z0 = jax.lax.cond(remask, lambda z: self._remask_clean(p_vae, z, x0_known, mask), lambda z: z, z0)
       noise = jax.random.normal(k_step, z_t.shape, z_t.dtype)
-      if self.sampler == "ddim":
-        z_prev = ddim_update(sched, t, t_prev, z0, eps_hat, noise, eta=self.eta)
+      if self.spec.sampler == "ddim":
+        z_prev = schedule_lib.ddim_update(sched, t, t_prev, z0, eps_hat, noise, eta=self.spec.eta)
       else:
-        z_prev = ddpm_update(sched, z_t, t, t_prev, z0, noise)
+        z_prev = schedule_lib.ddpm_update(sched, z_t, t, t_prev, z0, noise)
       return z_prev, None
 
     z, _ = jax.lax.scan(step, z, rows)
@@ -207,8 +179,7 @@ class LatentOutpainter(Outpainter):
     x = mask * x + (1.0 - mask) * x0_known  # paste the known region back
     return self._k_pred(x, mask), x
 
-  def __call__(self, params, known, mask, conditions, rng, repeats: int = 1, ids=None,
-               return_images: bool | None = None) -> dict:
+  def check_call(self, params, known, mask, conditions) -> None:
     if not isinstance(params, dict) or set(params) != {"unet", "vae"}:
       raise ValueError("latent outpaint: params must be {'unet': denoiser params, 'vae': VAE params}, got "
                        f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")
@@ -217,39 +188,21 @@ class LatentOutpainter(Outpainter):
                        f"{self.vae.channels}")
     for side in known.shape[1:3]:
       self.vae.latent_size(side)
-    if self.null_condition is not None and self.guidance_scale != 1.0:
-      null_shape = np.shape(self.null_condition)
-      if null_shape != tuple(conditions.shape[1:]):
-        raise ValueError(f"latent outpaint: null_condition has shape {null_shape}, one image's condition "
-                         f"{tuple(conditions.shape[1:])}")
-    return super().__call__(params, known, mask, conditions, rng, repeats, ids=ids, return_images=return_images)
+    super().check_call(params, known, mask, conditions)
 
 
-def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, *, num_steps: int,
-                            jump_length: int = 10, resamples: int = 1,
-                            remask_every: int = 10, remask_from: Literal["x0", "noisy"] = "x0",
-                            sampler: Sampler = "ddim", eta: float = 0.0, guidance_scale: float = 1.0,
-                            null_condition=None, return_images: bool = False,
-                            mesh: Mesh | None = None, key_masks: np.ndarray | None = None,
-                            prediction_type: str = "epsilon") -> LatentOutpainter:
-  """Builds the jitted latent outpainting function (SPEC section 5, "Latent space").
+def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, spec: SamplerSpec, *,
+                            return_images: bool = False, mesh: Mesh | None = None,
+                            key_masks: np.ndarray | None = None, prediction_type: str = "epsilon") -> LatentOutpainter:
+  """Builds the jitted latent outpainting function (the paper's Appendix B; module docstring).
 
   Args:
     denoiser: `(params, z_t [B, h, w, c], t [B] int32, condition [B, ...]) -> eps_hat [B, h, w, c]`
       on scaled latents.
     sched: the training noise schedule (T levels).
     vae: the VAE the latents belong to (`models.vae`).
-    num_steps: S strided sampling timesteps (the public code: 100).
-    jump_length: RePaint's j.
-    resamples: RePaint's u; 1 means no resampling (the public SolidMark code).
-    remask_every: s, steps between decode / re-mask / re-encode round trips (the paper: 10);
-      0 never re-masks (plain latent sampling).
-    remask_from: "x0" (decode the predicted clean latent; default) or "noisy" (decode z_t); see
-      the module docstring.
-    sampler: "ddim" or "ddpm".
-    eta: DDIM noise scale.
-    guidance_scale: classifier-free guidance s (the public code: 3).
-    null_condition: the unconditional condition (id, or one embedding [L, D]), needed when s != 1.
+    spec: the sampler settings; `remask_every` / `remask_from` say when and what is re-masked (the
+      public code: 100 steps, re-mask every 10, guidance 3).
     return_images: also return the outpainted (decoded) images.
     mesh: shard the image batch over this mesh's batch axes.
     key_masks: m key regions [m, H, W, 1|C] in pixels (`marks.key_masks`): k_pred [N, r, m];
@@ -260,16 +213,5 @@ def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, 
   Returns:
     A `LatentOutpainter`, called like the pixel `Outpainter` with params {"unet", "vae"}.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"latent outpaint: sampler must be one of {SAMPLERS}, got {sampler!r}")
-  if remask_from not in REMASK_FROM:
-    raise ValueError(f"latent outpaint: remask_from must be one of {REMASK_FROM}, got {remask_from!r}")
-  if remask_every < 0:
-    raise ValueError(f"latent outpaint: remask_every must be >= 0 (0: never), got {remask_every}")
-  if guidance_scale != 1.0 and null_condition is None:
-    raise ValueError("latent outpaint: guidance_scale != 1 needs null_condition (the unconditional condition)")
-  steps = repaint_steps(sched.num_steps, num_steps, jump_length=jump_length, resamples=resamples)  # [K, 3]
   denoiser = schedule_lib.eps_denoiser(denoiser, sched, prediction_type)
-  return LatentOutpainter(denoiser, sched, vae, steps, remask_every=remask_every, remask_from=remask_from,
-                          sampler=sampler, eta=eta, guidance_scale=guidance_scale, null_condition=null_condition,
-                          return_images=return_images, mesh=mesh, key_masks=key_masks)
+  return LatentOutpainter(denoiser, sched, vae, spec, return_images=return_images, mesh=mesh, key_masks=key_masks)

@@ -1,6 +1,6 @@
 """RePaint outpainting for pixel-space models: one jitted function, vmapped over images and repeats.
 
-Per denoising step at noise level t (SPEC section 5, Lugmayr et al. 2022), with known image x0_known
+Per denoising step at noise level t (Lugmayr et al. 2022), with known image x0_known
 and mask m (1 = unknown / marked region):
 
 1. x_known_t = sqrt(abar_t) x0_known + sqrt(1 - abar_t) eps
@@ -24,7 +24,7 @@ the m key regions given to the factory (`key_masks`, `marks.key_masks`): k_pred 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +34,9 @@ from jax.sharding import Mesh
 from solidmark_jax import marks, parallel
 from solidmark_jax.diffusion import schedule as schedule_lib
 from solidmark_jax.diffusion.schedule import NoiseSchedule
+from solidmark_jax.outpaint.spec import SamplerSpec
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-Sampler = Literal["ddim", "ddpm"]
-SAMPLERS = ("ddim", "ddpm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +134,7 @@ def as_conditions(conditions):
 class Outpainter:
   """A compiled RePaint outpainting function; build it with `make_outpaint_fn`.
 
-  Call it as `fn(params, known, mask, conditions, rng, repeats, ids=None)`:
+  Call it as `fn(params, known, mask, conditions, rng, repeats, ids=None, null_condition=None)`:
 
   Args (of a call):
     params: the denoiser's parameters (any pytree; their sharding is kept).
@@ -148,6 +147,9 @@ class Outpainter:
     ids: [N] int ids (e.g. instance ids) that seed each image's noise, fold_in(rng, id); default
       the row index. Seeding by instance id makes results independent of batching, so a resumed
       evaluation reproduces an uninterrupted one.
+    null_condition: the unconditional condition of classifier-free guidance (needed when the
+      spec's guidance_scale != 1): an id, or one image's condition (e.g. the empty caption's
+      embedding [L, D]). A traced argument: another null value compiles nothing new.
     return_images: overrides the factory's `return_images` for this call (static).
 
   Returns:
@@ -156,33 +158,35 @@ class Outpainter:
     the mesh's batch axes if a mesh was given.
 
   Attributes:
+    spec: the `SamplerSpec`.
     key_masks: None (one key, read off the call's mask) or [m, H, W, 1|C] key regions.
     trace_count: how many times the function was traced (one per distinct shape / static args).
     steps: int32 [K, 3] the (t_from, t, t_prev) rows of the reverse process.
     num_denoiser_calls: K, denoiser calls per image and repeat (x2 batch rows with guidance).
   """
 
-  def __init__(self, denoiser: Denoiser, sched: NoiseSchedule, steps: np.ndarray, *, sampler: str,
-               eta: float, guidance_scale: float, null_condition: int | None, return_images: bool,
-               mesh: Mesh | None, key_masks: np.ndarray | None = None):
+  name = "outpaint"  # error messages
+
+  def __init__(self, denoiser: Denoiser, sched: NoiseSchedule, spec: SamplerSpec, *, return_images: bool = False,
+               mesh: Mesh | None = None, key_masks: np.ndarray | None = None):
+    if not isinstance(spec, SamplerSpec):
+      raise TypeError(f"{self.name}: spec must be a SamplerSpec, got {type(spec).__name__}")
     self.denoiser = denoiser
     self.key_masks = None if key_masks is None else np.asarray(key_masks, np.float32)
     if self.key_masks is not None and self.key_masks.ndim != 4:
-      raise ValueError(f"outpaint: key_masks must be [m, H, W, 1|C] key regions, got shape {self.key_masks.shape}")
+      raise ValueError(f"{self.name}: key_masks must be [m, H, W, 1|C] key regions, got shape "
+                       f"{self.key_masks.shape}")
     self.sched = sched
-    self.steps = steps
-    self.sampler = sampler
-    self.eta = float(eta)
-    self.guidance_scale = float(guidance_scale)
-    self.null_condition = null_condition
+    self.spec = spec
+    self.steps = repaint_steps(sched.num_steps, spec.num_steps, spec.jump_length, spec.resamples)  # [K, 3]
     self.return_images = bool(return_images)
     self.mesh = mesh
     self.trace_count = 0
-    jit_kwargs = dict(static_argnums=(6, 7))
+    jit_kwargs = dict(static_argnums=(7, 8))
     if mesh is not None:
       batch, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
       # params keep their own sharding (None); known, conditions, ids split over the batch axes.
-      jit_kwargs.update(in_shardings=(None, batch, repl, batch, repl, batch), out_shardings=batch)
+      jit_kwargs.update(in_shardings=(None, batch, repl, batch, repl, batch, repl), out_shardings=batch)
     self._jitted = jax.jit(self._run, **jit_kwargs)
 
   @property
@@ -191,24 +195,24 @@ class Outpainter:
 
   # -- per image -------------------------------------------------------------------------------
 
-  def _eps(self, params, x, t, condition):
-    """eps_hat for one image: x [H, W, C], t [] int32, condition [] int32 -> [H, W, C] float32.
+  def _eps(self, params, x, t, condition, null):
+    """eps_hat for one image: x [H, W, C], t [] int32, condition and null of one image -> [H, W, C] float32.
 
     A bf16 network's output is cast to float32: x_t, the known-region mixing and the key read stay float32.
     """
-    if self.guidance_scale == 1.0:
+    if not self.spec.guided:
       return self.denoiser(params, x[None], t[None], condition[None])[0].astype(jnp.float32)
     xx = jnp.stack([x, x])  # [2, H, W, C]: conditional and unconditional in one call
     tt = jnp.stack([t, t])
-    cc = jnp.stack([condition, jnp.asarray(self.null_condition, condition.dtype)])
+    cc = jnp.stack([condition, null.astype(condition.dtype)])
     eps_c, eps_u = self.denoiser(params, xx, tt, cc).astype(jnp.float32)  # [H, W, C] each
-    return eps_u + self.guidance_scale * (eps_c - eps_u)
+    return eps_u + self.spec.guidance_scale * (eps_c - eps_u)
 
   def _k_pred(self, x, mask):
     """k_pred of one outpainted image x [H, W, C]: [] off the mask [H, W, 1], or [m] off the key regions."""
     return marks.predicted_key(x, mask if self.key_masks is None else self.key_masks)
 
-  def _one(self, params, x0_known, mask, condition, key):
+  def _one(self, params, x0_known, mask, condition, null, key):
     """Outpaints one image once: x0_known [H, W, C] -> (k_pred [] or [m], x0 [H, W, C])."""
     sched = self.sched
     key_init, key_loop = jax.random.split(key)
@@ -225,10 +229,10 @@ class Outpainter:
       x_t = jnp.where(t_from < t, jumped, x_t)
       x_known_t = schedule_lib.q_sample(sched, x0_known, t, jax.random.normal(k_known, shape, dtype))
       x_t = mask * x_t + (1.0 - mask) * x_known_t
-      eps_hat = self._eps(params, x_t, t, condition)
+      eps_hat = self._eps(params, x_t, t, condition, null)
       noise = jax.random.normal(k_step, shape, dtype)
-      if self.sampler == "ddim":
-        x_prev = schedule_lib.ddim_step(sched, x_t, t, t_prev, eps_hat, noise, eta=self.eta)
+      if self.spec.sampler == "ddim":  # x0 clipped to [-1, 1] (pixels)
+        x_prev = schedule_lib.ddim_step(sched, x_t, t, t_prev, eps_hat, noise, eta=self.spec.eta)
       else:
         x_prev = schedule_lib.ddpm_step(sched, x_t, t, t_prev, eps_hat, noise)
       return x_prev, None
@@ -239,7 +243,7 @@ class Outpainter:
 
   # -- batched ---------------------------------------------------------------------------------
 
-  def _run(self, params, known, mask, conditions, rng, ids, repeats: int, return_images: bool):
+  def _run(self, params, known, mask, conditions, rng, ids, null, repeats: int, return_images: bool):
     self.trace_count += 1  # Python side effect: runs once per trace, never per call
     known = jnp.asarray(known, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
@@ -250,7 +254,7 @@ class Outpainter:
     def per_image(x0_known, condition, image_id):
       key = jax.random.fold_in(rng, image_id)
       keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(repeats, dtype=jnp.int32))
-      one = lambda k: self._one(params, x0_known, mask, condition, k)
+      one = lambda k: self._one(params, x0_known, mask, condition, null, k)
       return jax.vmap(one)(keys)  # [r] (or [r, m]), [r, H, W, C]
 
     k_pred, images = jax.vmap(per_image)(known, conditions, jnp.asarray(ids, jnp.int32))
@@ -259,25 +263,44 @@ class Outpainter:
       out["images"] = images  # [N, r, H, W, C]
     return out
 
-  def __call__(self, params, known, mask, conditions, rng, repeats: int = 1, ids=None,
-               return_images: bool | None = None) -> dict:
+  def _null(self, null_condition, conditions) -> np.ndarray:
+    """The null condition checked against one image's condition, or zeros of that shape (no guidance)."""
+    one = tuple(conditions.shape[1:])
+    dtype = np.int32 if np.issubdtype(conditions.dtype, np.integer) else np.float32
+    if not self.spec.guided:
+      return np.zeros(one, dtype)
+    if null_condition is None:
+      raise ValueError(f"{self.name}: guidance_scale != 1 needs null_condition (the unconditional condition) "
+                       "in the call")
+    null = np.asarray(null_condition, dtype)
+    if null.shape != one:
+      raise ValueError(f"{self.name}: null_condition has shape {null.shape}, one image's condition {one}")
+    return null
+
+  def check_call(self, params, known, mask, conditions) -> None:
+    """Checks a call's shapes (subclasses add theirs)."""
     n = known.shape[0]
     if self.mesh is not None and n % self.mesh.size:
-      raise ValueError(f"outpaint: batch of {n} images must be divisible by the {self.mesh.size} devices "
+      raise ValueError(f"{self.name}: batch of {n} images must be divisible by the {self.mesh.size} devices "
                        "of the mesh (use Outpainter.run, which pads)")
     if mask.shape != (*known.shape[1:3], 1):
-      raise ValueError(f"outpaint: mask must be [H, W, 1] = {(*known.shape[1:3], 1)}, got {mask.shape}")
+      raise ValueError(f"{self.name}: mask must be [H, W, 1] = {(*known.shape[1:3], 1)}, got {mask.shape}")
     if self.key_masks is not None and (self.key_masks.shape[1:3] != known.shape[1:3]
                                        or self.key_masks.shape[3] not in (1, known.shape[3])):
-      raise ValueError(f"outpaint: key_masks {self.key_masks.shape} do not fit images {known.shape[1:]}: "
+      raise ValueError(f"{self.name}: key_masks {self.key_masks.shape} do not fit images {known.shape[1:]}: "
                        f"they must be [m, {known.shape[1]}, {known.shape[2]}, 1 or {known.shape[3]}]")
+
+  def __call__(self, params, known, mask, conditions, rng, repeats: int = 1, ids=None, null_condition=None,
+               return_images: bool | None = None) -> dict:
+    self.check_call(params, known, mask, conditions)
+    null = self._null(null_condition, conditions)
     if ids is None and self.mesh is not None:
-      ids = np.arange(n, dtype=np.int32)
+      ids = np.arange(known.shape[0], dtype=np.int32)
     images = self.return_images if return_images is None else bool(return_images)
-    return self._jitted(params, known, mask, conditions, rng, ids, int(repeats), images)
+    return self._jitted(params, known, mask, conditions, rng, ids, null, int(repeats), images)
 
   def run(self, params, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray, rng, repeats: int = 1,
-          ids: np.ndarray | None = None, batch_size: int | None = None,
+          ids: np.ndarray | None = None, batch_size: int | None = None, null_condition=None,
           return_images: bool | None = None) -> dict[str, np.ndarray]:
     """Host convenience: numpy in, numpy out, rows padded to `batch_size`.
 
@@ -292,21 +315,18 @@ class Outpainter:
     size = -(-max(size, n) // multiple) * multiple
     if ids is None:
       ids = np.arange(n)
-    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)]) if size > n else a
-    rows = (pad(np.asarray(known, np.float32)), pad(np.asarray(as_conditions(conditions))),
-            pad(np.asarray(ids, np.int32)))
+    rows = parallel.pad_rows((np.asarray(known, np.float32), np.asarray(as_conditions(conditions)),
+                              np.asarray(ids, np.int32)), size)
     if self.mesh is not None and jax.process_count() > 1:  # numpy cannot feed other processes' devices
       local = parallel.process_slice(size)
       rows = parallel.global_batch(self.mesh, tuple(a[local] for a in rows))
     known, conditions, ids = rows
     out = self(params, known, np.asarray(mask, np.float32), conditions, rng, repeats, ids=ids,
-               return_images=return_images)
+               null_condition=null_condition, return_images=return_images)
     return {name: parallel.to_host(v)[:n] for name, v in out.items()}
 
 
-def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int, sampler: Sampler = "ddim",
-                     eta: float = 0.0, jump_length: int = 10, resamples: int = 1, guidance_scale: float = 1.0,
-                     null_condition: int | None = None, return_images: bool = False,
+def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, spec: SamplerSpec, *, return_images: bool = False,
                      mesh: Mesh | None = None, key_masks: np.ndarray | None = None,
                      prediction_type: str = "epsilon") -> Outpainter:
   """Builds the jitted RePaint outpainting function for a pixel-space denoiser.
@@ -314,14 +334,7 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
   Args:
     denoiser: `(params, x_t [B, H, W, C], t [B] int32, condition [B] int32) -> eps_hat [B, H, W, C]`.
     sched: the training noise schedule (T levels).
-    num_steps: S strided sampling timesteps (the paper: 250 of T = 1000).
-    sampler: "ddim" (deterministic for eta = 0) or "ddpm" (ancestral).
-    eta: DDIM noise scale (eta = 1 is the DDPM variance on the strided sequence).
-    jump_length: RePaint's j.
-    resamples: RePaint's u; 1 means no resampling (the public SolidMark code), RePaint uses 10.
-    guidance_scale: classifier-free guidance s; eps_hat = eps_u + s (eps_c - eps_u) when s != 1.
-    null_condition: the unconditional condition, required when s != 1: an id, or an array of one
-      image's condition shape (e.g. the empty caption's embedding [L, D]).
+    spec: the sampler settings (steps, sampler, eta, RePaint's j and u, guidance).
     return_images: also return the outpainted images.
     mesh: shard the image batch over this mesh's batch axes.
     key_masks: m key regions [m, H, W, 1|C] (`marks.key_masks`) to read m keys per image off
@@ -332,18 +345,13 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, *, num_steps: int
   Returns:
     An `Outpainter`; see its docstring for the call signature.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"outpaint: sampler must be one of {SAMPLERS}, got {sampler!r}")
-  if guidance_scale != 1.0 and null_condition is None:
-    raise ValueError("outpaint: guidance_scale != 1 needs null_condition (the unconditional id)")
-  steps = repaint_steps(sched.num_steps, num_steps, jump_length, resamples)
   denoiser = schedule_lib.eps_denoiser(denoiser, sched, prediction_type)
-  return Outpainter(denoiser, sched, steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-                    null_condition=null_condition, return_images=return_images, mesh=mesh, key_masks=key_masks)
+  return Outpainter(denoiser, sched, spec, return_images=return_images, mesh=mesh, key_masks=key_masks)
 
 
 def sample(outpainter: Outpainter, params, conditions: np.ndarray, rng, image_shape: tuple[int, int, int],
-           repeats: int = 1, batch_size: int | None = None, ids: np.ndarray | None = None) -> np.ndarray:
+           repeats: int = 1, batch_size: int | None = None, ids: np.ndarray | None = None,
+           null_condition=None) -> np.ndarray:
   """Plain sampling (no known region) through the same function: images [N, r, H, W, C] in model space.
 
   Args:
@@ -356,11 +364,12 @@ def sample(outpainter: Outpainter, params, conditions: np.ndarray, rng, image_sh
     batch_size: pad rows to this size (see `Outpainter.run`).
     ids: [N] ids seeding each sample's noise (default the row index): with ids, a sample does not
       depend on how the rows are batched.
+    null_condition: the unconditional condition, with guidance (see `Outpainter`).
   """
   h, w, c = image_shape
   n = len(conditions)
   known = np.zeros((n, h, w, c), np.float32)
   mask = np.ones((h, w, 1), np.float32)
   out = outpainter.run(params, known, mask, conditions, rng, repeats, ids=ids, batch_size=batch_size,
-                       return_images=True)
+                       null_condition=null_condition, return_images=True)
   return out["images"]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 # Config sections that must not change between a checkpoint and a run that resumes or evaluates it.
@@ -159,6 +160,18 @@ class Checkpointer:
           f"{self.directory}: restoring checkpoint {step} failed ({type(e).__name__}: {e}); "
           "not starting from scratch over it. Move the workdir aside to train anew.") from e
     return out["state"]
+
+  def restore_subtree(self, step: int, abstract_subtree: dict) -> dict:
+    """Restores only the top-level entries of the state in `abstract_subtree` (e.g. {"ema_params": ...}),
+    onto its shardings: an Orbax partial restore, the rest of the state is not read."""
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_subtree)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=abstract_subtree, restore_args=restore_args, partial_restore=True)))
+    except Exception as e:
+      raise RuntimeError(f"{self.directory}: restoring {sorted(abstract_subtree)} of checkpoint {step} failed "
+                         f"({type(e).__name__}: {e})") from e
+    return dict(out["state"])
 
   def wait(self):
     """Waits for the background write; raises CheckpointWriteError if it failed."""

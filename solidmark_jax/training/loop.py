@@ -13,56 +13,18 @@ from tqdm import tqdm
 
 from solidmark_jax import dirlock, parallel
 from solidmark_jax.data.pipeline import BatchPlan
-from solidmark_jax.experiment import Experiment, build_experiment, encode_conditions, load_frozen, make_outpainter
-from solidmark_jax.experiment import null_condition, outpaint_params, sync_keymap
+from solidmark_jax.experiment import Experiment, build_experiment, encode_conditions, make_outpainter
+from solidmark_jax.experiment import outpaint_params, sync_keymap
 from solidmark_jax.models import as_denoiser, init_params, load_pretrained_unet_params, with_remat
-from solidmark_jax.outpaint import sample
+from solidmark_jax.outpaint import SamplerSpec, sample
 from solidmark_jax.report import write_sample_grid
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.preemption import PreemptionGuard
-from solidmark_jax.training.step import init_state, learning_rate, make_optimizer, make_train_step
-
-TEXT_FOLDER = "text"  # the text encoder and tokenizer a text model was trained with (SD layout)
+from solidmark_jax.training.state import abstract_state, create_state, learning_rate, load_frozen, make_optimizer
+from solidmark_jax.training.step import make_train_step
+from solidmark_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
-
-
-def create_state(exp: Experiment, mesh, tx, rng):
-  """Initialises the train state directly onto its shardings (shapes from eval_shape).
-
-  With `model.pretrained` the UNet starts from that local diffusers UNet (a condition table, if
-  any, starts random).
-  """
-  pretrained = load_pretrained_unet_params(exp.config.model) if exp.config.model.get("pretrained") else None
-
-  def init(r, unet=None):
-    params = init_params(exp.model, r, exp.model_size, exp.model_channels)
-    if unet is not None:
-      params = {**params, "unet": unet}
-    return init_state(params, tx)
-
-  abstract = jax.eval_shape(init, rng)
-  shardings = parallel.state_shardings(mesh, abstract)
-  if pretrained is not None:
-    expected = jax.tree.map(lambda a: a.shape, abstract["params"]["unet"])
-    got = jax.tree.map(lambda a: a.shape, pretrained)
-    if expected != got:
-      raise ValueError(f"model.pretrained={exp.config.model.pretrained}: its UNet weights do not match its config")
-    state = jax.jit(init, out_shardings=shardings)(rng, pretrained)
-  else:
-    state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
-
-
-def abstract_state(exp: Experiment, mesh, tx):
-  """ShapeDtypeStructs (with shardings) of the train state, for restoring."""
-
-  def init(r):
-    return init_state(init_params(exp.model, r, exp.model_size, exp.model_channels), tx)
-
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  shardings = parallel.state_shardings(mesh, abstract)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), shardings
 
 
 def make_prepare(exp: Experiment, cached_latents: bool = False):
@@ -151,13 +113,14 @@ def train(config, workdir: str) -> dict:
 
 
 def _train(config, workdir: str, guard: PreemptionGuard) -> dict:
+  layout = Workdir(workdir)
   exp = build_experiment(config)
   cfg = config.train
   mesh = parallel.mesh_for_config(config.mesh)
   parallel.check_batch_size(cfg.batch_size, mesh)
   plan = BatchPlan(len(exp.instances), cfg.batch_size, config.seed, jax.process_index(), jax.process_count())
 
-  checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint_every,
+  checkpointer = ckpt.Checkpointer(layout.checkpoints, save_every=cfg.checkpoint_every,
                                    keep=cfg.keep_checkpoints)
   try:
     latest = checkpointer.latest_step()
@@ -182,9 +145,9 @@ def _train(config, workdir: str, guard: PreemptionGuard) -> dict:
            len(exp.instances), n_params / 1e6, exp.image_size, exp.image_size, exp.channels, exp.model_size,
            exp.model_size, exp.model_channels, dict(mesh.shape))
   try:
-    frozen = load_frozen(exp, workdir, train=True, mesh=mesh)  # latent models: VAE stage 1 first if needed
-    if exp.is_text and jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, TEXT_FOLDER)):
-      exp.text.save_pretrained(os.path.join(workdir, TEXT_FOLDER))  # for export
+    exp, frozen = load_frozen(exp, workdir, train=True, mesh=mesh)  # latent models: VAE stage 1 first if needed
+    if exp.is_text and jax.process_index() == 0 and not os.path.isdir(layout.text):
+      exp.text.save_pretrained(layout.text)  # for export
   except BaseException:
     checkpointer.close()
     raise
@@ -194,7 +157,7 @@ def _train(config, workdir: str, guard: PreemptionGuard) -> dict:
   keys = ("latent", "condition") if cached else ("image", "condition")
   train_step = jit_train_step(exp, mesh, tx, shardings, keys, cached)
   sampler = _sample_grid_fn(exp, mesh, frozen) if cfg.sample_every else None
-  writer = _Writer(os.path.join(workdir, "tensorboard"))
+  writer = _Writer(layout.tensorboard)
   rng = jax.random.key(config.seed + 1)
 
   def load(b):
@@ -235,7 +198,7 @@ def _train(config, workdir: str, guard: PreemptionGuard) -> dict:
       if checkpointer.should_save(done) or done == cfg.num_steps or stop:
         checkpointer.save(done, state, ckpt.make_meta(config, done, exp.keymap.hash), force=True)
       if sampler and done % cfg.sample_every == 0:
-        sampler(outpaint_params(exp, state["ema_params"], frozen), done, os.path.join(workdir, "samples"))
+        sampler(outpaint_params(exp, state["ema_params"], frozen), done, layout.samples)
       if stop:
         preempted = guard.preempted("training", done, checkpointer.directory)
         break
@@ -270,8 +233,8 @@ def _cache_latents(exp: Experiment, frozen: dict, mesh, plan: BatchPlan) -> np.n
 def _sample_grid_fn(exp: Experiment, mesh, frozen: dict):
   """Returns save(params, step, directory): a PNG grid of plain samples (no known region)."""
   cfg = exp.config.train
-  outpainter = make_outpainter(exp, num_steps=cfg.sample_steps, null_condition=null_condition(exp, frozen), mesh=mesh,
-                               remask_every=exp.config.eval.get("remask_every", 10))
+  spec = SamplerSpec(num_steps=cfg.sample_steps, remask_every=exp.config.eval.get("remask_every", 10))
+  outpainter = make_outpainter(exp, spec, mesh=mesh)
   per_row = 4  # samples per condition: one row of the grid per condition
   rows = np.linspace(0, len(exp.conditions) - 1, max(cfg.num_samples // per_row, 1)).astype(np.int64)
   conds = encode_conditions(exp, frozen, exp.conditions[rows])

@@ -1,4 +1,4 @@
-"""Train state and the pure train step: epsilon (or v) prediction, MSE, AdamW, EMA."""
+"""The pure train step over a dict state (`training.state`): epsilon (or v) prediction, MSE, EMA."""
 
 from __future__ import annotations
 
@@ -10,29 +10,7 @@ import optax
 
 from solidmark_jax.diffusion import NoiseSchedule, check_prediction_type, q_sample, training_target
 
-State = dict  # {"step": int32 [], "params", "ema_params", "opt_state"}
-
-
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and global-norm clipping."""
-  lr = optax.linear_schedule(0.0, train_cfg.learning_rate, max(int(train_cfg.warmup_steps), 1))
-  return optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip),
-      optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=train_cfg.weight_decay),
-  )
-
-
-def learning_rate(train_cfg, step: int) -> float:
-  return float(train_cfg.learning_rate * min(1.0, step / max(int(train_cfg.warmup_steps), 1)))
-
-
-def init_state(params, tx: optax.GradientTransformation) -> State:
-  return {
-      "step": jnp.zeros((), jnp.int32),
-      "params": params,
-      "ema_params": jax.tree.map(jnp.copy, params),
-      "opt_state": tx.init(params),
-  }
+State = dict  # {"step": int32 [], "params", "ema_params", "opt_state"}: `training.state` builds it
 
 
 def ema_decay_at(step, decay: float):

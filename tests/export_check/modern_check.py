@@ -5,7 +5,7 @@ JAX; `.ci/modern_stack.sh` builds it), never in the project's own:
 
   $SOLIDMARK_MODERN_VENV/bin/python tests/export_check/modern_check.py EXPORT_DIR CASE.npz BOUNDS.json OUT.json [RESAVE_DIR]
 
-EXPORT_DIR is what `python -m solidmark_jax.export` wrote. CASE.npz holds the inputs and our
+EXPORT_DIR is what `python export.py` wrote. CASE.npz holds the inputs and our
 (JAX) outputs on them, written by tests/test_export_modern.py: `x_t` [B, H, W, C], `t` [B], the
 condition (`cond_ids` [B] for table models, `token_ids` [B, L] for text models), our `unet_out`
 (eps, or v for a v-prediction model), `unet_out_exact_gelu` (the same with diffusers' Flax GEGLU
