@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from solidmark_jax import parallel
@@ -302,7 +303,6 @@ def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, di
     os.rename(tmp, folder)  # one rename: vae/ exists only complete
     log.info("stage 1: VAE written to %s (scaling factor %.5f%s)", folder, scale, ", measured" if measured else "")
   if jax.process_count() > 1:  # the others may read vae/ next
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("solidmark_vae_stage_written")
   return vae, params
 
