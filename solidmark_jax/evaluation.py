@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from solidmark_jax import atomic, dirlock, marks, metrics, mitigations, parallel, report
 from solidmark_jax.data import open_source
-from solidmark_jax.data.pipeline import class_labels, marked_batch, select_records
+from solidmark_jax.data.instances import class_labels, marked_batch, select_records
 from solidmark_jax.experiment import KEYMAP_FILE, Conditioner, Experiment, build_experiment, load_frozen
 from solidmark_jax.experiment import make_outpainter, outpaint_params, source_captions
 from solidmark_jax.metrics import duplication

@@ -22,8 +22,8 @@ import numpy as np
 
 from solidmark_jax import marks, models
 from solidmark_jax.data import open_source
-from solidmark_jax.data.pipeline import Instances, make_instances
-from solidmark_jax.data.pipeline import class_labels, condition_ids, marked_batch
+from solidmark_jax.data.instances import Instances, make_instances
+from solidmark_jax.data.instances import class_labels, condition_ids, marked_batch
 from solidmark_jax.diffusion import PREDICTION_TYPES, NoiseSchedule, check_prediction_type, make_schedule
 
 KEYMAP_FILE = "keymap.json"

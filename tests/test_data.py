@@ -1,4 +1,4 @@
-"""Tests for solidmark_jax.data.sources: TFDS (real Fashion-MNIST, tiny fake datasets) and folders."""
+"""Tests for the data sources: open_source, data.tfds (real Fashion-MNIST, tiny fake datasets), data.folders."""
 
 import gzip
 import hashlib
@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from solidmark_jax.data import sources
-from solidmark_jax.data.sources import FolderSource, Source, open_source
+from solidmark_jax.data import folders, tfds as tfds_source
+from solidmark_jax.data.folders import FolderSource
+from solidmark_jax.data.images import to_square
+from solidmark_jax.data.sources import Source, open_source
 
-FASHION_DIR = sources.DEFAULT_FASHION_MNIST_DIR
+FASHION_DIR = tfds_source.DEFAULT_FASHION_MNIST_DIR
 has_fashion = pytest.mark.skipif(not all(os.path.isfile(os.path.join(FASHION_DIR, f))
-                                         for f in sources.FASHION_MNIST_FILES),
+                                         for f in tfds_source.FASHION_MNIST_FILES),
                                  reason="needs `apt-get install dataset-fashion-mnist`")
 
 
@@ -73,7 +75,7 @@ def test_fashion_mnist_resized_rgb(fashion_dir):
   got, ref = src.read(np.array([7, 3])), native.read(np.array([7, 3]))
   assert got["image"].shape == (2, 32, 32, 3)
   np.testing.assert_array_equal(got["image"][..., 0], got["image"][..., 2])  # grey repeated to RGB
-  expect = sources.to_square(Image.fromarray(ref["image"][0, :, :, 0]), 32, 3)
+  expect = to_square(Image.fromarray(ref["image"][0, :, :, 0]), 32, 3)
   np.testing.assert_array_equal(got["image"][0], expect)
   assert got["image"][0].std() > 10  # a real picture, not a blank
   np.testing.assert_array_equal(got["label"], ref["label"])
@@ -83,23 +85,23 @@ def test_fashion_mnist_resized_rgb(fashion_dir):
 def test_fashion_mnist_checksums_stay_out_of_site_packages(fashion_dir):
   import tensorflow_datasets as tfds
   recorded = open(os.path.join(fashion_dir, "fashion_mnist", "manual_dir_checksums.tsv")).read()
-  for fname, digest in sources.DEBIAN_FASHION_MNIST_SHA256.items():
+  for fname, digest in tfds_source.DEBIAN_FASHION_MNIST_SHA256.items():
     if hashlib.sha256(open(os.path.join(FASHION_DIR, fname), "rb").read()).hexdigest() == digest:
       assert digest in recorded
   installed = os.path.join(os.path.dirname(tfds.__file__), "url_checksums", "fashion_mnist.txt")
   text = open(installed).read()
   assert "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84" in text  # upstream, untouched
-  assert sources.DEBIAN_FASHION_MNIST_SHA256["train-images-idx3-ubyte.gz"] not in text
+  assert tfds_source.DEBIAN_FASHION_MNIST_SHA256["train-images-idx3-ubyte.gz"] not in text
 
 
 def test_fashion_mnist_missing_file(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()
-  for f in sources.FASHION_MNIST_FILES[1:]:
+  for f in tfds_source.FASHION_MNIST_FILES[1:]:
     (manual / f).write_bytes(b"")
   with pytest.raises(FileNotFoundError) as e:
     open_source(cfg(name="fashion_mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual)), "train")
-  assert str(manual / sources.FASHION_MNIST_FILES[0]) in str(e.value)
+  assert str(manual / tfds_source.FASHION_MNIST_FILES[0]) in str(e.value)
   assert "apt-get install dataset-fashion-mnist" in str(e.value) and "data.manual_dir" in str(e.value)
 
 
@@ -281,14 +283,14 @@ def test_tfds_split_and_format_errors(fake_tfds, tmp_path):
 
 def test_prepare_lock_excludes_other_processes(tmp_path):
   lock, marker = str(tmp_path / "x.lock"), tmp_path / "marker"
-  child = ("import sys, time; from solidmark_jax.data.sources import _file_lock\n"
-           "with _file_lock(sys.argv[1]):\n"
+  child = ("import sys, time; from solidmark_jax.data.tfds import file_lock\n"
+           "with file_lock(sys.argv[1]):\n"
            "  open(sys.argv[2], 'w').write('held'); time.sleep(0.5); open(sys.argv[2], 'w').write('released')\n")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.Popen([sys.executable, "-c", child, lock, str(marker)], cwd=root)
   while not marker.exists() and proc.poll() is None:
     time.sleep(0.01)
-  with sources._file_lock(lock):  # blocks until the child lets go
+  with tfds_source.file_lock(lock):  # blocks until the child lets go
     assert marker.read_text() == "released"
   assert proc.wait() == 0
 
@@ -387,12 +389,11 @@ def test_folder_bad_images(tmp_path, caplog):
 
 def test_folder_decodes_per_batch_not_at_open(tmp_path, monkeypatch):
   """Opening decodes no pixels (headers only); read() decodes just the rows asked for."""
-  from solidmark_jax.data import sources
   for i in range(6):
     save(str(tmp_path / f"{i}.png"), Image.new("L", (12, 12), 40 * i))
   calls = []
-  real = sources._decode
-  monkeypatch.setattr(sources, "_decode", lambda path, *a: calls.append(path) or real(path, *a))
+  real = folders.decode_image
+  monkeypatch.setattr(folders, "decode_image", lambda path, *a: calls.append(path) or real(path, *a))
   src = FolderSource(str(tmp_path), image_size=6, channels=1)
   assert calls == [] and not hasattr(src, "images")
   x = src.read(np.array([4, 1, 4]))["image"]

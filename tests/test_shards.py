@@ -16,14 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from solidmark_jax.data import captioned, sources
-from solidmark_jax.data.pipeline import BatchPlan, make_instances
+from solidmark_jax.data import captioned, tfds as tfds_source
+from solidmark_jax.data.folders import FolderSource
+from solidmark_jax.data.images import to_square
+from solidmark_jax.data.instances import BatchPlan, make_instances
 from solidmark_jax.data.shards import ShardSource, expand_shards
 from solidmark_jax.data.sources import Source, open_source
 
-FASHION_DIR = sources.DEFAULT_FASHION_MNIST_DIR
+FASHION_DIR = tfds_source.DEFAULT_FASHION_MNIST_DIR
 has_fashion = pytest.mark.skipif(not all(os.path.isfile(os.path.join(FASHION_DIR, f))
-                                         for f in sources.FASHION_MNIST_FILES),
+                                         for f in tfds_source.FASHION_MNIST_FILES),
                                  reason="needs `apt-get install dataset-fashion-mnist`")
 
 
@@ -40,7 +42,7 @@ def encode(seed: int, fmt: str = "PNG", size=(10, 12)) -> bytes:
 
 
 def expect(data: bytes, size: int = 8, channels: int = 3) -> np.ndarray:
-  return sources.to_square(Image.open(io.BytesIO(data)), size, channels)
+  return to_square(Image.open(io.BytesIO(data)), size, channels)
 
 
 def write_tar(path, members: list[tuple[str, bytes]]) -> str:
@@ -310,7 +312,7 @@ def test_captioned_builder_is_deterministic_and_formats_agree(fashion_dir, tmp_p
   assert sorted(os.listdir(built["tar"])) == ["00000.tar", "00001.tar", "00002.tar", "manifest.json"]
   tar = ShardSource(expand_shards(built["tar"]), 28, 1)
   par = ShardSource(expand_shards(built["parquet"]), 28, 1)
-  fol = sources.FolderSource(built["folder"], 28, 1)
+  fol = FolderSource(built["folder"], 28, 1)
   fashion = open_source(cfg(name="fashion_mnist", data_dir=fashion_dir), "train")
   ref = fashion.read(np.arange(n))
   for src in (tar, par, fol):

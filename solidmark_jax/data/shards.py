@@ -40,9 +40,10 @@ import posixpath
 import tarfile
 from typing import Any, Sequence
 
+import ml_collections
 import numpy as np
 
-from solidmark_jax.data.sources import VERIFY_IMAGES, _check_channels, _decode, _indices
+from solidmark_jax.data.images import VERIFY_IMAGES, check_channels, check_indices, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class ShardSource:
       if not p.endswith(SHARD_EXTS):
         raise ValueError(f"shard {p}: unknown format, expected a file ending in {' or '.join(SHARD_EXTS)}")
     self.image_size = int(image_size)
-    self.channels = _check_channels(channels)
+    self.channels = check_channels(channels)
     self.on_bad_image = on_bad_image
     self.verify_images = verify_images
     self.skipped: list[tuple[str, str]] = []
@@ -258,8 +259,8 @@ class ShardSource:
     return _caption_of(entry["caption"])
 
   def _index_parquet(self, path: str) -> list[tuple[str, str, int, int, int]]:
-    import pyarrow as pa  # pylint: disable=g-import-not-at-top
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    import pyarrow as pa  # lazy: only parquet shards need pyarrow  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # lazy: see above  # pylint: disable=g-import-not-at-top
 
     try:
       pf = pq.ParquetFile(path)
@@ -349,8 +350,8 @@ class ShardSource:
             f.seek(int(self._loc_a[idx[j]]))
             out[j] = f.read(int(self._loc_b[idx[j]]))
       else:
-        import pyarrow as pa  # pylint: disable=g-import-not-at-top
-        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+        import pyarrow as pa  # lazy: only parquet shards need pyarrow  # pylint: disable=g-import-not-at-top
+        import pyarrow.parquet as pq  # lazy: see above  # pylint: disable=g-import-not-at-top
         pf = pq.ParquetFile(path)
         column = self._image_column[path]
         groups = self._loc_a[idx[rows]]
@@ -368,7 +369,7 @@ class ShardSource:
     def decode(b: bytes | None) -> tuple[np.ndarray | None, str]:
       if not b:
         return None, "no image bytes"
-      return _decode(io.BytesIO(b), self.image_size, self.channels)
+      return decode_image(io.BytesIO(b), self.image_size, self.channels)
 
     if len(raw) <= 2:
       return [decode(b) for b in raw]
@@ -384,7 +385,7 @@ class ShardSource:
     Raises:
       ValueError: an image that cannot be decoded, naming its shard and member or row.
     """
-    idx = _indices(indices, len(self))
+    idx = check_indices(indices, len(self))
     images = np.zeros((len(idx), self.image_size, self.image_size, self.channels), np.uint8)
     for j, (image, reason) in enumerate(self._decode_many(idx)):
       if image is None:
@@ -427,7 +428,7 @@ def expand_shards(spec: str | Sequence[str], field: str = "data.shards") -> list
   return sorted(found)
 
 
-def open_shards(data_cfg, split: str, num_classes: int | None = None,
+def open_shards(data_cfg: ml_collections.ConfigDict, split: str, num_classes: int | None = None,
                 class_names: Sequence[str] | None = None) -> ShardSource:
   """The shard source of `split`: "train" is `data.shards`, any other split `data.eval_shards`.
 

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from solidmark_jax import dirlock, parallel
-from solidmark_jax.data.pipeline import BatchPlan
+from solidmark_jax.data.instances import BatchPlan
 from solidmark_jax.experiment import Conditioner, Experiment, build_experiment, load_frozen, make_outpainter
 from solidmark_jax.experiment import outpaint_params, sync_keymap
 from solidmark_jax.models import as_denoiser, init_params, load_pretrained_unet_params, with_remat

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from solidmark_jax import parallel
 from solidmark_jax.config import default_config
-from solidmark_jax.data.pipeline import BatchPlan
+from solidmark_jax.data.instances import BatchPlan
 from solidmark_jax.models.vae import VAE, abstract_vae_params, build_vae, init_vae_params, load_vae, save_vae
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.preemption import PreemptionGuard

@@ -1,8 +1,8 @@
 """Training instances and deterministic, per-host batches of marked images.
 
-A *record* is an image of a source (a TFDS split or a folder). An *instance* is one training copy
-of a record: a record duplicated c times gives c instances, each with its own instance id and key
-(SPEC section 2). Instance ids are 0 .. M-1 in a fixed order derived from the config alone.
+A *record* is an image of a source (a TFDS split, a folder, shards). An *instance* is one training
+copy of a record: a record duplicated c times gives c instances, each with its own instance id and
+key. Instance ids are 0 .. M-1 in a fixed order derived from the config alone.
 
 Batch b of the run is rows [b*B, (b+1)*B) of the epoch's permutation of instances (epoch = b //
 batches_per_epoch, permutation seeded by (seed, epoch)); each process reads only its own rows, so
