@@ -109,10 +109,9 @@ class FolderSource:
   pixels; "full" decodes it (and drops the pixels: slow for big folders, but a truncated file is
   then found up front, where on_bad_image="skip" can leave it out); "none" only lists the files.
   Memory holds the file list, labels and captions, never the images: `read` decodes the images it
-  is asked for (on a thread pool; the training loop prefetches the next batches on a worker
-  thread), so peak memory does not grow with the folder (benchmarks/bench_folder.py). An image
-  that passed the open-time check but cannot be decoded in `read` is an error naming the file
-  (skipping there would shift the records under a running job).
+  is asked for (on a thread pool), so memory does not grow with the folder. An image that passed
+  the open-time check but cannot be decoded in `read` is an error naming the file (skipping there
+  would shift the records under a running job).
 
   Attributes:
     name: "folder:<path>".

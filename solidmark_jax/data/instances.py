@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_collections
 import numpy as np
 
 from solidmark_jax import marks
@@ -56,7 +57,7 @@ def select_records(num_records: int, subset_size: int | None, subset_mode: str, 
   raise ValueError(f"data.subset_mode must be 'first' or 'random', got {subset_mode!r}")
 
 
-def make_instances(num_records: int, data_cfg, seed: int) -> Instances:
+def make_instances(num_records: int, data_cfg: ml_collections.ConfigDict, seed: int) -> Instances:
   """Applies `data.subset_size`/`subset_mode` and `data.duplicates` to a source of `num_records`.
 
   `data.duplicates` maps copies -> number of images: e.g. {2: 50, 3: 50, 4: 50} duplicates three

@@ -18,12 +18,15 @@ import hashlib
 import logging
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import ml_collections
 import numpy as np
 
 from solidmark_jax.data.images import array_to_square, check_channels, check_indices
+
+if TYPE_CHECKING:  # for annotations only: TensorFlow Datasets is imported on first use
+  import tensorflow_datasets as tfds
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,8 @@ class TfdsSource:
     channels: 1 or 3.
   """
 
-  def __init__(self, builder, split: str, image_size: int | None = None, channels: int | None = None,
-               image_key: str = "image", label_key: str = "label"):
+  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, image_size: int | None = None,
+               channels: int | None = None, image_key: str = "image", label_key: str = "label"):
     import tensorflow_datasets as tfds  # lazy: TensorFlow is heavy  # pylint: disable=g-import-not-at-top
 
     features = builder.info.features
