@@ -1,4 +1,4 @@
-"""Image folders at two sizes: open time, peak memory and read rate of `data.sources.FolderSource`.
+"""Image folders at two sizes: open time, peak memory and read rate of `data.folders.FolderSource`.
 
   python benchmarks/bench_folder.py --sizes 2000 20000 --out benchmarks/results/folder.json
   python benchmarks/bench_folder.py --smoke          # seconds: what the test suite runs
@@ -53,7 +53,7 @@ def _peak_rss_mb() -> float:
 def measure(folder: str, side: int, batch_size: int, seed: int = 0) -> dict:
   """Opens `folder` and reads one epoch of random batches (prefetched 2 deep); runs in its own process."""
   sys.path.insert(0, ROOT)
-  from solidmark_jax.data.sources import FolderSource  # pylint: disable=g-import-not-at-top
+  from solidmark_jax.data.folders import FolderSource  # pylint: disable=g-import-not-at-top
   rss_start = _peak_rss_mb()
   t0 = time.perf_counter()
   src = FolderSource(folder, side, 3)

@@ -9,20 +9,8 @@ way. One command each (trains first if the workdir has no final checkpoint):
   python sweep.py --config configs/paper_centre.py --workdir workdirs/paper_centre
 """
 
-from configs import fashion_mnist_memorize
+from configs import common
 
 
 def get_config():
-  c = fashion_mnist_memorize.get_config()  # 16 images, one condition per image, 16 px
-  c.data.eval_split = "test[:64]"
-  c.marks.pattern = "border"
-  c.train.num_steps = 1500  # half of configs/fashion_mnist_memorize.py: partial recall, no ceiling
-  c.train.log_every = 100
-  c.train.keep_checkpoints = 2
-  c.train.sample_every = 0
-  c.eval.num_nonmembers = 32
-  c.eval.num_steps = 50
-  c.eval.num_grid = 0
-  c.sweep.kind = "mitigation"
-  c.sweep.settings = ("none",)
-  return c
+  return common.paper_miniature()  # the border is the miniatures' pattern; paper_centre.py changes it

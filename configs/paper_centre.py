@@ -8,11 +8,11 @@ else). Scored the same way:
       --compare_with workdirs/paper_border  # per image, against chance, on the same members
 """
 
-from configs import paper_border
+from configs import common
 
 
 def get_config():
-  c = paper_border.get_config()
+  c = common.paper_miniature()  # configs/paper_border.py
   c.data.image_size = 16  # the same 16 x 16 input as the border config (12 + 2 x 2)
   c.marks.pattern = "centre"
   c.marks.pad = 4  # the centre square's side

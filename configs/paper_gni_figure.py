@@ -8,11 +8,11 @@ workdir has no final checkpoint):
   python sweep.py --config configs/paper_gni_figure.py --workdir workdirs/paper_text
 """
 
-from configs import paper_table3_mitigations
+from configs import common
 
 
 def get_config():
-  c = paper_table3_mitigations.get_config()
+  c = common.paper_text_miniature()  # configs/paper_table3_mitigations.py's model and data
   c.sweep.kind = "mitigation"
   c.sweep.name = "gni"
   c.sweep.values = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0)

@@ -13,11 +13,11 @@ stands beside each count, with a test of the trend of the excess over chance acr
 Writes DIR/sweeps/settings/none/duplication.{md,json} and prints the table.
 """
 
-from configs import paper_border
+from configs import common
 
 
 def get_config():
-  c = paper_border.get_config()  # 12 px + 2 px border, one condition per distinct image, the same UNet
+  c = common.paper_miniature()  # 12 px + 2 px border, one condition per distinct image, the same UNet
   c.data.subset_size = 24
   c.data.duplicates = {2: 6, 3: 6, 4: 6}
   c.train.batch_size = 20

@@ -16,19 +16,11 @@ configs/paper_gni_figure.py and configs/paper_table4_augment.py use the same mod
 records what this measured.
 """
 
-from configs import paper_border
+from configs import common
 
 
 def get_config():
-  c = paper_border.get_config()  # 16 images at 12 px + 2 px border, the same UNet and training
-  c.data.name = "captioned_fashion_mnist"
-  c.data.train_split = "train[:16]"
-  c.data.eval_split = "test[:64]"
-  c.model.condition = "text"
-  c.text.hidden_size = 64  # == model.cross_attention_dim
-  c.text.max_length = 32  # the captions are 10-20 tokens; longer ones would be counted as truncated
-  c.train.num_steps = 3000
-  c.eval.num_nonmembers = 16  # per setting, queried with their own (mitigated) captions
+  c = common.paper_text_miniature()  # 16 captioned images at 12 px + 2 px border, a small text encoder
   # "name:strength": GNI sigma on the caption embeddings; RT / CWR / RNA iterations.
   c.sweep.settings = ("none", "gni:0.1", "rt:2", "cwr:2", "rna:2", "gni:0.5", "rt:8", "cwr:8", "rna:8")
   return c

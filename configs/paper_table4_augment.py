@@ -11,11 +11,11 @@ One command (trains first if the workdir has no final checkpoint):
   python sweep.py --config configs/paper_table4_augment.py --workdir workdirs/paper_text
 """
 
-from configs import paper_table3_mitigations
+from configs import common
 
 
 def get_config():
-  c = paper_table3_mitigations.get_config()
+  c = common.paper_text_miniature()  # configs/paper_table3_mitigations.py's model and data
   c.sweep.kind = "augment"
   c.sweep.name = ""
   c.sweep.values = ()

@@ -11,30 +11,17 @@ Needs STL-10 prepared in a TFDS data dir (`tfds build stl10 --data_dir DIR` else
   python evaluate.py --config configs/stl10.py --workdir workdirs/stl10 --config.data.data_dir=DIR
 """
 
-from solidmark_jax.config import default_config
+from configs import common
 
 
 def get_config():
-  c = default_config()
-  c.data.name = "stl10"
+  c = common.paper_ddpm(
+      "stl10", condition="class", num_records=12_000, epochs=500, block_out_channels=(128, 256, 256, 512),
+      down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
   c.data.train_split = "train+test[:7000]"  # 12,000 labelled members
   c.data.eval_split = "test[7000:]"  # 1,000 labelled non-members, disjoint from the members
-  c.data.channels = 3
-  c.marks.pad = 16
-  c.model.condition = "class"
-  c.model.block_out_channels = (128, 256, 256, 512)
-  c.model.down_block_types = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-  c.model.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
-  c.model.layers_per_block = 2
-  c.model.cross_attention_dim = 256
-  c.train.batch_size = 64
-  c.train.learning_rate = 1e-4
-  c.train.ema_decay = 0.9995
-  c.train.num_steps = 500 * 12_000 // 64  # 500 epochs
-  c.train.checkpoint_every = 5000
-  c.train.sample_every = 10000
   c.eval.num_members = 10000
   c.eval.num_nonmembers = 1000  # all of test[7000:]
-  c.eval.num_steps = 250
   c.eval.batch_size = 128
   return c

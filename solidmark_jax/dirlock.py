@@ -35,6 +35,7 @@ from typing import Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from solidmark_jax import atomic
 
@@ -201,7 +202,6 @@ def hold(directory: str, purpose: str) -> Iterator[DirectoryLock | None]:
     except DirectoryInUse as e:
       error = e
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not ok and error is None:
       error = DirectoryInUse(f"{os.path.abspath(directory)} is in use by another run: process 0 could not take its "

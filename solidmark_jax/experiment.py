@@ -23,8 +23,8 @@ from jax.experimental import multihost_utils
 
 from solidmark_jax import marks, models
 from solidmark_jax.data import open_source
-from solidmark_jax.data.pipeline import Instances, make_instances
-from solidmark_jax.data.pipeline import class_labels, condition_ids, marked_batch
+from solidmark_jax.data.instances import Instances, make_instances
+from solidmark_jax.data.instances import class_labels, condition_ids, marked_batch
 from solidmark_jax.diffusion import PREDICTION_TYPES, NoiseSchedule, check_prediction_type, make_schedule
 from solidmark_jax.models.text import TextEncoder, build_text_encoder
 from solidmark_jax.models.vae import VAE, vae_for_config

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import jax
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
@@ -146,7 +146,6 @@ def global_batch(mesh: Mesh, local_tree):
 def to_host(x) -> np.ndarray:
   """A (possibly multi-host, sharded) array gathered to every host as numpy."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -163,7 +162,6 @@ def broadcast_ids(ids) -> np.ndarray:
     if ids is None:
       raise ValueError("broadcast_ids: process 0 must pass the ids, got None")
     return np.asarray(ids, np.int64).reshape(-1)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
   if is_main and ids is None:
     raise ValueError("broadcast_ids: process 0 must pass the ids, got None")

@@ -131,7 +131,7 @@ def test_sd21_configs_sizes():
 
 
 def test_cached_latents_are_the_posterior_means(sd_root, fashion_dir, tmp_path):
-  from solidmark_jax.data.pipeline import BatchPlan
+  from solidmark_jax.data.instances import BatchPlan
   from solidmark_jax.training.loop import _cache_latents, make_prepare
   root, _ = sd_root
   c = _config(root, fashion_dir)

@@ -101,7 +101,7 @@ def test_train_resume_and_finished_stage(exp, fashion_dir, tmp_path):
   rec4.config = config4
   vae4, params4 = vae_stage.train_vae(rec4, wd)
   assert len(rec4.reads) == 2 + 4
-  from solidmark_jax.data.pipeline import BatchPlan
+  from solidmark_jax.data.instances import BatchPlan
   plan = BatchPlan(len(exp.instances), 8, config.seed + 11)
   np.testing.assert_array_equal(rec4.reads[0], plan.global_rows(2))
   np.testing.assert_array_equal(rec4.reads[1], plan.global_rows(3))
@@ -205,7 +205,7 @@ def test_sigint_stops_at_a_step_with_a_checkpoint_and_resumes_bit_for_bit(exp, f
   again = Recorder(exp)
   again.config = config
   _, params = vae_stage.train_vae(again, wd)
-  from solidmark_jax.data.pipeline import BatchPlan
+  from solidmark_jax.data.instances import BatchPlan
   np.testing.assert_array_equal(again.reads[0], BatchPlan(len(exp.instances), 8, config.seed + 11).global_rows(1))
   for a, b in zip(jax.tree.leaves(params_ref), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)

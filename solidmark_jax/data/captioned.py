@@ -27,11 +27,14 @@ import re
 import shutil
 import tarfile
 import tempfile
+
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from solidmark_jax.data.sources import CAPTIONS_FILE, FolderSource, _file_lock, open_tfds
+from solidmark_jax.data.folders import CAPTIONS_FILE, FolderSource
+from solidmark_jax.data.shards import ShardSource, expand_shards, open_shards
+from solidmark_jax.data.tfds import file_lock, open_tfds
 
 NAME = "captioned_fashion_mnist"
 VERSION = "v1"  # bump when captions or the file layout change
@@ -125,8 +128,8 @@ def _write(folder: str, fmt: str, keys: list[str], images: np.ndarray, captions:
           _tar_add(tf, f"{key}.txt", caption.encode("utf-8"))
           _tar_add(tf, f"{key}.cls", str(int(label)).encode())
     else:
-      import pyarrow as pa  # pylint: disable=g-import-not-at-top
-      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+      import pyarrow as pa  # lazy: only the parquet format needs pyarrow  # pylint: disable=g-import-not-at-top
+      import pyarrow.parquet as pq  # lazy: see above  # pylint: disable=g-import-not-at-top
       table = pa.table({
           "key": pa.array(keys[sl], pa.string()),
           "image": pa.array([_png(im) for im in images[sl]], pa.binary()),
@@ -165,7 +168,7 @@ def build_captioned_fashion_mnist(data_dir: str, split: str = "train", fmt: str 
   manifest = os.path.join(final, "manifest.json")
   if os.path.isfile(manifest):
     return final
-  with _file_lock(os.path.join(out_dir, f".{VERSION}.{name}.{fmt}.lock")):
+  with file_lock(os.path.join(out_dir, f".{VERSION}.{name}.{fmt}.lock")):
     if os.path.isfile(manifest):  # built by a concurrent process while we waited
       return final
     source = open_tfds(ml_collections.ConfigDict({"name": "fashion_mnist", "data_dir": data_dir,
@@ -194,7 +197,7 @@ def build_captioned_fashion_mnist(data_dir: str, split: str = "train", fmt: str 
   return final
 
 
-def open_captioned(data_cfg, split: str):
+def open_captioned(data_cfg: ml_collections.ConfigDict, split: str) -> FolderSource | ShardSource:
   """Builds (first use) and opens split `split` of the captioned Fashion-MNIST set.
 
   Reads `data.data_dir`, `data.manual_dir`, `data.captioned_format` ("tar"), `data.image_size`
@@ -202,8 +205,6 @@ def open_captioned(data_cfg, split: str):
   `data.verify_images`. Labels (the classes) are kept in the tar and parquet formats; the folder
   format is unlabelled.
   """
-  from solidmark_jax.data.shards import expand_shards, open_shards  # pylint: disable=g-import-not-at-top
-
   data_dir = os.path.expanduser(data_cfg.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
                                 or "~/tensorflow_datasets")
   fmt = data_cfg.get("captioned_format") or "tar"

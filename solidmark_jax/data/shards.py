@@ -1,10 +1,9 @@
-"""LAION-style shards: webdataset tars and parquet files of images with captions, read by record index.
+"""LAION-style shards as sources: webdataset tars and parquet files of captioned images, read by record index.
 
-`ShardSource` is a `Source` (data/sources.py) over a sorted list of shard files. Record order is
-the sorted shard paths, then the order inside each shard. The shards are indexed once, when the
-source is opened: which tar member or parquet row holds record i, and every caption (kept in
-memory). Images are decoded lazily, in `read`, so a LAION subset never has to fit in memory decoded,
-and any process can read any record (per-host rows, duplication).
+`open_shards(data_cfg, split)` returns a `ShardSource` ("train": `data.shards`, any other split:
+`data.eval_shards`; each a glob, a folder or a list of files). Records are in sorted shard order,
+then in the order inside each shard. Opening indexes every shard (where each record lies, its
+caption and label, kept in memory); `read` decodes only the images it is asked for.
 
 Formats (by file extension):
 - `.tar`, uncompressed webdataset: members `<key>.<ext>`, the key being the member path up to the
@@ -14,18 +13,15 @@ Formats (by file extension):
 - `.parquet`: one row per record; the image column holds encoded bytes, or a struct with a "bytes"
   field (Hugging Face datasets' Image feature). Columns: `image_column` (default the first of
   "image", "jpg", "png", "webp"), `caption_column` (default "caption", then "text", "txt"),
-  `label_column` (default "label" if present, else none). Rows are read a row group at a time.
+  `label_column` (default "label" if present, else none).
 
-Bad records, found at open time: a missing image member or null image bytes, a missing caption, an
-empty caption, a caption that is not text (not UTF-8, or not a string), a label that is not an
-integer, and images whose header is not an image's (`verify_images="header"`, the default: the first
-bytes of every image are checked against the JPEG/PNG/WebP/GIF/BMP signatures; cheap for tars,
-one pass over the image column for parquet). With `on_bad_image="error"` the first one is an error
-naming the shard file and the member or row; with "skip" it is left out, counted in `skipped`, and
-logged. An image whose header is fine but whose data is broken (e.g. truncated) is only found when it
-is decoded: in `read` this is always an error naming the file and member or row (skipping there
-would shift the records under a running job). `verify_images="full"` decodes every image at open
-time instead (slow for big sets), so that such images are skipped or reported up front.
+Bad records (no image, no or an empty caption, a caption that is not text, a label that is not an
+integer, an image whose first bytes are no JPEG/PNG/WebP/GIF/BMP signature) are found at open time:
+with `on_bad_image="error"` the first is an error naming the shard and the member or row; with
+"skip" they are left out, counted in `skipped` and logged. `verify_images`: "header" (default)
+checks each image's first bytes, "full" decodes every image (slow), "none" checks no image. An image
+broken past its header that is first found in `read` is always an error (skipping there would shift
+the records under a running job).
 """
 
 from __future__ import annotations
@@ -40,9 +36,10 @@ import posixpath
 import tarfile
 from typing import Any, Sequence
 
+import ml_collections
 import numpy as np
 
-from solidmark_jax.data.sources import VERIFY_IMAGES, _check_channels, _decode, _indices
+from solidmark_jax.data.images import VERIFY_IMAGES, check_channels, check_indices, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +141,7 @@ class ShardSource:
       if not p.endswith(SHARD_EXTS):
         raise ValueError(f"shard {p}: unknown format, expected a file ending in {' or '.join(SHARD_EXTS)}")
     self.image_size = int(image_size)
-    self.channels = _check_channels(channels)
+    self.channels = check_channels(channels)
     self.on_bad_image = on_bad_image
     self.verify_images = verify_images
     self.skipped: list[tuple[str, str]] = []
@@ -258,8 +255,8 @@ class ShardSource:
     return _caption_of(entry["caption"])
 
   def _index_parquet(self, path: str) -> list[tuple[str, str, int, int, int]]:
-    import pyarrow as pa  # pylint: disable=g-import-not-at-top
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    import pyarrow as pa  # lazy: only parquet shards need pyarrow  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # lazy: see above  # pylint: disable=g-import-not-at-top
 
     try:
       pf = pq.ParquetFile(path)
@@ -349,8 +346,8 @@ class ShardSource:
             f.seek(int(self._loc_a[idx[j]]))
             out[j] = f.read(int(self._loc_b[idx[j]]))
       else:
-        import pyarrow as pa  # pylint: disable=g-import-not-at-top
-        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+        import pyarrow as pa  # lazy: only parquet shards need pyarrow  # pylint: disable=g-import-not-at-top
+        import pyarrow.parquet as pq  # lazy: see above  # pylint: disable=g-import-not-at-top
         pf = pq.ParquetFile(path)
         column = self._image_column[path]
         groups = self._loc_a[idx[rows]]
@@ -368,7 +365,7 @@ class ShardSource:
     def decode(b: bytes | None) -> tuple[np.ndarray | None, str]:
       if not b:
         return None, "no image bytes"
-      return _decode(io.BytesIO(b), self.image_size, self.channels)
+      return decode_image(io.BytesIO(b), self.image_size, self.channels)
 
     if len(raw) <= 2:
       return [decode(b) for b in raw]
@@ -384,7 +381,7 @@ class ShardSource:
     Raises:
       ValueError: an image that cannot be decoded, naming its shard and member or row.
     """
-    idx = _indices(indices, len(self))
+    idx = check_indices(indices, len(self))
     images = np.zeros((len(idx), self.image_size, self.image_size, self.channels), np.uint8)
     for j, (image, reason) in enumerate(self._decode_many(idx)):
       if image is None:
@@ -427,7 +424,7 @@ def expand_shards(spec: str | Sequence[str], field: str = "data.shards") -> list
   return sorted(found)
 
 
-def open_shards(data_cfg, split: str, num_classes: int | None = None,
+def open_shards(data_cfg: ml_collections.ConfigDict, split: str, num_classes: int | None = None,
                 class_names: Sequence[str] | None = None) -> ShardSource:
   """The shard source of `split`: "train" is `data.shards`, any other split `data.eval_shards`.
 

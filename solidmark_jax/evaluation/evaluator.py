@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from solidmark_jax import atomic, dirlock, marks, metrics, parallel, report
 from solidmark_jax.data import open_source
-from solidmark_jax.data.pipeline import class_labels, marked_batch, select_records
+from solidmark_jax.data.instances import class_labels, marked_batch, select_records
 from solidmark_jax.evaluation import augment as augment_lib
 from solidmark_jax.evaluation import mitigations
 from solidmark_jax.evaluation.conditioning import Conditioner

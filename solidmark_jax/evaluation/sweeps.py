@@ -283,8 +283,8 @@ def plot_sweep(path: str, table: dict) -> str | None:
   methods = {r["method"] for r in rows if r["method"] != "none"}
   if len(methods) != 1 or len(rows) < 2:
     return None
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is heavy, plots only
+  from matplotlib.figure import Figure  # lazy: matplotlib is heavy, plots only
   x = np.array([r["value"] for r in rows])
   order = np.argsort(x, kind="stable")
   fig = Figure(figsize=(6.4, 4.0))

@@ -38,7 +38,10 @@ import functools
 import math
 from typing import Any, Callable, Literal, Protocol, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from solidmark_jax.metrics import memorisation
 
@@ -155,8 +158,6 @@ def _refine(generated: np.ndarray, train: ImageSet, cand: np.ndarray, grid,
 @functools.lru_cache(maxsize=None)
 def _jax_topk_update():
   """The jitted chunk update of the running top-k (built on first use: numpy users never trace)."""
-  import jax
-  import jax.numpy as jnp
 
   @functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(0, 1))
   def update(best_sq, best_idx, g, g_sq, chunk, offset, num_valid, k: int):
@@ -231,14 +232,12 @@ def nearest_neighbors(generated, train: ImageSet, n_neighbors: int = 1, *, grid:
   best_sq = np.full((len(g), k), np.inf, np.float32)
   best_idx = np.zeros((len(g), k), np.int32)
   if backend == "jax":
-    import jax.numpy as jnp
     update = functools.partial(_jax_topk_update(), k=k)
     best_sq, best_idx, g, g_sq = (jnp.asarray(a) for a in (best_sq, best_idx, g, g_sq))
   else:
     update = functools.partial(_numpy_topk_update, k=k)
   starts = range(0, num_train, batch_size)
   if progress:
-    from tqdm import tqdm
     starts = tqdm(starts, desc="nearest neighbours", unit="chunk", dynamic_ncols=True)
   for start in starts:
     chunk = np.asarray(train[start:start + batch_size], np.float32)

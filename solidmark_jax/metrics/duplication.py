@@ -1,7 +1,7 @@
 """SolidMark scoring of duplicated training images (the paper's Table 2).
 
 A distinct image duplicated c times is c training instances, each with its own key k_1 .. k_c
-(`data.duplicates`, `data.pipeline.make_instances`). As in the paper, every distinct image is
+(`data.duplicates`, `data.instances.make_instances`). As in the paper, every distinct image is
 queried the same number of times e whatever its copies (the same centre and condition; e =
 `eval.repeats`, 10 in the paper), giving predictions k_pred_1 .. k_pred_e, and counts as
 (l_SM, delta)-memorised when ANY evaluation matches ANY of its keys:

@@ -191,7 +191,7 @@ class TextEncoder:
     (flax_model.msgpack, transformers < 5) and the same weights in PyTorch's names and layout
     (model.safetensors, what transformers >= 5 reads), converted with numpy alone.
     """
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import save_file  # lazy: safetensors is optional  # pylint: disable=g-import-not-at-top
     folder = os.path.join(root, TEXT_ENCODER_DIR)
     host = jax.tree.map(np.asarray, jax.device_get(self.params))
     self.model.save_pretrained(folder, params=host)
@@ -268,11 +268,11 @@ def _load_model(folder: str) -> tuple[FlaxCLIPTextModel, dict]:
     return model, _check_params(params, model, flax_path)
   model = FlaxCLIPTextModel(config, _do_init=False)
   if os.path.isfile(st_path):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import load_file  # lazy: safetensors is optional  # pylint: disable=g-import-not-at-top
     pt, where = load_file(st_path), st_path
   elif os.path.isfile(pt_path):
     try:
-      import torch  # pylint: disable=g-import-not-at-top
+      import torch  # lazy: PyTorch is heavy, only for .bin weights  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ImportError(f"{folder} has PyTorch weights only as {TORCH_WEIGHTS} (a pickle that only torch reads): "
                         f"install torch to convert them on load, or convert them once to {SAFETENSORS_WEIGHTS} "

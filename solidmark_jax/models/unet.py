@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from solidmark_jax.models import weights
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
 from solidmark_jax.models.fast_layers import ATTENTION, REMAT, fast_layers
 
@@ -250,7 +251,6 @@ def build_for_config(model_cfg, image_size: int, channels: int, num_conditions: 
 def load_pretrained_unet_params(model_cfg):
   """The pretrained UNet's parameters (Flax weights, or PyTorch weights converted on load)."""
   folder = pretrained_unet_dir(model_cfg.pretrained)
-  from solidmark_jax.models import weights  # pylint: disable=g-import-not-at-top
   return weights.load_diffusers_params(FlaxUNet2DConditionModel, folder)
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from solidmark_jax.models import weights
 from solidmark_jax.models._diffusers import FlaxAutoencoderKL
 from solidmark_jax.models.fast_layers import fast_layers
 from solidmark_jax.models.unet import DTYPES
@@ -255,7 +256,6 @@ def _check_config(folder: str) -> dict:
 
 def is_saved(path: str) -> bool:
   """Whether `path` holds a diffusers VAE (config.json and weights), or an SD root whose vae/ does."""
-  from solidmark_jax.models import weights  # pylint: disable=g-import-not-at-top
   try:
     folder = vae_dir(path)
   except FileNotFoundError:
@@ -303,7 +303,6 @@ def load_vae(path: str, scaling_factor: float | None = None) -> tuple[VAE, dict]
       the path and what was expected).
     ValueError: the config is not of a KL autoencoder this port supports, or weights do not fit it.
   """
-  from solidmark_jax.models import weights  # pylint: disable=g-import-not-at-top
   folder = vae_dir(path)
   cfg = _check_config(folder)
   module = FlaxAutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
@@ -320,7 +319,6 @@ def save_vae(vae: VAE, params, path: str) -> str:
   diffusers' PyTorch `AutoencoderKL.from_pretrained` and `load_vae`. Call it on one process only;
   params must be fully addressable (e.g. replicated) or numpy.
   """
-  from solidmark_jax.models import weights  # pylint: disable=g-import-not-at-top
   cfg = {k: v for k, v in vae.module.config.items() if not k.startswith("_")}
   module = FlaxAutoencoderKL.from_config({**cfg, "scaling_factor": float(vae.scaling_factor)})
   return weights.save_diffusers_model(module, params, path, "AutoencoderKL")

@@ -28,11 +28,11 @@ FLAX_ONLY_CONFIG = ("dtype", "split_head_dim", "use_memory_efficient_attention")
 def _read_pytorch(folder: str) -> dict[str, np.ndarray]:
   st = os.path.join(folder, PT_SAFETENSORS)
   if os.path.isfile(st):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import load_file  # lazy: safetensors is optional  # pylint: disable=g-import-not-at-top
     return load_file(st)
   binary = os.path.join(folder, PT_BIN)
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # lazy: PyTorch is heavy, only for .bin weights  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise FileNotFoundError(f"{binary}: PyTorch pickle weights need torch to read; convert them to "
                             f"{PT_SAFETENSORS} (or install torch)") from None
@@ -60,7 +60,7 @@ def save_diffusers_model(module, params, folder: str, pytorch_class: str) -> str
     folder: the folder to write.
     pytorch_class: the diffusers PyTorch class the folder is meant for.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # lazy: safetensors is optional  # pylint: disable=g-import-not-at-top
   host = jax.tree.map(np.asarray, jax.device_get(params))
   module.save_pretrained(folder, host)
   path = os.path.join(folder, "config.json")

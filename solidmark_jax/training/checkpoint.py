@@ -14,6 +14,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from solidmark_jax.config import default_config
+
 # Config sections that must not change between a checkpoint and a run that resumes or evaluates it.
 FINGERPRINT_SECTIONS = ("model", "marks", "diffusion")
 # model fields that say how the model is computed, not what it is: a checkpoint trained in float32
@@ -57,7 +59,6 @@ def _diff(a: dict, b: dict, prefix: str = "", defaults: dict | None = None) -> l
 
 
 def _default_fields() -> dict:
-  from solidmark_jax.config import default_config  # pylint: disable=g-import-not-at-top
   return fingerprint_fields(default_config())
 
 

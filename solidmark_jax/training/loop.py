@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from solidmark_jax import dirlock, parallel
-from solidmark_jax.data.pipeline import BatchPlan
+from solidmark_jax.data.instances import BatchPlan
 from solidmark_jax.experiment import Experiment, build_experiment, encode_conditions, make_outpainter
 from solidmark_jax.experiment import outpaint_params, sync_keymap
 from solidmark_jax.models import as_denoiser, init_params, load_pretrained_unet_params, with_remat
@@ -73,7 +73,7 @@ class _Writer:
   def __init__(self, logdir: str | None):
     self._w = None
     if logdir and jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # lazy: process 0 only, TensorBoard is optional
       self._w = SummaryWriter(logdir)
 
   def scalars(self, step: int, values: dict):

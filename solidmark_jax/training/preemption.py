@@ -32,6 +32,7 @@ import threading
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,6 @@ class PreemptionGuard:
     local = bool(_received)
     if jax.process_count() == 1:
       return local
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = multihost_utils.process_allgather(np.asarray(local, np.int32))  # [processes]
     return bool(np.any(flags))
 

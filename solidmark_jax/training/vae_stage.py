@@ -35,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from solidmark_jax import parallel
 from solidmark_jax.config import default_config
-from solidmark_jax.data.pipeline import BatchPlan
+from solidmark_jax.data.instances import BatchPlan
 from solidmark_jax.models.vae import VAE, abstract_vae_params, build_vae, init_vae_params, load_vae, save_vae
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.preemption import PreemptionGuard
@@ -302,7 +303,6 @@ def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, di
     os.rename(tmp, folder)  # one rename: vae/ exists only complete
     log.info("stage 1: VAE written to %s (scaling factor %.5f%s)", folder, scale, ", measured" if measured else "")
   if jax.process_count() > 1:  # the others may read vae/ next
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("solidmark_vae_stage_written")
   return vae, params
 

@@ -1,8 +1,8 @@
 """Training instances and deterministic, per-host batches of marked images.
 
-A *record* is an image of a source (a TFDS split or a folder). An *instance* is one training copy
-of a record: a record duplicated c times gives c instances, each with its own instance id and key
-(docs/statistics.md). Instance ids are 0 .. M-1 in a fixed order derived from the config alone.
+A *record* is an image of a source (a TFDS split, a folder, shards). An *instance* is one training
+copy of a record: a record duplicated c times gives c instances, each with its own instance id and
+key. Instance ids are 0 .. M-1 in a fixed order derived from the config alone.
 
 Batch b of the run is rows [b*B, (b+1)*B) of the epoch's permutation of instances (epoch = b //
 batches_per_epoch, permutation seeded by (seed, epoch)); each process reads only its own rows, so
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_collections
 import numpy as np
 
 from solidmark_jax import marks
@@ -56,7 +57,7 @@ def select_records(num_records: int, subset_size: int | None, subset_mode: str, 
   raise ValueError(f"data.subset_mode must be 'first' or 'random', got {subset_mode!r}")
 
 
-def make_instances(num_records: int, data_cfg, seed: int) -> Instances:
+def make_instances(num_records: int, data_cfg: ml_collections.ConfigDict, seed: int) -> Instances:
   """Applies `data.subset_size`/`subset_mode` and `data.duplicates` to a source of `num_records`.
 
   `data.duplicates` maps copies -> number of images: e.g. {2: 50, 3: 50, 4: 50} duplicates three
