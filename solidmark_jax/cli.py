@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import sys
+from typing import Iterator
 
 from absl import flags
 from ml_collections import config_flags
@@ -54,7 +55,7 @@ def setup() -> None:
 
 
 @contextlib.contextmanager
-def exit_status():
+def exit_status() -> Iterator[None]:
   """Maps a preempted stage to its exit status and a directory in use to a one-line error (no traceback).
 
   Preempted (SIGTERM / SIGINT, checkpoint written): exit `preemption.PREEMPTED_EXIT_CODE` (75).

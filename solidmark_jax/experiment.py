@@ -18,8 +18,10 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from solidmark_jax import marks, models
 from solidmark_jax.data import open_source
@@ -104,7 +106,7 @@ class Experiment:
     }
 
 
-def build_experiment(config) -> Experiment:
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Opens the training data, draws the keymap, validates and builds the model (and text encoder)."""
   if config.marks.pattern not in marks.PATTERNS:
     raise ValueError(f"marks.pattern must be one of {marks.PATTERNS}, got {config.marks.pattern!r}")
@@ -153,7 +155,7 @@ def build_experiment(config) -> Experiment:
                     bad_input=bad_input, captions=captions, prediction_type=prediction_type)
 
 
-def resolve_prediction_type(config) -> str:
+def resolve_prediction_type(config: ml_collections.ConfigDict) -> str:
   """`diffusion.prediction_type`, or the pretrained pipeline's when unset; checks the pipeline's schedule.
 
   Returns "epsilon" or "v_prediction".
@@ -167,7 +169,7 @@ def resolve_prediction_type(config) -> str:
   return configured
 
 
-def check_pretrained_scheduler(config) -> str | None:
+def check_pretrained_scheduler(config: ml_collections.ConfigDict) -> str | None:
   """A pretrained pipeline's noise schedule must be the config's; returns its prediction type.
 
   Reads `<model.pretrained>/scheduler/scheduler_config.json` when the pretrained path is a pipeline
@@ -208,7 +210,7 @@ def _num_conditions(cond: str, source, instances: Instances) -> int:
   return 0
 
 
-def source_captions(source, what: str) -> list[str]:
+def source_captions(source: Any, what: str) -> list[str]:
   """Every record's caption, or a clear error for a source without captions."""
   captions = source.captions() if callable(getattr(source, "captions", None)) else getattr(source, "captions", None)
   if captions is None:
@@ -291,7 +293,8 @@ def encode_conditions(exp: Experiment, frozen: dict, conditions: np.ndarray) -> 
   return np.asarray(exp.text.encode_jit(frozen["text"], conditions))
 
 
-def make_outpainter(exp: Experiment, spec: SamplerSpec, *, mesh=None, return_images: bool = False) -> Outpainter:
+def make_outpainter(exp: Experiment, spec: SamplerSpec, *, mesh: Mesh | None = None,
+                    return_images: bool = False) -> Outpainter:
   """The pixel or latent RePaint outpainter for this experiment's model (see `outpaint`).
 
   Params of a call: the UNet's params (pixel) or {"unet": ..., "vae": ...} (latent). With m keys per
@@ -305,5 +308,5 @@ def make_outpainter(exp: Experiment, spec: SamplerSpec, *, mesh=None, return_ima
   return make_outpaint_fn(denoiser, exp.sched, spec, **kwargs)
 
 
-def outpaint_params(exp: Experiment, unet_params, frozen: dict):
+def outpaint_params(exp: Experiment, unet_params: Any, frozen: dict) -> Any:
   return {"unet": unet_params, "vae": frozen["vae"]} if exp.is_latent else unet_params

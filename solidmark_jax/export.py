@@ -36,6 +36,7 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 
 from solidmark_jax import parallel
@@ -67,7 +68,8 @@ PYTORCH_BOUNDS = {
 }
 
 
-def scheduler_config(diffusion_cfg, *, clip_sample: bool, prediction_type: str = "epsilon") -> dict:
+def scheduler_config(diffusion_cfg: ml_collections.ConfigDict, *, clip_sample: bool,
+                     prediction_type: str = "epsilon") -> dict:
   """diffusers DDIMScheduler config of our schedule (`diffusion.schedule_lib.make_schedule`)."""
   kind, steps = diffusion_cfg.schedule, int(diffusion_cfg.num_steps)
   if kind == "cosine":
@@ -102,7 +104,8 @@ def _host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int | None = None) -> str:
+def export_diffusers(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None,
+                     step: int | None = None) -> str:
   """Exports checkpoint `step` (default: the latest) of `workdir` to `out_dir`; returns out_dir.
 
   Args:

@@ -134,7 +134,7 @@ class Keymap:
   key_layout: str = "sides"
 
   @classmethod
-  def create(cls, seed: int, instance_ids, pattern: Pattern = "border", num_keys: int = 1,
+  def create(cls, seed: int, instance_ids: np.ndarray, pattern: Pattern = "border", num_keys: int = 1,
              key_layout: KeyLayout = "sides") -> "Keymap":
     check_keys(num_keys, key_layout, pattern)
     ids = np.unique(np.asarray(instance_ids, dtype=np.int64))
@@ -162,7 +162,7 @@ class Keymap:
       h.update(f"num_keys={self.num_keys};key_layout={self.key_layout}".encode())
     return h.hexdigest()
 
-  def lookup(self, instance_ids) -> np.ndarray:
+  def lookup(self, instance_ids: np.ndarray) -> np.ndarray:
     """Keys of the given instance ids; a clear error for ids not in the keymap."""
     ids = np.asarray(instance_ids, dtype=np.int64)
     pos = np.searchsorted(self.instance_ids, ids)
@@ -258,7 +258,7 @@ def _fill_regions(xp, base, keys, masks):
   return xp.where(union, value, base)
 
 
-def apply_border(images, keys, pad: int, key_layout: KeyLayout = "sides"):
+def apply_border(images: np.ndarray, keys: np.ndarray, pad: int, key_layout: KeyLayout = "sides") -> np.ndarray:
   """Pads each image with a solid border of its key on all four sides.
 
   Args:
@@ -293,7 +293,7 @@ def centre_slice(size: int, pad: int) -> slice:
   return slice(start, start + pad)
 
 
-def apply_centre(images, keys, pad: int, key_layout: KeyLayout = "channels"):
+def apply_centre(images: np.ndarray, keys: np.ndarray, pad: int, key_layout: KeyLayout = "channels") -> np.ndarray:
   """Overwrites the p x p square in each image's centre with its key (the l_CM ablation).
 
   keys: [...], or [..., m] with m keys per image, one per channel (only the "channels" layout).
@@ -313,7 +313,8 @@ def apply_centre(images, keys, pad: int, key_layout: KeyLayout = "channels"):
   return images.at[..., sh, sw, :].set(square)
 
 
-def apply_pattern(images, keys, pad: int, pattern: Pattern = "border", key_layout: KeyLayout = "sides"):
+def apply_pattern(images: np.ndarray, keys: np.ndarray, pad: int, pattern: Pattern = "border",
+                  key_layout: KeyLayout = "sides") -> np.ndarray:
   """Marks images with `pattern`: "border" grows them by 2p, "centre" keeps their size.
 
   keys: [...] one key per image, or [..., m] placed by `key_layout` (see the module docstring).
@@ -391,17 +392,17 @@ def key_masks(height: int, width: int, pad: int, pattern: Pattern = "border", nu
   return np.stack([union * (owner == s).astype(np.float32) for s in range(num_keys)])  # [m, H, W, C]
 
 
-def to_model_space(x):
+def to_model_space(x: jax.Array) -> jax.Array:
   """[0, 1] -> [-1, 1]."""
   return 2 * x - 1
 
 
-def from_model_space(x):
+def from_model_space(x: jax.Array) -> jax.Array:
   """[-1, 1] -> [0, 1]."""
   return (x + 1) / 2
 
 
-def predicted_key(x_model, mask):
+def predicted_key(x_model: jax.Array, mask: jax.Array) -> jax.Array:
   """k_pred: the mean of the marked region of a model-space image, mapped back to [0, 1].
 
   The mean is taken relative to one pixel of the region, so a region of one constant value c

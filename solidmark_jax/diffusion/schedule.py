@@ -60,13 +60,13 @@ def _bcast(v, x):
   return jnp.reshape(v, jnp.shape(v) + (1,) * (x.ndim - jnp.ndim(v)))
 
 
-def q_sample(sched: NoiseSchedule, x0, t, eps):
+def q_sample(sched: NoiseSchedule, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
   """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; t may be a scalar or [B]."""
   abar_t = _bcast(sched.abar[t], x0)
   return jnp.sqrt(abar_t) * x0 + jnp.sqrt(1.0 - abar_t) * eps
 
 
-def abar_at(sched: NoiseSchedule, t):
+def abar_at(sched: NoiseSchedule, t: jax.Array) -> jax.Array:
   """abar_t with the convention abar_{-1} = 1 (the clean image)."""
   return jnp.where(t >= 0, sched.abar[jnp.maximum(t, 0)], 1.0)
 
@@ -80,19 +80,20 @@ def check_prediction_type(prediction_type: str) -> str:
   return prediction_type
 
 
-def velocity(sched: NoiseSchedule, x0, t, eps):
+def velocity(sched: NoiseSchedule, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
   """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, the v-parameterisation's target; t [B] or scalar."""
   abar_t = _bcast(sched.abar[t], x0)
   return jnp.sqrt(abar_t) * eps - jnp.sqrt(1.0 - abar_t) * x0
 
 
-def v_to_eps(sched: NoiseSchedule, x_t, t, v):
+def v_to_eps(sched: NoiseSchedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
   """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t: a v prediction as the eps prediction it implies."""
   abar_t = _bcast(sched.abar[t], x_t)
   return jnp.sqrt(abar_t) * v + jnp.sqrt(1.0 - abar_t) * x_t
 
 
-def training_target(sched: NoiseSchedule, prediction_type: str, x0, t, eps):
+def training_target(sched: NoiseSchedule, prediction_type: str, x0: jax.Array, t: jax.Array,
+                    eps: jax.Array) -> jax.Array:
   """What the model regresses at x_t = q_sample(x0, t, eps): eps itself, or v (`velocity`)."""
   if check_prediction_type(prediction_type) == "epsilon":
     return eps
@@ -117,13 +118,14 @@ def eps_denoiser(denoiser: Denoiser, sched: NoiseSchedule, prediction_type: str)
   return eps_from_v
 
 
-def predict_x0(sched: NoiseSchedule, x_t, t, eps_hat, clip: bool = True):
+def predict_x0(sched: NoiseSchedule, x_t: jax.Array, t: jax.Array, eps_hat: jax.Array, clip: bool = True) -> jax.Array:
   abar_t = _bcast(abar_at(sched, t), x_t)
   x0 = (x_t - jnp.sqrt(1.0 - abar_t) * eps_hat) / jnp.sqrt(abar_t)
   return jnp.clip(x0, -1.0, 1.0) if clip else x0
 
 
-def ddim_update(sched: NoiseSchedule, t, t_prev, x0, eps, noise, eta: float = 0.0):
+def ddim_update(sched: NoiseSchedule, t: jax.Array, t_prev: jax.Array, x0: jax.Array, eps: jax.Array, noise: jax.Array,
+                eta: float = 0.0) -> jax.Array:
   """DDIM from level t to t_prev < t given the clean estimate x0 and the noise estimate eps.
 
   x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise, with
@@ -138,7 +140,8 @@ def ddim_update(sched: NoiseSchedule, t, t_prev, x0, eps, noise, eta: float = 0.
   return jnp.sqrt(abar_prev) * x0 + dir_xt + sigma * noise
 
 
-def ddpm_update(sched: NoiseSchedule, x_t, t, t_prev, x0, noise):
+def ddpm_update(sched: NoiseSchedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Array, x0: jax.Array,
+                noise: jax.Array) -> jax.Array:
   """A sample of the posterior q(x_{t_prev} | x_t, x0), strided (beta taken between the two levels).
 
   The one DDPM update of the pixel (`ddpm_step`) and the latent loops.
@@ -152,7 +155,8 @@ def ddpm_update(sched: NoiseSchedule, x_t, t, t_prev, x0, noise):
   return coef_x0 * x0 + coef_xt * x_t + jnp.sqrt(var) * noise
 
 
-def ddim_step(sched: NoiseSchedule, x_t, t, t_prev, eps_hat, noise, eta: float = 0.0):
+def ddim_step(sched: NoiseSchedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Array, eps_hat: jax.Array,
+              noise: jax.Array, eta: float = 0.0) -> jax.Array:
   """One pixel-space DDIM step t -> t_prev: x0 predicted and clipped to [-1, 1], eps made consistent."""
   abar_t = _bcast(abar_at(sched, t), x_t)
   x0 = predict_x0(sched, x_t, t, eps_hat)
@@ -160,12 +164,13 @@ def ddim_step(sched: NoiseSchedule, x_t, t, t_prev, eps_hat, noise, eta: float =
   return ddim_update(sched, t, t_prev, x0, eps, noise, eta)
 
 
-def ddpm_step(sched: NoiseSchedule, x_t, t, t_prev, eps_hat, noise):
+def ddpm_step(sched: NoiseSchedule, x_t: jax.Array, t: jax.Array, t_prev: jax.Array, eps_hat: jax.Array,
+              noise: jax.Array) -> jax.Array:
   """One pixel-space ancestral DDPM step t -> t_prev (x0 predicted and clipped to [-1, 1])."""
   return ddpm_update(sched, x_t, t, t_prev, predict_x0(sched, x_t, t, eps_hat), noise)
 
 
-def forward_jump(sched: NoiseSchedule, x_t, t, t_next, noise):
+def forward_jump(sched: NoiseSchedule, x_t: jax.Array, t: jax.Array, t_next: jax.Array, noise: jax.Array) -> jax.Array:
   """q(x_{t_next} | x_t) for t_next > t: RePaint's jump back to a noisier level."""
   ratio = _bcast(abar_at(sched, t_next) / abar_at(sched, t), x_t)
   return jnp.sqrt(ratio) * x_t + jnp.sqrt(1.0 - ratio) * noise

@@ -24,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -56,7 +57,8 @@ DUPLICATION_FILES = ("duplication.json", "duplication.md")
 # Settings and groups.
 
 
-def validate(config, mesh: Mesh) -> tuple[tuple[float, ...], mitigations.Mitigation, augment_lib.Augmentation]:
+def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[tuple[float, ...], mitigations.Mitigation,
+             augment_lib.Augmentation]:
   """The eval section checked against the model and the mesh: (thresholds, mitigation, augmentation)."""
   c = config.eval
   mitigation = mitigations.Mitigation.from_config(c.get("mitigation"))
@@ -123,7 +125,7 @@ def member_group(exp: Experiment, n: int, seed: int, name: str = "members") -> G
                captions=captions)
 
 
-def nonmember_group(exp: Experiment, config) -> Group:
+def nonmember_group(exp: Experiment, config: ml_collections.ConfigDict) -> Group:
   """eval.num_nonmembers held-out records of data.eval_split, bordered with fresh keys."""
   source = open_source(config.data, config.data.eval_split)
   if (source.image_size, source.channels) != (exp.source.image_size, exp.source.channels):
@@ -262,20 +264,21 @@ class Evaluator:
         "bad_input": {"train": self.exp.bad_input, "non_members": self.groups[1].bad_input},
     }
 
-  def open_store(self, out_dir: str, mitigation, augmentation) -> report.ResultStore | None:
+  def open_store(self, out_dir: str, mitigation: mitigations.Mitigation,
+                 augmentation: augment_lib.Augmentation) -> report.ResultStore | None:
     """The setting's result store (process 0; None elsewhere). Other settings' results there are an error."""
     if not self.is_main:
       return None
     return report.ResultStore(os.path.join(out_dir, "results.jsonl"), meta=self.meta(mitigation, augmentation))
 
-  def done_count(self, store) -> int:
+  def done_count(self, store: report.ResultStore | None) -> int:
     """Images of this setting already in `store`, the same on every process."""
     done = sum(len(g.ids) - len(store.remaining(g.name, g.ids)) for g in self.groups) if self.is_main else 0
     return int(parallel.to_host(_broadcast(done)))
 
   def score(self, out_dir: str, mitigation: mitigations.Mitigation | None = None,
-            augmentation: augment_lib.Augmentation | None = None, *, bar=None, store=None,
-            write_grid: bool = True) -> dict | None:
+            augmentation: augment_lib.Augmentation | None = None, *, bar: tqdm | None = None,
+            store: report.ResultStore | None = None, write_grid: bool = True) -> dict | None:
     """Outpaints every group under one setting, writes its report to `out_dir`, returns the summary.
 
     Args:
@@ -340,7 +343,7 @@ class Evaluator:
                               keys=g.keys[:n], k_pred=out["k_pred"], row_labels=[f"member {i}" for i in ids])
 
 
-def build_evaluator(config, workdir: str, step: int | None = None) -> Evaluator:
+def build_evaluator(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> Evaluator:
   """Builds the experiment, restores checkpoint `step`'s EMA parameters (default: the latest) and the
   frozen parts, picks the groups and builds the outpainter."""
   exp = build_experiment(config)
@@ -364,7 +367,8 @@ def build_evaluator(config, workdir: str, step: int | None = None) -> Evaluator:
                    op, jax.process_index() == 0)
 
 
-def write_duplication_report(exp: Experiment, results: report.Results, thresholds, out_dir: str) -> dict:
+def write_duplication_report(exp: Experiment, results: report.Results, thresholds: Sequence[float],
+                             out_dir: str) -> dict:
   """Members scored per duplication level (any evaluation x any key): duplication.json and .md.
 
   Every evaluated member is one distinct image (copies share the image and its condition; only
@@ -380,7 +384,8 @@ def write_duplication_report(exp: Experiment, results: report.Results, threshold
   return summary
 
 
-def evaluate(config, workdir: str, step: int | None = None, out_dir: str | None = None) -> str | None:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+             out_dir: str | None = None) -> str | None:
   """Outpaints members and non-members and writes the report; returns the report's directory on
   process 0 (DIR/eval/ by default: summary.json, summary.md, per_image.csv, plots), None elsewhere.
 

@@ -51,6 +51,7 @@ import os
 from typing import Callable
 
 import jax
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -94,7 +95,7 @@ DEFAULTS = {
 }
 
 
-def generation_settings(config) -> dict:
+def generation_settings(config: ml_collections.ConfigDict) -> dict:
   """`eval.generations` merged over `DEFAULTS` (and the eval section), validated."""
   given = config.eval.get("generations")
   given = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
@@ -390,7 +391,8 @@ def _write_grid(path, exp, result, gen_u8, ids, train, num) -> None:
   report.write_sample_grid(path, pairs, row_labels=labels, max_rows=num)
 
 
-def score_generations(config, workdir: str, out_dir: str | None = None, num_samples: int | None = None,
+def score_generations(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None,
+                      num_samples: int | None = None,
                       step: int | None = None, encoder: Callable | None = None) -> dict | None:
   """Samples generations from a trained model and scores them with the baseline metrics.
 

@@ -31,6 +31,7 @@ import os
 from typing import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -126,7 +127,7 @@ def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: st
   return Setting(f"{name}_{value:g}", m, a, float(value))
 
 
-def settings_from_config(config) -> list[Setting]:
+def settings_from_config(config: ml_collections.ConfigDict) -> list[Setting]:
   """The sweep's settings from `config.sweep`, the baseline (identity) row first.
 
   Either `sweep.settings` ("name:value" strings, "none") or `sweep.name` with `sweep.values`. The
@@ -318,7 +319,7 @@ def _latest_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
-def ensure_trained(config, workdir: str) -> None:
+def ensure_trained(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains (or resumes training) when the workdir has no checkpoint at train.num_steps."""
   latest = _latest_step(workdir)
   if latest is not None and latest >= config.train.num_steps:
@@ -342,7 +343,8 @@ def _finished(out_dir: str, has_duplicates: bool) -> dict | None:
   return summary
 
 
-def run_sweep(config, workdir: str, *, name: str | None = None, step: int | None = None, train: bool = True,
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = None, step: int | None = None,
+              train: bool = True,
               evaluator: Evaluator | None = None) -> dict | None:
   """Scores every setting of `config.sweep` on one checkpoint; writes and returns the sweep table.
 

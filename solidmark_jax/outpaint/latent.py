@@ -51,6 +51,8 @@ condition an id or one embedding [L, D] (the empty caption's).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +71,7 @@ _JUMP_SALT = 0x7A3F0  # the jump noise of row i: fold_in(fold_in(key, salt), i),
 # The latent clean estimate (unclipped) and the re-mask grid.
 
 
-def latent_x0(sched: NoiseSchedule, z_t, t, eps_hat):
+def latent_x0(sched: NoiseSchedule, z_t: jax.Array, t: jax.Array, eps_hat: jax.Array) -> jax.Array:
   """z0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), not clipped (latents are unbounded)."""
   return schedule_lib.predict_x0(sched, z_t, t, eps_hat, clip=False)
 
@@ -179,7 +181,7 @@ class LatentOutpainter(Outpainter):
     x = mask * x + (1.0 - mask) * x0_known  # paste the known region back
     return self._k_pred(x, mask), x
 
-  def check_call(self, params, known, mask, conditions) -> None:
+  def check_call(self, params: Any, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray) -> None:
     if not isinstance(params, dict) or set(params) != {"unet", "vae"}:
       raise ValueError("latent outpaint: params must be {'unet': denoiser params, 'vae': VAE params}, got "
                        f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")

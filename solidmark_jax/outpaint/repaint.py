@@ -124,7 +124,7 @@ def repaint_steps(num_train_steps: int, num_steps: int, jump_length: int = 10,
 # The jitted outpainting function.
 
 
-def as_conditions(conditions):
+def as_conditions(conditions: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
   """Condition ids as int32 [N], or float embeddings ([N, D] / [N, L, D]) as float32."""
   xp = jnp if isinstance(conditions, jax.Array) else np
   conditions = xp.asarray(conditions)
@@ -277,7 +277,7 @@ class Outpainter:
       raise ValueError(f"{self.name}: null_condition has shape {null.shape}, one image's condition {one}")
     return null
 
-  def check_call(self, params, known, mask, conditions) -> None:
+  def check_call(self, params: Any, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray | jax.Array) -> None:
     """Checks a call's shapes (subclasses add theirs)."""
     n = known.shape[0]
     if self.mesh is not None and n % self.mesh.size:
@@ -299,8 +299,9 @@ class Outpainter:
     images = self.return_images if return_images is None else bool(return_images)
     return self._jitted(params, known, mask, conditions, rng, ids, null, int(repeats), images)
 
-  def run(self, params, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray, rng, repeats: int = 1,
-          ids: np.ndarray | None = None, batch_size: int | None = None, null_condition=None,
+  def run(self, params: Any, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray, rng: jax.Array,
+          repeats: int = 1,
+          ids: np.ndarray | None = None, batch_size: int | None = None, null_condition: int | np.ndarray | None = None,
           return_images: bool | None = None) -> dict[str, np.ndarray]:
     """Host convenience: numpy in, numpy out, rows padded to `batch_size`.
 
@@ -349,9 +350,10 @@ def make_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, spec: SamplerSpec
   return Outpainter(denoiser, sched, spec, return_images=return_images, mesh=mesh, key_masks=key_masks)
 
 
-def sample(outpainter: Outpainter, params, conditions: np.ndarray, rng, image_shape: tuple[int, int, int],
+def sample(outpainter: Outpainter, params: Any, conditions: np.ndarray, rng: jax.Array, image_shape: tuple[int, int,
+           int],
            repeats: int = 1, batch_size: int | None = None, ids: np.ndarray | None = None,
-           null_condition=None) -> np.ndarray:
+           null_condition: int | np.ndarray | None = None) -> np.ndarray:
   """Plain sampling (no known region) through the same function: images [N, r, H, W, C] in model space.
 
   Args:

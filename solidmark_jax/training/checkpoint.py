@@ -12,6 +12,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from solidmark_jax.config import default_config
@@ -25,7 +26,7 @@ FINGERPRINT_DATA_FIELDS = ("name", "train_split", "image_size", "channels", "sub
                            "duplicates", "folder")
 
 
-def fingerprint_fields(config) -> dict:
+def fingerprint_fields(config: ml_collections.ConfigDict) -> dict:
   out = {s: config[s].to_dict() for s in FINGERPRINT_SECTIONS}
   out["model"] = {k: v for k, v in out["model"].items() if k not in COMPUTE_FIELDS}
   out["data"] = {k: config.data.get(k) for k in FINGERPRINT_DATA_FIELDS}
@@ -33,7 +34,7 @@ def fingerprint_fields(config) -> dict:
   return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
-def config_fingerprint(config) -> str:
+def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(json.dumps(fingerprint_fields(config), sort_keys=True).encode()).hexdigest()
 
 
@@ -115,7 +116,7 @@ class Checkpointer:
     return CheckpointWriteError(f"{self.directory}: writing checkpoint {step if step is not None else '(unknown)'} "
                                 f"failed ({type(e).__name__}: {e}); {resume}. Free space or fix the disk first.")
 
-  def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state: dict, meta: dict, *, force: bool = False) -> bool:
     """Starts writing checkpoint `step` in the background (the previous write's failure raises here)."""
     self.wait()  # Orbax waits for the previous save anyway: this names the step that failed
     try:
@@ -134,7 +135,7 @@ class Checkpointer:
       raise RuntimeError(f"{self.directory}: cannot read the metadata of checkpoint {step}: {e}") from e
     return dict(out["meta"])
 
-  def check_compatible(self, step: int, config, keymap_hash: str | None) -> dict:
+  def check_compatible(self, step: int, config: ml_collections.ConfigDict, keymap_hash: str | None) -> dict:
     """Raises ValueError, naming the fields, when checkpoint `step` is of another config or keymap."""
     meta = self.read_meta(step)
     theirs = meta.get("fingerprint_fields", {})
@@ -152,7 +153,7 @@ class Checkpointer:
           f"the keymap here is {keymap_hash[:16]}...: refusing to mix keys")
     return meta
 
-  def restore_state(self, step: int, abstract_state):
+  def restore_state(self, step: int, abstract_state: dict) -> dict:
     """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
@@ -174,7 +175,7 @@ class Checkpointer:
                          f"({type(e).__name__}: {e})") from e
     return dict(out["state"])
 
-  def wait(self):
+  def wait(self) -> None:
     """Waits for the background write; raises CheckpointWriteError if it failed."""
     try:
       self.manager.wait_until_finished()
@@ -184,7 +185,7 @@ class Checkpointer:
     finally:
       self._writing = None
 
-  def close(self):
+  def close(self) -> None:
     """Waits for the background write (CheckpointWriteError if it failed), then stops the manager."""
     try:
       self.wait()
@@ -197,7 +198,7 @@ class Checkpointer:
           raise self._write_error(self._last_saved, e) from e
 
 
-def make_meta(config, step: int, keymap_hash: str) -> dict:
+def make_meta(config: ml_collections.ConfigDict, step: int, keymap_hash: str) -> dict:
   return {
       "format": "solidmark-checkpoint/1",
       "step": int(step),

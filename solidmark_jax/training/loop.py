@@ -6,9 +6,13 @@ import concurrent.futures
 import logging
 import os
 import time
+from typing import Callable
 
 import jax
+import ml_collections
 import numpy as np
+import optax
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from solidmark_jax import dirlock, parallel
@@ -21,13 +25,13 @@ from solidmark_jax.report import write_sample_grid
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.preemption import PreemptionGuard
 from solidmark_jax.training.state import abstract_state, create_state, learning_rate, load_frozen, make_optimizer
-from solidmark_jax.training.step import make_train_step
+from solidmark_jax.training.step import Prepare, make_train_step
 from solidmark_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
 
-def make_prepare(exp: Experiment, cached_latents: bool = False):
+def make_prepare(exp: Experiment, cached_latents: bool = False) -> Prepare:
   """What the train step denoises and is conditioned on, from a batch and the frozen parameters.
 
   Latent models: x0 = a sample of the VAE posterior of the marked image (as Stable Diffusion
@@ -51,8 +55,9 @@ def make_prepare(exp: Experiment, cached_latents: bool = False):
   return prepare
 
 
-def jit_train_step(exp: Experiment, mesh, tx, state_shardings, batch_keys=("image", "condition"),
-                   cached_latents: bool = False):
+def jit_train_step(exp: Experiment, mesh: Mesh, tx: optax.GradientTransformation, state_shardings: Any,
+                   batch_keys: tuple[str, ...] = ("image", "condition"),
+                   cached_latents: bool = False) -> Callable:
   """train_step(state, batch, rng, frozen) jitted with the state's and the batch's shardings.
 
   The UNet recomputes its down / up blocks in the backward pass per `train.remat`.
@@ -98,7 +103,7 @@ def _prefetch(fn, items, depth: int = 2):
       futures[j] = None
 
 
-def train(config, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the model of `config` in `workdir`; returns the final metrics.
 
   A workdir holding checkpoints of another config or keymap is an error; a checkpoint that

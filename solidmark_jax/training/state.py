@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from solidmark_jax import marks, parallel
 from solidmark_jax.experiment import Experiment
@@ -51,7 +52,8 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> State:
   }
 
 
-def create_state(exp: Experiment, mesh, tx: optax.GradientTransformation, rng: jax.Array) -> tuple[State, Any]:
+def create_state(exp: Experiment, mesh: Mesh | None, tx: optax.GradientTransformation, rng: jax.Array) -> tuple[State,
+                 Any]:
   """Initialises the train state directly onto its shardings (shapes from eval_shape).
 
   With `model.pretrained` the UNet starts from that local diffusers UNet (a condition table, if
@@ -78,7 +80,7 @@ def create_state(exp: Experiment, mesh, tx: optax.GradientTransformation, rng: j
   return state, shardings
 
 
-def abstract_state(exp: Experiment, mesh, tx: optax.GradientTransformation) -> tuple[State, Any]:
+def abstract_state(exp: Experiment, mesh: Mesh | None, tx: optax.GradientTransformation) -> tuple[State, Any]:
   """ShapeDtypeStructs (with shardings) of the train state, for restoring; and the shardings."""
 
   def init(r):
@@ -89,7 +91,7 @@ def abstract_state(exp: Experiment, mesh, tx: optax.GradientTransformation) -> t
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), shardings
 
 
-def restore_ema(exp: Experiment, workdir: str, mesh, step: int | None = None) -> tuple[Any, int, dict]:
+def restore_ema(exp: Experiment, workdir: str, mesh: Mesh | None, step: int | None = None) -> tuple[Any, int, dict]:
   """The EMA parameters of checkpoint `step` (default: the latest), on the training shardings.
 
   Only `ema_params` is read (an Orbax partial restore). The checkpoint must be of this config
@@ -127,7 +129,7 @@ def restore_ema(exp: Experiment, workdir: str, mesh, step: int | None = None) ->
   return ema, step, meta
 
 
-def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh=None) -> tuple[Experiment, dict]:
+def load_frozen(exp: Experiment, workdir: str, *, train: bool, mesh: Mesh | None = None) -> tuple[Experiment, dict]:
   """The frozen parameters of latent / text models, and the experiment with its VAE as loaded.
 
   Returns:

@@ -13,7 +13,7 @@ from solidmark_jax.diffusion import NoiseSchedule, check_prediction_type, q_samp
 State = dict  # {"step": int32 [], "params", "ema_params", "opt_state"}: `training.state` builds it
 
 
-def ema_decay_at(step, decay: float):
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
   """EMA decay with the usual warm-up, min(decay, (1 + step) / (10 + step))."""
   step = step.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
