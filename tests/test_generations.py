@@ -234,7 +234,7 @@ def test_latent_text_generations_end_to_end(latent_trained, latent_reference):
   assert meta["num_train_images"] == 16 and meta["keymap_hash"] == exp.keymap.hash
   md = (out / "summary.md").read_text()
   best = min(gens, key=lambda g: (g["carlini"], g["id"]))
-  assert generations._cell(best["caption"]) in md
+  assert report.caption_cell(best["caption"]) in md
 
 
 def test_latent_resume_after_interruption(latent_trained, latent_reference, tmp_path, monkeypatch):

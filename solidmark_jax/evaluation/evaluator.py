@@ -337,7 +337,7 @@ def write_duplication_report(exp: Experiment, results: report.Results, threshold
   summary = duplication.summarize_duplication(inst.image_id, exp.keymap.lookup(all_ids),
                                               inst.image_id[members.instance_id], members.k_pred, thresholds)
   atomic.write_json(os.path.join(out_dir, DUPLICATION_FILES[0]), summary, indent=2)
-  atomic.write_text(os.path.join(out_dir, DUPLICATION_FILES[1]), duplication.duplication_markdown(summary))
+  atomic.write_text(os.path.join(out_dir, DUPLICATION_FILES[1]), report.duplication_markdown(summary))
   return summary
 
 

@@ -326,66 +326,16 @@ def _prompt(exp: Experiment, instance: int) -> dict:
   return {"condition": np.asarray(exp.conditions)[instance].tolist()}
 
 
-METRIC_DOCS = {
-    "l2": "normalised l2 (whole image)",
-    "carlini": "Carlini's modified l2 (whole image)",
-    "patched_l2": "patched l2 (max over patches)",
-    "patched_carlini": "Carlini's modified l2 (patched)",
-    "similarity": "embedding cosine similarity",
-}
-
-
-def summary_markdown(result: dict) -> str:
-  """scores.json as a readable page: one row per metric, the closest generations and their neighbours."""
-  meta, summary = result["meta"], result["summary"]
-  lines = ["# Baseline memorisation metrics from generations", ""]
-  for k in ("checkpoint_step", "keymap_hash", "num_samples", "compared"):
-    lines.append(f"- {k.replace('_', ' ')}: `{meta[k] if k in meta else result.get(k)}`")
-  lines.append(f"- compared with {meta['num_train_images']} distinct training images")
-  lines.append(f"- Carlini: n = {meta['carlini_n']}, alpha = {meta['settings']['alpha']}; patched: "
-               + (f"grid {meta['settings']['patch_grid']}" if meta["settings"]["patch_grid"]
-                  else f"{meta['settings']['patch_size']} px patches"))
-  lines.append(f"- nearest training image is the prompt's own image: "
-               f"{100 * result['nearest_is_prompt_rate']:.1f}% of generations")
-  lines += ["", "| metric | direction | 95th pct (memorised tail) | extreme | median | counts at thresholds |",
-            "|---|---|---|---|---|---|"]
-  for name, s in summary.items():
-    op = "<=" if s["direction"] == "lower" else ">="
-    counts = ", ".join(f"{op} {t:g}: {c} ({100 * r:.1f}%)" for t, c, r in zip(s["thresholds"], s["counts"], s["rates"]))
-    tail = "p5" if s["direction"] == "lower" else "p95"
-    ext = "min" if s["direction"] == "lower" else "max"
-    lines.append(f"| {METRIC_DOCS.get(name, name)} | {'lower' if op == '<=' else 'higher'} = memorised | "
-                 f"{s['tail_95']:.4f} ({tail}) | {s['extreme']:.4f} ({ext}) | {s['median']:.4f} | {counts} |")
-  gens = sorted(result["generations"], key=lambda r: (r["carlini"], r["id"]))[:10]
-  lines += ["", "Closest generations (lowest Carlini score):", "",
-            "| generation | prompt | prompt image | nearest image (copies: instances) | l2 | Carlini | "
-            "patched Carlini | k_pred | l_SM to nearest's keys |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in gens:
-    patched = f"{r['patched_carlini']:.4f}" if "patched_carlini" in r else "-"
-    prompt = _cell(r["caption"]) if "caption" in r else f"condition {r['condition']}"
-    lines.append(f"| {r['id']} | {prompt} | {r['prompt_image']} | {r['nearest_image']} ({r['nearest_instances']}) | "
-                 f"{r['l2']:.4f} | {r['carlini']:.4f} | {patched} | {r['k_pred']:.4f} | {r['l_sm_nearest']:.4f} |")
-  return "\n".join(lines) + "\n"
-
-
-def _cell(text: str, width: int = 60) -> str:
-  """A caption as one markdown table cell: no pipes or newlines, at most `width` characters."""
-  text = " ".join(str(text).replace("|", "/").split())
-  return text if len(text) <= width else text[:width - 3] + "..."
-
-
 def _write_grid(path, exp, result, gen_u8, ids, train, num) -> None:
-  """The `num` closest pairs: generation (content) | its nearest training image, model space."""
+  """The `num` closest pairs: generation (content) | its nearest training image (`report.write_nearest_grid`)."""
   if num <= 0:
     return
   pad, pattern = exp.config.marks.pad, exp.config.marks.pattern
   by_id = {int(g): j for j, g in enumerate(ids)}
-  rows = sorted(result["generations"], key=lambda r: (r["carlini"], r["id"]))[:num]
+  rows = report.closest_generations(result, num)
   gen = content(gen_u8[[by_id[r["id"]] for r in rows]].astype(np.float32) / 255.0, pad, pattern, marked=True)
   near = train[np.array([r["nearest_image"] for r in rows])]
-  pairs = marks.to_model_space(np.stack([gen, near], axis=1))  # [n, 2, h, w, C]
-  labels = [f"gen {r['id']} ~ img {r['nearest_image']} (C={r['carlini']:.2f})" for r in rows]
-  report.write_sample_grid(path, pairs, row_labels=labels, max_rows=num)
+  report.write_nearest_grid(path, rows, marks.to_model_space(np.stack([gen, near], axis=1)))  # [n, 2, h, w, C]
 
 
 def score_generations(config, workdir: str, out_dir: str | None = None, num_samples: int | None = None,
@@ -464,7 +414,7 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
                          "border" else "both with the key square set to 0"),
             **result}
   atomic.write_json(os.path.join(out_dir, "scores.json"), result, indent=1)
-  atomic.write_text(os.path.join(out_dir, "summary.md"), summary_markdown(result))
+  atomic.write_text(os.path.join(out_dir, "summary.md"), report.generations_markdown(result))
   _write_grid(os.path.join(out_dir, "nearest.png"), exp, result, images, ids, train, int(s["num_grid"]))
   log.info("generation scores written to %s", out_dir)
   return result
