@@ -122,6 +122,16 @@ def state_shardings(mesh: Mesh, abstract_tree):
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+  """The one check of a global batch size: divisible by the mesh's devices and by the processes.
+
+  Args:
+    global_batch: the batch size over all processes.
+    mesh: the mesh the batch is split over.
+    what: the config field it comes from, named in the error (e.g. "eval.batch_size").
+
+  Raises:
+    ValueError: naming `what`, the size and the device or process count it must divide by.
+  """
   n = mesh.size
   if global_batch % n:
     raise ValueError(f"{what}={global_batch} must be divisible by the {n} devices of the mesh")

@@ -58,10 +58,7 @@ def _validate(config, mesh) -> tuple[tuple[float, ...], mitigations.Mitigation, 
     thresholds = metrics.validate_thresholds(tuple(c.thresholds))
   except ValueError as e:
     raise ValueError(f"eval.thresholds: {e}") from None
-  if c.batch_size % mesh.size:
-    raise ValueError(f"eval.batch_size={c.batch_size} must be divisible by the {mesh.size} devices of the mesh")
-  if c.batch_size % jax.process_count():
-    raise ValueError(f"eval.batch_size={c.batch_size} must be divisible by the {jax.process_count()} processes")
+  parallel.check_batch_size(c.batch_size, mesh, what="eval.batch_size")
   if c.repeats < 1:
     raise ValueError(f"eval.repeats must be >= 1, got {c.repeats}")
   if c.score not in ("best", "mean"):

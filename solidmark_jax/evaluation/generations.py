@@ -39,8 +39,9 @@ p x p key square is set to 0 in both (it then adds 0 to every distance). The key
 for itself is reported separately (`k_pred`, and its l_SM against the keys of its nearest training
 image).
 
-Config: `eval.generations` (optional; every field defaults, see `DEFAULTS`), plus the sampler
-settings of `eval` (num_steps, sampler, eta, guidance_scale, batch_size) unless overridden there.
+Config: `eval.generations` (fields and defaults: config.py's `GENERATIONS_FIELDS`; a field left out
+takes its default), plus the sampler settings of `eval` (num_steps, sampler, eta, guidance_scale,
+batch_size) unless overridden there.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import numpy as np
 from tqdm import tqdm
 
 from solidmark_jax import atomic, dirlock, marks, parallel, report
+from solidmark_jax import config as config_lib
 from solidmark_jax.evaluation.conditioning import Conditioner
 from solidmark_jax.evaluation.evaluator import load_checkpoint
 from solidmark_jax.experiment import Experiment, build_experiment, load_frozen, make_outpainter
@@ -69,38 +71,15 @@ GROUP = "generations"
 PROMPT_SALT = 0x6E4  # prompts: permutation of the instances by default_rng([seed, PROMPT_SALT])
 ENCODERS = {"pooled_pixels": baselines.pooled_pixels_encoder}  # reference only: no weights shipped
 
-# eval.generations fields and their defaults (None: the eval section's value).
-DEFAULTS = {
-    "num_samples": 256,  # N generations
-    "seed": 0,  # prompts and noise
-    "batch_size": None,  # generations per sampler call (eval.batch_size)
-    "num_steps": None,  # sampling steps (eval.num_steps)
-    "sampler": None,  # "ddim" / "ddpm" (eval.sampler)
-    "eta": None,  # (eval.eta)
-    "guidance_scale": None,  # (eval.guidance_scale)
-    "num_neighbors": 50,  # Carlini's n
-    "alpha": 0.5,  # Carlini's alpha
-    "patch_grid": (4, 4),  # patched variant: patches per side (the paper) ...
-    "patch_size": None,  # ... or patch side in px (the public code: 8); set patch_grid None then
-    "nn_batch_size": 1024,  # training images per distance chunk
-    "backend": "jax",  # nearest-neighbour kernel: "jax" or "numpy"
-    "l2_thresholds": (0.1, 0.05, 0.02),  # normalised l2 on [0, 1] pixels: memorised when <=
-    "carlini_thresholds": (0.5, 0.3, 0.1),  # modified l2: memorised when <=
-    "similarity_thresholds": (0.5, 0.75, 0.95),  # embedding cosine: memorised when >=
-    "encoder": None,  # a name in ENCODERS, or pass encoder= to score_generations
-    "num_grid": 8,  # closest pairs drawn in nearest.png (0: none)
-    "cache_train_mb": 1024,  # training images held in memory up to this size, else re-read per pass
-}
-
 
 def generation_settings(config) -> dict:
-  """`eval.generations` merged over `DEFAULTS` (and the eval section), validated."""
-  given = config.eval.get("generations")
-  given = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"eval.generations: unknown fields {unknown}; known: {sorted(DEFAULTS)}")
-  s = {**DEFAULTS, **given}
+  """`eval.generations` over `config.generations_defaults()`, None sampler settings from `eval`, validated.
+
+  The fields come in `config.GENERATIONS_FIELDS` order (as scores.json lists them).
+  """
+  defaults = config_lib.generations_defaults()
+  given = config_lib.section_items(config.eval.get("generations"), "eval.generations", tuple(defaults))
+  s = {k: given.get(k, v) for k, v in defaults.items()}
   for k in ("batch_size", "num_steps", "sampler", "eta", "guidance_scale"):
     if s[k] is None:
       s[k] = config.eval[k]
@@ -378,8 +357,7 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
     raise ValueError(f"marks.num_keys={exp.num_keys}: scoring plain generations (evaluate.py --generations) reads "
                      "one key per image; evaluate the outpaintings instead (evaluate.py without --generations)")
   mesh = parallel.mesh_for_config(config.mesh)
-  if int(s["batch_size"]) % mesh.size:
-    raise ValueError(f"eval.generations.batch_size={s['batch_size']} must be divisible by the {mesh.size} devices")
+  parallel.check_batch_size(int(s["batch_size"]), mesh, what="eval.generations.batch_size")
   ema, step, _ = load_checkpoint(exp, workdir, step, mesh)
   # Frozen text encoder / VAE (latent: the workdir's stage-1 VAE, which also sets exp.vae).
   frozen = jax.device_put(load_frozen(exp, workdir, train=False, mesh=mesh), parallel.replicated(mesh))
