@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from solidmark_jax import marks, models
+from solidmark_jax import marks, models, parallel
 from solidmark_jax.data import open_source
 from solidmark_jax.data.pipeline import Instances, make_instances
 from solidmark_jax.data.pipeline import class_labels, condition_ids, marked_batch
@@ -251,8 +251,7 @@ def sync_keymap(exp: Experiment, workdir: str, *, write: bool) -> str:
     except Exception as e:  # pylint: disable=broad-except - re-raised below, after the broadcast
       error = e
   if multi:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    failed = int(parallel.broadcast_from_main(np.int32(error is not None)))
     if failed and error is None:
       raise ValueError(f"{path}: process 0 could not check or write the workdir's keymap (see its log)")
   if error is not None:

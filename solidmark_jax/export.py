@@ -97,7 +97,7 @@ def _host(tree):
   leaves = jax.tree.leaves(tree)
   if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
     raise ValueError("export: run it as a single process (the parameters are spread over several hosts)")
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  return parallel.to_host(tree)
 
 
 def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int | None = None) -> str:

@@ -256,7 +256,8 @@ def test_latent_resume_after_interruption(latent_trained, latent_reference, tmp_
 
 
 # ---------------------------------------------------------------------------------------------
-# parallel.broadcast_ids: what process 0 decided, on every process.
+# parallel.broadcast_ids / broadcast_from_main: what process 0 decided, on every process; to_host:
+# a batch split over both processes, whole on each.
 
 _BROADCAST = """
 import json, sys
@@ -268,7 +269,10 @@ from solidmark_jax import parallel
 main = jax.process_index() == 0
 out = [parallel.broadcast_ids([7, 3, 2**40] if main else None),
        parallel.broadcast_ids(np.arange(10)[::2] if main else [9, 9]),  # strided; the others' value is ignored
-       parallel.broadcast_ids([] if main else None)]
+       parallel.broadcast_ids([] if main else None),
+       parallel.broadcast_from_main(np.arange(3, dtype=np.int32) + (0 if main else 10))]
+rows = np.full((2, 3), jax.process_index(), np.float32)  # this process's rows of a [4, 3] batch
+out += list(parallel.to_host(parallel.global_batch(parallel.make_mesh(), {"x": rows})).values())
 print(json.dumps([[str(a.dtype), a.tolist()] for a in out]))
 """
 
@@ -298,5 +302,6 @@ def test_broadcast_ids_two_processes(tmp_path):
         p.kill()
   for p, text in zip(procs, outputs):
     assert p.returncode == 0, text
-  want = [["int64", [7, 3, 2**40]], ["int64", [0, 2, 4, 6, 8]], ["int64", []]]
+  want = [["int64", [7, 3, 2**40]], ["int64", [0, 2, 4, 6, 8]], ["int64", []], ["int32", [0, 1, 2]],
+          ["float32", [[0.0] * 3] * 2 + [[1.0] * 3] * 2]]
   assert [json.loads(text.strip().splitlines()[-1]) for text in outputs] == [want, want]

@@ -254,7 +254,7 @@ class Evaluator:
   def done_count(self, store) -> int:
     """Images of this setting already in `store`, the same on every process."""
     done = sum(len(g.ids) - len(store.remaining(g.name, g.ids)) for g in self.groups) if self.is_main else 0
-    return int(parallel.to_host(_broadcast(done)))
+    return int(parallel.broadcast_from_main(done))
 
   # -- one setting -------------------------------------------------------------------------------
 
@@ -350,14 +350,6 @@ def evaluate(config, workdir: str, step: int | None = None, out_dir: str | None 
   if evaluator.is_main:
     log.info("report written to %s", out_dir)
   return summary
-
-
-def _broadcast(x):
-  """A host value from process 0, on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return multihost_utils.broadcast_one_to_all(np.asarray(x))
 
 
 def _outpaint_batch(op, params, g: _Group, ids, batch_size, mask, rng, repeats, mesh, conditioner, augmentation,

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from solidmark_jax import parallel
 from solidmark_jax.models._transformers import (
     CLIPTextConfig,
     CLIPTokenizer,
@@ -193,7 +194,7 @@ class TextEncoder:
     """
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
     folder = os.path.join(root, TEXT_ENCODER_DIR)
-    host = jax.tree.map(np.asarray, jax.device_get(self.params))
+    host = parallel.to_host(self.params)
     self.model.save_pretrained(folder, params=host)
     path = os.path.join(folder, "config.json")
     with open(path, encoding="utf-8") as f:

@@ -17,6 +17,7 @@ import os
 import jax
 import numpy as np
 
+from solidmark_jax import parallel
 from solidmark_jax.models import torch_layout
 
 FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
@@ -61,7 +62,7 @@ def save_diffusers_model(module, params, folder: str, pytorch_class: str) -> str
     pytorch_class: the diffusers PyTorch class the folder is meant for.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  host = jax.tree.map(np.asarray, jax.device_get(params))
+  host = parallel.to_host(params)
   module.save_pretrained(folder, host)
   path = os.path.join(folder, "config.json")
   with open(path, encoding="utf-8") as f:

@@ -165,12 +165,6 @@ def _make_record(config, steps: int, keymap_hash: str | None, scaling_factor: fl
           "fingerprint_fields": stage_fingerprint_fields(config), "final_metrics": metrics}
 
 
-def _replicated_host(mesh, tree):
-  """A (possibly sharded, multi-host) pytree as numpy on every host."""
-  rep = jax.jit(lambda t: t, out_shardings=parallel.replicated(mesh))(tree)
-  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), rep)
-
-
 def train_vae(exp, workdir: str, *, mesh=None) -> tuple[VAE, dict]:
   """Stage 1: trains (or resumes, or just loads) the VAE of a latent model; returns (VAE, params).
 
@@ -291,7 +285,7 @@ def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, di
       vae, state["params"], lambda b: load(b), min(SCALE_BATCHES, plan.batches_per_epoch), mesh,
       jax.random.key(config.seed + 13))
   vae = vae.with_scaling_factor(scale)
-  params = _replicated_host(mesh, state["params"])
+  params = parallel.to_host(state["params"])
   if jax.process_index() == 0:
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
