@@ -30,7 +30,6 @@ configs that name the PyTorch classes. diffusers >= 0.40 and transformers >= 5 l
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -38,7 +37,7 @@ import shutil
 import jax
 import numpy as np
 
-from solidmark_jax import parallel
+from solidmark_jax import atomic, parallel
 from solidmark_jax.diffusion import check_prediction_type
 from solidmark_jax.evaluation.evaluator import load_checkpoint
 from solidmark_jax.experiment import KEYMAP_FILE, build_experiment, load_frozen
@@ -154,14 +153,14 @@ def export_diffusers(config, workdir: str, out_dir: str | None = None, step: int
 
   sched = scheduler_config(config.diffusion, clip_sample=not exp.is_latent, prediction_type=exp.prediction_type)
   os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-  with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-    json.dump(sched, f, indent=2, sort_keys=True)
+  atomic.write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), sched, indent=2, sort_keys=True,
+                    trailing_newline=False)
   if exp.is_latent and exp.is_text:
     _write_model_index(out_dir)
   shutil.copyfile(os.path.join(workdir, KEYMAP_FILE), os.path.join(out_dir, KEYMAP_FILE))
   info["checkpoint_meta_keymap_hash"] = meta.get("keymap_hash")
-  with open(os.path.join(out_dir, EXPORT_FILE), "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=2, sort_keys=True, default=str)
+  atomic.write_json(os.path.join(out_dir, EXPORT_FILE), info, indent=2, sort_keys=True, default=str,
+                    trailing_newline=False)
   log.info("exported checkpoint %d of %s to %s", step, workdir, out_dir)
   return out_dir
 
@@ -180,8 +179,7 @@ def _write_model_index(out_dir: str) -> None:
       "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"],
   }
-  with open(os.path.join(out_dir, "model_index.json"), "w", encoding="utf-8") as f:
-    json.dump(index, f, indent=2)
+  atomic.write_json(os.path.join(out_dir, "model_index.json"), index, indent=2, trailing_newline=False)
 
 
 def main(argv):

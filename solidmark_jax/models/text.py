@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from solidmark_jax import parallel
+from solidmark_jax import atomic, parallel
 from solidmark_jax.models._transformers import (
     CLIPTextConfig,
     CLIPTokenizer,
@@ -200,8 +200,7 @@ class TextEncoder:
     with open(path, encoding="utf-8") as f:
       cfg = json.load(f)
     cfg["architectures"] = ["CLIPTextModel"]
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(cfg, f, indent=2, sort_keys=True)
+    atomic.write_json(path, cfg, indent=2, sort_keys=True, trailing_newline=False)
     save_file(torch_layout.to_pytorch(host), os.path.join(folder, SAFETENSORS_WEIGHTS), metadata={"format": "pt"})
     self.tokenizer.model_max_length = self.max_length
     self.tokenizer.save_pretrained(os.path.join(root, TOKENIZER_DIR))
@@ -371,8 +370,7 @@ def _write_tokenizer_files(folder: str, merges: Sequence[tuple[str, str]]) -> No
   vocab: dict[str, int] = {}
   for tok in symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]:
     vocab.setdefault(tok, len(vocab))
-  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-    json.dump(vocab, f, ensure_ascii=False)
+  atomic.write_json(os.path.join(folder, "vocab.json"), vocab, ensure_ascii=False, trailing_newline=False)
   with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 

@@ -17,7 +17,7 @@ import os
 import jax
 import numpy as np
 
-from solidmark_jax import parallel
+from solidmark_jax import atomic, parallel
 from solidmark_jax.models import torch_layout
 
 FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
@@ -71,8 +71,7 @@ def save_diffusers_model(module, params, folder: str, pytorch_class: str) -> str
   for key in FLAX_ONLY_CONFIG:  # the PyTorch class warns about them; the Flax one defaults them alike
     if key in cfg and cfg[key] in (False, None, "float32"):
       del cfg[key]
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(cfg, f, indent=2, sort_keys=True)
+  atomic.write_json(path, cfg, indent=2, sort_keys=True, trailing_newline=False)
   save_file(torch_layout.to_pytorch(host), os.path.join(folder, PT_SAFETENSORS), metadata={"format": "pt"})
   return folder
 

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from solidmark_jax import parallel
+from solidmark_jax import atomic, parallel
 from solidmark_jax.config import default_config
 from solidmark_jax.data.pipeline import BatchPlan
 from solidmark_jax.models.vae import VAE, abstract_vae_params, build_vae, init_vae_params, load_vae, save_vae
@@ -290,8 +290,8 @@ def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, di
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_vae(vae, params, tmp)
-    with open(os.path.join(tmp, STAGE_FILE), "w", encoding="utf-8") as f:
-      json.dump(_make_record(config, steps_done, keymap_hash, scale, measured, metrics), f, indent=1, sort_keys=True)
+    record = _make_record(config, steps_done, keymap_hash, scale, measured, metrics)
+    atomic.write_json(os.path.join(tmp, STAGE_FILE), record, indent=1, sort_keys=True, trailing_newline=False)
     shutil.rmtree(folder, ignore_errors=True)  # a shorter run's VAE, now extended
     os.rename(tmp, folder)  # one rename: vae/ exists only complete
     log.info("stage 1: VAE written to %s (scaling factor %.5f%s)", folder, scale, ", measured" if measured else "")
