@@ -61,7 +61,7 @@ from solidmark_jax.evaluation.conditioning import Conditioner
 from solidmark_jax.evaluation.evaluator import load_checkpoint
 from solidmark_jax.experiment import Experiment, build_experiment, load_frozen, make_outpainter
 from solidmark_jax.experiment import outpaint_params
-from solidmark_jax.metrics import baselines
+from solidmark_jax.metrics import baselines, validate_thresholds
 from solidmark_jax.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def generation_settings(config) -> dict:
   if s["encoder"] is not None and s["encoder"] not in ENCODERS:
     raise ValueError(f"eval.generations.encoder must be None or one of {sorted(ENCODERS)}, got {s['encoder']!r}")
   for k in ("l2_thresholds", "carlini_thresholds", "similarity_thresholds"):
-    s[k] = baselines.validate_score_thresholds(s[k], f"eval.generations.{k}")
+    s[k] = validate_thresholds(s[k], f"eval.generations.{k}", unit_interval=False)
   s["patch_grid"] = None if s["patch_grid"] is None else tuple(int(v) for v in s["patch_grid"])
   if float(s["guidance_scale"]) != 1.0 and config.model.condition == "none":
     raise ValueError(f"eval.generations.guidance_scale={s['guidance_scale']} (or eval.guidance_scale) != 1 needs a "
