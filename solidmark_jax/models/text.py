@@ -43,6 +43,7 @@ from solidmark_jax.models._transformers import (
 )
 from solidmark_jax.models import torch_layout
 from solidmark_jax.models.unet import DTYPES
+from solidmark_jax.models.weights import pipeline_folder
 
 ON_TOO_LONG = ("truncate", "error")
 TEXT_ENCODER_DIR = "text_encoder"
@@ -215,16 +216,16 @@ def _folders(path: str) -> tuple[str, str]:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"text encoder path {path} does not exist or is not a folder: expected a Stable "
                             f"Diffusion root with {TEXT_ENCODER_DIR}/ and {TOKENIZER_DIR}/")
-  te, tok = os.path.join(path, TEXT_ENCODER_DIR), os.path.join(path, TOKENIZER_DIR)
-  flat = os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vocab.json"))
-  if flat and not (os.path.isdir(te) or os.path.isdir(tok)):
-    return path, path  # a CLIP text model and its tokenizer in one folder
-  for folder, what in ((te, f"config.json and weights ({FLAX_WEIGHTS}, {SAFETENSORS_WEIGHTS} or {TORCH_WEIGHTS})"),
-                       (tok, " and ".join(TOKENIZER_FILES))):
-    if not os.path.isdir(folder):
-      raise FileNotFoundError(f"{folder} is missing: a text encoder root needs {TEXT_ENCODER_DIR}/ (with "
-                              f"config.json and weights) and {TOKENIZER_DIR}/ (with {' and '.join(TOKENIZER_FILES)}); "
-                              f"expected {what} there")
+  te, tok = pipeline_folder(path, TEXT_ENCODER_DIR, ()), pipeline_folder(path, TOKENIZER_DIR, ())  # else `path`
+  if te == tok == path and all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "vocab.json")):
+    return path, path  # no subfolders: a CLIP text model and its tokenizer in one folder
+  for folder, sub, what in ((te, TEXT_ENCODER_DIR,
+                             f"config.json and weights ({FLAX_WEIGHTS}, {SAFETENSORS_WEIGHTS} or {TORCH_WEIGHTS})"),
+                            (tok, TOKENIZER_DIR, " and ".join(TOKENIZER_FILES))):
+    if folder == path:  # a root without that subfolder
+      raise FileNotFoundError(f"{os.path.join(path, sub)} is missing: a text encoder root needs "
+                              f"{TEXT_ENCODER_DIR}/ (with config.json and weights) and {TOKENIZER_DIR}/ (with "
+                              f"{' and '.join(TOKENIZER_FILES)}); expected {what} there")
   return te, tok
 
 
