@@ -255,6 +255,21 @@ def test_latent_resume_after_interruption(latent_trained, latent_reference, tmp_
   assert result == reference  # noise seeded per generation id: the same images, the same scores
 
 
+def test_settings_are_the_config_section():
+  """eval.generations read from the config (defaults: config.GENERATIONS_FIELDS), in scores.json's order."""
+  from solidmark_jax import config as config_lib
+  c = tiny.get_config()
+  s = generations.generation_settings(c)
+  assert list(s) == [name for name, _, _ in config_lib.GENERATIONS_FIELDS]
+  assert s["batch_size"] == c.eval.batch_size and s["num_neighbors"] == 50 and s["patch_grid"] == (4, 4)
+  c.eval.generations.num_neighbors = 7
+  c.eval.generations.sampler = "ddpm"
+  s = generations.generation_settings(c)
+  assert s["num_neighbors"] == 7 and s["sampler"] == "ddpm"
+  c.eval.generations = ml_collections.ConfigDict({"seed": 3})  # a partial section: the rest defaults
+  assert generations.generation_settings(c)["num_neighbors"] == 50
+
+
 # ---------------------------------------------------------------------------------------------
 # parallel.broadcast_ids / broadcast_from_main: what process 0 decided, on every process; to_host:
 # a batch split over both processes, whole on each.
