@@ -8,7 +8,7 @@ any, is untouched and no half-written file is ever visible under the target's na
 
   with atomic.replace("summary.md") as f:   # text; mode="wb" for bytes
     f.write(text)
-  atomic.write_json("summary.json", summary, indent=2)
+  atomic.write_json("summary.json", summary, indent=2)  # every JSON file the project writes
   with atomic.replace_path("grid.png") as tmp:  # for writers that want a path (PIL, np.savez)
     image.save(tmp, format="PNG")
 """
@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: the replaced files get the usual permissions, not mkstemp's 0600
@@ -87,7 +87,13 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj: Any, *, indent: int | None = None, sort_keys: bool = False,
-               trailing_newline: bool = True) -> None:
-  """Replaces `path` with `obj` as JSON atomically (a newline after it, as the report files have)."""
-  text = json.dumps(obj, indent=indent, sort_keys=sort_keys)  # serialised first: a bad object writes nothing
+               trailing_newline: bool = True, default: Callable[[Any], Any] | None = None,
+               ensure_ascii: bool = True) -> None:
+  """Replaces `path` with `obj` as JSON atomically (a newline after it, as the report files have).
+
+  `indent`, `sort_keys`, `default` and `ensure_ascii` are `json.dumps`'; `trailing_newline=False`
+  writes exactly what `json.dump` would (the model folders' config.json files).
+  """
+  text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default,
+                    ensure_ascii=ensure_ascii)  # serialised first: a bad object writes nothing
   write_text(path, text + ("\n" if trailing_newline else ""))

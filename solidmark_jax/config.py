@@ -19,6 +19,44 @@ def section_items(section: Any, field: str, known: Sequence[str]) -> dict[str, A
   return items
 
 
+# eval.generations: baseline metrics from plain generations (evaluation/generations.py; `evaluate.py
+# --generations`). (field, default, type) in the order scores.json lists the settings; a None default
+# takes the eval section's value.
+GENERATIONS_FIELDS = (
+    ("num_samples", 256, int),  # N generations
+    ("seed", 0, int),  # prompts and noise
+    ("batch_size", None, int),  # generations per sampler call (eval.batch_size)
+    ("num_steps", None, int),  # sampling steps (eval.num_steps)
+    ("sampler", None, str),  # "ddim" / "ddpm" (eval.sampler)
+    ("eta", None, float),  # (eval.eta)
+    ("guidance_scale", None, float),  # (eval.guidance_scale)
+    ("num_neighbors", 50, int),  # Carlini et al.'s modified l2: n ...
+    ("alpha", 0.5, float),  # ... and alpha
+    ("patch_grid", (4, 4), tuple),  # patched variant: patches per side (the paper) ...
+    ("patch_size", None, int),  # ... or patch side in px (the public code: 8); set patch_grid None then
+    ("nn_batch_size", 1024, int),  # training images per distance chunk
+    ("backend", "jax", str),  # nearest-neighbour kernel: "jax" or "numpy"
+    ("l2_thresholds", (0.1, 0.05, 0.02), tuple),  # normalised l2 on [0, 1] pixels: memorised when <=
+    ("carlini_thresholds", (0.5, 0.3, 0.1), tuple),  # modified l2: memorised when <=
+    ("similarity_thresholds", (0.5, 0.75, 0.95), tuple),  # embedding cosine: memorised when >=
+    ("encoder", None, str),  # a name in evaluation.generations.ENCODERS, or pass encoder= to score_generations
+    ("num_grid", 8, int),  # closest pairs drawn in nearest.png (0: none)
+    ("cache_train_mb", 1024, int),  # training images held in memory up to this size, else re-read per pass
+)
+
+
+def generations_section() -> ml_collections.ConfigDict:
+  """The default `eval.generations` section (None defaults as typed placeholders, settable from flags)."""
+  return ml_collections.ConfigDict({
+      name: ml_collections.config_dict.placeholder(kind) if default is None else default
+      for name, default, kind in GENERATIONS_FIELDS})
+
+
+def generations_defaults() -> dict[str, Any]:
+  """`eval.generations`' fields and their defaults (None: the eval section's value), in `GENERATIONS_FIELDS` order."""
+  return {name: default for name, default, _ in GENERATIONS_FIELDS}
+
+
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # data order, subset choice, model init
@@ -162,21 +200,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.remask_every = 10  # latent models: decode, re-mask in pixels and re-encode every s steps
   c.eval.remask_from = "x0"  # latent re-mask decodes the predicted clean latent ("x0") or z_t ("noisy")
   c.eval.num_grid = 16  # images in the PNG grid
-  # Baseline metrics from plain generations (evaluation/generations.py; `evaluate.py --generations`). None: as in eval.
-  c.eval.generations = ml_collections.ConfigDict({
-      "num_samples": 256, "seed": 0,
-      "batch_size": ml_collections.config_dict.placeholder(int),
-      "num_steps": ml_collections.config_dict.placeholder(int),
-      "sampler": ml_collections.config_dict.placeholder(str),
-      "eta": ml_collections.config_dict.placeholder(float),
-      "guidance_scale": ml_collections.config_dict.placeholder(float),
-      "num_neighbors": 50, "alpha": 0.5,  # Carlini et al.'s modified l2
-      "patch_grid": (4, 4), "patch_size": ml_collections.config_dict.placeholder(int),  # patched variant
-      "nn_batch_size": 1024, "backend": "jax",
-      "l2_thresholds": (0.1, 0.05, 0.02), "carlini_thresholds": (0.5, 0.3, 0.1),
-      "similarity_thresholds": (0.5, 0.75, 0.95),
-      "encoder": ml_collections.config_dict.placeholder(str), "num_grid": 8, "cache_train_mb": 1024,
-  })
+  c.eval.generations = generations_section()
 
   # Sweeps (sweep.py, solidmark_jax/evaluation/sweeps.py): several evaluation settings of one checkpoint in one
   # process. kind: "mitigation" (eval.mitigation) or "augment" (eval.augment); either `name` with

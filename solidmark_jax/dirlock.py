@@ -35,9 +35,8 @@ from typing import Iterator
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from solidmark_jax import atomic
+from solidmark_jax import atomic, parallel
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +201,7 @@ def hold(directory: str, purpose: str) -> Iterator[DirectoryLock | None]:
     except DirectoryInUse as e:
       error = e
   if jax.process_count() > 1:
-    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    ok = int(parallel.broadcast_from_main(np.int32(error is None)))
     if not ok and error is None:
       error = DirectoryInUse(f"{os.path.abspath(directory)} is in use by another run: process 0 could not take its "
                              f"lock {os.path.join(os.path.abspath(directory), LOCK_FILE)} (its log names the holder)")

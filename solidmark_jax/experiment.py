@@ -20,10 +20,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from solidmark_jax import marks, models
+from solidmark_jax import marks, models, parallel
 from solidmark_jax.data import open_source
 from solidmark_jax.data.instances import Instances, make_instances
 from solidmark_jax.data.instances import class_labels, condition_ids, marked_batch
@@ -254,7 +253,7 @@ def sync_keymap(exp: Experiment, workdir: str, *, write: bool) -> str:
     except Exception as e:  # pylint: disable=broad-except - re-raised below, after the broadcast
       error = e
   if multi:
-    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    failed = int(parallel.broadcast_from_main(np.int32(error is not None)))
     if failed and error is None:
       raise ValueError(f"{path}: process 0 could not check or write the workdir's keymap (see its log)")
   if error is not None:

@@ -30,7 +30,6 @@ configs that name the PyTorch classes. diffusers >= 0.40 and transformers >= 5 l
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -39,7 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from solidmark_jax import parallel
+from solidmark_jax import atomic, parallel
 from solidmark_jax.diffusion import check_prediction_type
 from solidmark_jax.experiment import build_experiment
 from solidmark_jax.models import _diffusers
@@ -101,7 +100,7 @@ def _host(tree):
   leaves = jax.tree.leaves(tree)
   if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
     raise ValueError("export: run it as a single process (the parameters are spread over several hosts)")
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  return parallel.to_host(tree)
 
 
 def export_diffusers(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None,
@@ -158,14 +157,14 @@ def export_diffusers(config: ml_collections.ConfigDict, workdir: str, out_dir: s
 
   sched = scheduler_config(config.diffusion, clip_sample=not exp.is_latent, prediction_type=exp.prediction_type)
   os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-  with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-    json.dump(sched, f, indent=2, sort_keys=True)
+  atomic.write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), sched, indent=2, sort_keys=True,
+                    trailing_newline=False)
   if exp.is_latent and exp.is_text:
     _write_model_index(out_dir)
   shutil.copyfile(Workdir(workdir).keymap, os.path.join(out_dir, KEYMAP_FILE))
   info["checkpoint_meta_keymap_hash"] = meta.get("keymap_hash")
-  with open(os.path.join(out_dir, EXPORT_FILE), "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=2, sort_keys=True, default=str)
+  atomic.write_json(os.path.join(out_dir, EXPORT_FILE), info, indent=2, sort_keys=True, default=str,
+                    trailing_newline=False)
   log.info("exported checkpoint %d of %s to %s", step, workdir, out_dir)
   return out_dir
 
@@ -184,5 +183,4 @@ def _write_model_index(out_dir: str) -> None:
       "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"],
   }
-  with open(os.path.join(out_dir, "model_index.json"), "w", encoding="utf-8") as f:
-    json.dump(index, f, indent=2)
+  atomic.write_json(os.path.join(out_dir, "model_index.json"), index, indent=2, trailing_newline=False)

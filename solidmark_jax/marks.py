@@ -31,6 +31,7 @@ import hashlib
 import json
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 

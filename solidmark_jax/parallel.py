@@ -122,6 +122,16 @@ def state_shardings(mesh: Mesh, abstract_tree):
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+  """The one check of a global batch size: divisible by the mesh's devices and by the processes.
+
+  Args:
+    global_batch: the batch size over all processes.
+    mesh: the mesh the batch is split over.
+    what: the config field it comes from, named in the error (e.g. "eval.batch_size").
+
+  Raises:
+    ValueError: naming `what`, the size and the device or process count it must divide by.
+  """
   n = mesh.size
   if global_batch % n:
     raise ValueError(f"{what}={global_batch} must be divisible by the {n} devices of the mesh")
@@ -143,11 +153,30 @@ def global_batch(mesh: Mesh, local_tree):
                       local_tree)
 
 
-def to_host(x) -> np.ndarray:
-  """A (possibly multi-host, sharded) array gathered to every host as numpy."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
+def to_host(tree):
+  """The one gather to host: a (possibly sharded, multi-host) array, or a pytree of them, as numpy on every host.
+
+  A fully addressable array (one process) is copied to host; a multi-host one is all-gathered, so
+  every process must call this at the same point.
+  """
+  def one(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
+
+
+def broadcast_from_main(x) -> np.ndarray:
+  """The one broadcast: process 0's host value (array or scalar) as numpy on every process.
+
+  Every process must call it at the same point with a value of the same shape and dtype (what the
+  others pass is ignored): process 0 decides (a lock taken, a file checked, what is left to do) and
+  the others follow. With one process: `np.asarray(x)`.
+  """
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
 
 
 def broadcast_ids(ids) -> np.ndarray:
@@ -166,9 +195,9 @@ def broadcast_ids(ids) -> np.ndarray:
   if is_main and ids is None:
     raise ValueError("broadcast_ids: process 0 must pass the ids, got None")
   mine = np.ascontiguousarray(np.asarray(ids, np.int64).reshape(-1)) if is_main else None
-  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(mine) if is_main else 0)))
+  n = int(broadcast_from_main(np.int32(len(mine) if is_main else 0)))
   words = (mine if is_main else np.zeros(n, np.int64)).view(np.int32)  # [2n], the same shape everywhere
-  words = np.ascontiguousarray(multihost_utils.broadcast_one_to_all(words), np.int32)
+  words = np.ascontiguousarray(broadcast_from_main(words), np.int32)
   return words.view(np.int64).copy()  # [n]
 
 

@@ -26,6 +26,17 @@ def test_writes_and_replaces(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["sub", "x.npz"]  # no temporary file left
 
 
+def test_write_json_writes_what_json_dump_writes(tmp_path):
+  """The model folders' config.json files: the bytes of json.dump, with its options, no newline after."""
+  obj = {"b": [1, 2], "a": "\u00e9", "when": object}
+  for kwargs in ({"indent": 2, "sort_keys": True, "default": str}, {"ensure_ascii": False, "default": str}):
+    path = tmp_path / "config.json"
+    atomic.write_json(str(path), obj, trailing_newline=False, **kwargs)
+    with open(tmp_path / "ref.json", "w", encoding="utf-8") as f:
+      json.dump(obj, f, **kwargs)
+    assert path.read_bytes() == (tmp_path / "ref.json").read_bytes()
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, code):
   path = tmp_path / "summary.json"

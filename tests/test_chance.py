@@ -6,7 +6,7 @@ Synthetic predictions only (no UNet): the true answer is known in every case.
 import numpy as np
 import pytest
 
-from solidmark_jax import marks, metrics
+from solidmark_jax import marks, metrics, report
 from solidmark_jax.metrics import chance, duplication, memorisation
 
 
@@ -278,5 +278,5 @@ def test_duplication_levels_against_their_own_chance():
   assert s["levels"]["4x"]["counts"][0] == 50 and s["levels"]["4x"]["chance"]["p_value"][0] < 1e-3
   assert s["trend"][0]["p_value"] < 1e-3
   assert "fisher" not in s
-  md = duplication.duplication_markdown(s)
+  md = report.duplication_markdown(s)
   assert "trend" in md and "4x" in md

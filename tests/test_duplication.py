@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from solidmark_jax import report
 from solidmark_jax.metrics import chance, duplication
 
 
@@ -74,7 +75,7 @@ def test_summary_per_level_against_exact_chance_and_markdown():
   assert s["levels"]["2x"]["chance"]["rate"][0] > 1.5 * s["levels"]["1x"]["chance"]["rate"][0]
   assert s["levels"]["1x"]["chance"]["p_value"][0] > 0.05  # guesses are at chance
   assert s["trend"][0]["p_value"] < 1e-6
-  md = duplication.duplication_markdown(s)
+  md = report.duplication_markdown(s)
   assert "| (l_SM, 0.01) | 4x | 60 / 60 (100.0%)" in md and "trend of the excess" in md
   with pytest.raises(ValueError, match="one key per instance"):
     duplication.summarize_duplication(key_image_id, np.stack([keys, keys], 1), images, k_pred, thresholds)

@@ -243,7 +243,7 @@ def test_latent_text_generations_end_to_end(latent_trained, latent_reference):
   assert meta["num_train_images"] == 16 and meta["keymap_hash"] == exp.keymap.hash
   md = (out / "summary.md").read_text()
   best = min(gens, key=lambda g: (g["carlini"], g["id"]))
-  assert generations._cell(best["caption"]) in md
+  assert report.caption_cell(best["caption"]) in md
 
 
 def test_latent_resume_after_interruption(latent_trained, latent_reference, tmp_path, monkeypatch):
@@ -264,8 +264,24 @@ def test_latent_resume_after_interruption(latent_trained, latent_reference, tmp_
   assert result == reference  # noise seeded per generation id: the same images, the same scores
 
 
+def test_settings_are_the_config_section():
+  """eval.generations read from the config (defaults: config.GENERATIONS_FIELDS), in scores.json's order."""
+  from solidmark_jax import config as config_lib
+  c = tiny.get_config()
+  s = generations.generation_settings(c)
+  assert list(s) == [name for name, _, _ in config_lib.GENERATIONS_FIELDS]
+  assert s["batch_size"] == c.eval.batch_size and s["num_neighbors"] == 50 and s["patch_grid"] == (4, 4)
+  c.eval.generations.num_neighbors = 7
+  c.eval.generations.sampler = "ddpm"
+  s = generations.generation_settings(c)
+  assert s["num_neighbors"] == 7 and s["sampler"] == "ddpm"
+  c.eval.generations = ml_collections.ConfigDict({"seed": 3})  # a partial section: the rest defaults
+  assert generations.generation_settings(c)["num_neighbors"] == 50
+
+
 # ---------------------------------------------------------------------------------------------
-# parallel.broadcast_ids: what process 0 decided, on every process.
+# parallel.broadcast_ids / broadcast_from_main: what process 0 decided, on every process; to_host:
+# a batch split over both processes, whole on each.
 
 _BROADCAST = """
 import json, sys
@@ -277,7 +293,10 @@ from solidmark_jax import parallel
 main = jax.process_index() == 0
 out = [parallel.broadcast_ids([7, 3, 2**40] if main else None),
        parallel.broadcast_ids(np.arange(10)[::2] if main else [9, 9]),  # strided; the others' value is ignored
-       parallel.broadcast_ids([] if main else None)]
+       parallel.broadcast_ids([] if main else None),
+       parallel.broadcast_from_main(np.arange(3, dtype=np.int32) + (0 if main else 10))]
+rows = np.full((2, 3), jax.process_index(), np.float32)  # this process's rows of a [4, 3] batch
+out += list(parallel.to_host(parallel.global_batch(parallel.make_mesh(), {"x": rows})).values())
 print(json.dumps([[str(a.dtype), a.tolist()] for a in out]))
 """
 
@@ -307,5 +326,6 @@ def test_broadcast_ids_two_processes(tmp_path):
         p.kill()
   for p, text in zip(procs, outputs):
     assert p.returncode == 0, text
-  want = [["int64", [7, 3, 2**40]], ["int64", [0, 2, 4, 6, 8]], ["int64", []]]
+  want = [["int64", [7, 3, 2**40]], ["int64", [0, 2, 4, 6, 8]], ["int64", []], ["int32", [0, 1, 2]],
+          ["float32", [[0.0] * 3] * 2 + [[1.0] * 3] * 2]]
   assert [json.loads(text.strip().splitlines()[-1]) for text in outputs] == [want, want]

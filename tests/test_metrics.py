@@ -43,6 +43,12 @@ def test_threshold_validation():
     metrics.validate_thresholds([0.1, 0.1])
   with pytest.raises(ValueError, match=r"\(0, 1\)"):
     metrics.eidetic_counts([0.1], (0.1, 2.0))
+  # the baselines' distance / similarity thresholds: the same check, finite instead of inside (0, 1)
+  assert metrics.validate_thresholds([2.5, 0.5], "eval.generations.l2_thresholds", unit_interval=False) == (2.5, 0.5)
+  for bad, what in ((0.5, "sequence"), ("0.5", "sequence"), ([], "at least one"), ([float("inf")], "finite"),
+                    ([1.0, 1.0], "distinct")):
+    with pytest.raises(ValueError, match=f"eval.generations.l2_thresholds.*{what}"):
+      metrics.validate_thresholds(bad, "eval.generations.l2_thresholds", unit_interval=False)
 
 
 def test_l_sm_several_keys_is_the_largest_distance():

@@ -92,3 +92,22 @@ def test_checkpoint_restores_onto_a_mesh_of_another_size(tmp_path):
     assert set(a.sharding.device_set) <= set(jax.devices()[:2])
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert any("fsdp" in tuple(x.sharding.spec) for x in jax.tree.leaves(restored["params"]))
+
+
+def test_to_host_gathers_a_tree_and_broadcast_is_identity_with_one_process():
+  mesh = parallel.make_mesh()
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  tree = {"a": parallel.global_batch(mesh, x), "b": [jnp.ones(2, jnp.bfloat16), 5]}
+  host = parallel.to_host(tree)
+  assert isinstance(host["a"], np.ndarray) and np.array_equal(host["a"], x)
+  assert host["b"][0].dtype == jnp.bfloat16 and host["b"][1] == 5
+  assert parallel.to_host(jnp.arange(3)).tolist() == [0, 1, 2]
+  got = parallel.broadcast_from_main(np.int32(7))
+  assert isinstance(got, np.ndarray) and int(got) == 7
+
+
+def test_check_batch_size_names_the_field():
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(16, mesh, what="eval.batch_size")
+  with pytest.raises(ValueError, match=r"eval.generations.batch_size=6 must be divisible by the 8 devices of the mesh"):
+    parallel.check_batch_size(6, mesh, what="eval.generations.batch_size")

@@ -153,3 +153,18 @@ def test_cached_latents_are_the_posterior_means(sd_root, fashion_dir, tmp_path):
   sampled, _, _ = make_prepare(exp)(frozen, {"image": exp.read_marked(ids)["image"], "condition": batch["condition"]},
                                     jax.random.key(0))
   assert not np.allclose(np.asarray(sampled), latents[ids])
+
+
+def test_one_pipeline_folder_rule_for_every_component(tmp_path):
+  from solidmark_jax.models.weights import pipeline_folder
+  root = tmp_path / "sd"
+  for sub in ("unet", "vae"):
+    (root / sub).mkdir(parents=True)
+    (root / sub / "config.json").write_text("{}")
+  (root / "text_encoder").mkdir()
+  assert pipeline_folder(str(root), "unet") == str(root / "unet")  # a pipeline root
+  assert pipeline_folder(str(root / "vae"), "vae") == str(root / "vae")  # the component's own folder
+  assert pipeline_folder(str(root), "text_encoder") is None  # no config.json in either
+  assert pipeline_folder(str(root), "text_encoder", ()) == str(root / "text_encoder")
+  assert pipeline_folder(str(root), "tokenizer", ()) == str(root)
+  assert models.pretrained_unet_dir(str(root)) == str(root / "unet")

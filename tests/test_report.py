@@ -239,3 +239,10 @@ def test_failed_append_is_an_error_and_keeps_the_batches_before(tmp_path, monkey
   assert run(full)
   assert write_report(str(tmp_path / "a"), resumed.results(), metadata=META, plots_enabled=False) == write_report(
       str(tmp_path / "b"), full.results(), metadata=META, plots_enabled=False)
+
+
+def test_one_percent_and_p_value_format_for_every_page():
+  from solidmark_jax.report import p_value, percent
+  assert percent(0.12345) == "12.3%" and percent(0.12345, 2) == "12.35%" and percent(None) == "-"
+  assert p_value(0.31234) == "0.312" and p_value(2e-4) == "2.00e-04"
+  assert p_value(None) == "-" and p_value(float("nan")) == "-"

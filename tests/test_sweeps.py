@@ -135,7 +135,7 @@ def test_table_reports_chance_and_the_paired_effect_against_the_baseline():
   assert 0.35 < gni["effect"]["reduction"][1] < 0.65
   assert gni["effect"]["mcnemar_p"][1] < 1e-4
   assert gni["chance"]["expected"] == summaries[1]["groups"]["members"]["chance"]["expected"]
-  text = sweeps.table_markdown(table)
+  text = report.sweep_markdown(table)
   assert "| gni_0.5 | " in text and "reduction of the excess over chance" in text and "McNemar" in text
   fewer = report.Results.from_records([{"group": "members", "instance_id": i, "key": float(keys[i]),
                                         "k_pred": half[i].tolist()} for i in range(n // 2)])

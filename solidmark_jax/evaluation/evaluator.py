@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -68,10 +67,7 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[tuple[float
     thresholds = metrics.validate_thresholds(tuple(c.thresholds))
   except ValueError as e:
     raise ValueError(f"eval.thresholds: {e}") from None
-  if c.batch_size % mesh.size:
-    raise ValueError(f"eval.batch_size={c.batch_size} must be divisible by the {mesh.size} devices of the mesh")
-  if c.batch_size % jax.process_count():
-    raise ValueError(f"eval.batch_size={c.batch_size} must be divisible by the {jax.process_count()} processes")
+  parallel.check_batch_size(c.batch_size, mesh, what="eval.batch_size")
   if c.repeats < 1:
     raise ValueError(f"eval.repeats must be >= 1, got {c.repeats}")
   if c.score not in ("best", "mean"):
@@ -274,7 +270,7 @@ class Evaluator:
   def done_count(self, store: report.ResultStore | None) -> int:
     """Images of this setting already in `store`, the same on every process."""
     done = sum(len(g.ids) - len(store.remaining(g.name, g.ids)) for g in self.groups) if self.is_main else 0
-    return int(parallel.to_host(_broadcast(done)))
+    return int(parallel.broadcast_from_main(done))
 
   def score(self, out_dir: str, mitigation: mitigations.Mitigation | None = None,
             augmentation: augment_lib.Augmentation | None = None, *, bar: tqdm | None = None,
@@ -380,7 +376,7 @@ def write_duplication_report(exp: Experiment, results: report.Results, threshold
   summary = duplication.summarize_duplication(inst.image_id, exp.keymap.lookup(all_ids),
                                               inst.image_id[members.instance_id], members.k_pred, thresholds)
   atomic.write_json(os.path.join(out_dir, DUPLICATION_FILES[0]), summary, indent=2)
-  atomic.write_text(os.path.join(out_dir, DUPLICATION_FILES[1]), duplication.duplication_markdown(summary))
+  atomic.write_text(os.path.join(out_dir, DUPLICATION_FILES[1]), report.duplication_markdown(summary))
   return summary
 
 
@@ -401,8 +397,3 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   return out_dir
 
 
-def _broadcast(x):
-  """A host value from process 0, on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return multihost_utils.broadcast_one_to_all(np.asarray(x))

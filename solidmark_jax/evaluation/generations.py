@@ -39,8 +39,9 @@ p x p key square is set to 0 in both (it then adds 0 to every distance). The key
 for itself is reported separately (`k_pred`, and its l_SM against the keys of its nearest training
 image).
 
-Config: `eval.generations` (optional; every field defaults, see `DEFAULTS`), plus the sampler
-settings of `eval` (num_steps, sampler, eta, guidance_scale, batch_size) unless overridden there.
+Config: `eval.generations` (fields and defaults: config.py's `GENERATIONS_FIELDS`; a field left out
+takes its default), plus the sampler settings of `eval` (num_steps, sampler, eta, guidance_scale,
+batch_size) unless overridden there.
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ import numpy as np
 from tqdm import tqdm
 
 from solidmark_jax import atomic, dirlock, marks, parallel, report
+from solidmark_jax import config as config_lib
 from solidmark_jax.evaluation.conditioning import Conditioner
 from solidmark_jax.experiment import Experiment, build_experiment, make_outpainter
 from solidmark_jax.experiment import outpaint_params
-from solidmark_jax.metrics import baselines
+from solidmark_jax.metrics import baselines, validate_thresholds
 from solidmark_jax.outpaint import SamplerSpec
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.state import load_frozen, restore_ema
@@ -71,38 +73,15 @@ GROUP = "generations"
 PROMPT_SALT = 0x6E4  # prompts: permutation of the instances by default_rng([seed, PROMPT_SALT])
 ENCODERS = {"pooled_pixels": baselines.pooled_pixels_encoder}  # reference only: no weights shipped
 
-# eval.generations fields and their defaults (None: the eval section's value).
-DEFAULTS = {
-    "num_samples": 256,  # N generations
-    "seed": 0,  # prompts and noise
-    "batch_size": None,  # generations per sampler call (eval.batch_size)
-    "num_steps": None,  # sampling steps (eval.num_steps)
-    "sampler": None,  # "ddim" / "ddpm" (eval.sampler)
-    "eta": None,  # (eval.eta)
-    "guidance_scale": None,  # (eval.guidance_scale)
-    "num_neighbors": 50,  # Carlini's n
-    "alpha": 0.5,  # Carlini's alpha
-    "patch_grid": (4, 4),  # patched variant: patches per side (the paper) ...
-    "patch_size": None,  # ... or patch side in px (the public code: 8); set patch_grid None then
-    "nn_batch_size": 1024,  # training images per distance chunk
-    "backend": "jax",  # nearest-neighbour kernel: "jax" or "numpy"
-    "l2_thresholds": (0.1, 0.05, 0.02),  # normalised l2 on [0, 1] pixels: memorised when <=
-    "carlini_thresholds": (0.5, 0.3, 0.1),  # modified l2: memorised when <=
-    "similarity_thresholds": (0.5, 0.75, 0.95),  # embedding cosine: memorised when >=
-    "encoder": None,  # a name in ENCODERS, or pass encoder= to score_generations
-    "num_grid": 8,  # closest pairs drawn in nearest.png (0: none)
-    "cache_train_mb": 1024,  # training images held in memory up to this size, else re-read per pass
-}
-
 
 def generation_settings(config: ml_collections.ConfigDict) -> dict:
-  """`eval.generations` merged over `DEFAULTS` (and the eval section), validated."""
-  given = config.eval.get("generations")
-  given = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"eval.generations: unknown fields {unknown}; known: {sorted(DEFAULTS)}")
-  s = {**DEFAULTS, **given}
+  """`eval.generations` over `config.generations_defaults()`, None sampler settings from `eval`, validated.
+
+  The fields come in `config.GENERATIONS_FIELDS` order (as scores.json lists them).
+  """
+  defaults = config_lib.generations_defaults()
+  given = config_lib.section_items(config.eval.get("generations"), "eval.generations", tuple(defaults))
+  s = {k: given.get(k, v) for k, v in defaults.items()}
   for k in ("batch_size", "num_steps", "sampler", "eta", "guidance_scale"):
     if s[k] is None:
       s[k] = config.eval[k]
@@ -118,7 +97,7 @@ def generation_settings(config: ml_collections.ConfigDict) -> dict:
   if s["encoder"] is not None and s["encoder"] not in ENCODERS:
     raise ValueError(f"eval.generations.encoder must be None or one of {sorted(ENCODERS)}, got {s['encoder']!r}")
   for k in ("l2_thresholds", "carlini_thresholds", "similarity_thresholds"):
-    s[k] = baselines.validate_score_thresholds(s[k], f"eval.generations.{k}")
+    s[k] = validate_thresholds(s[k], f"eval.generations.{k}", unit_interval=False)
   s["patch_grid"] = None if s["patch_grid"] is None else tuple(int(v) for v in s["patch_grid"])
   if float(s["guidance_scale"]) != 1.0 and config.model.condition == "none":
     raise ValueError(f"eval.generations.guidance_scale={s['guidance_scale']} (or eval.guidance_scale) != 1 needs a "
@@ -329,66 +308,16 @@ def _prompt(exp: Experiment, instance: int) -> dict:
   return {"condition": np.asarray(exp.conditions)[instance].tolist()}
 
 
-METRIC_DOCS = {
-    "l2": "normalised l2 (whole image)",
-    "carlini": "Carlini's modified l2 (whole image)",
-    "patched_l2": "patched l2 (max over patches)",
-    "patched_carlini": "Carlini's modified l2 (patched)",
-    "similarity": "embedding cosine similarity",
-}
-
-
-def summary_markdown(result: dict) -> str:
-  """scores.json as a readable page: one row per metric, the closest generations and their neighbours."""
-  meta, summary = result["meta"], result["summary"]
-  lines = ["# Baseline memorisation metrics from generations", ""]
-  for k in ("checkpoint_step", "keymap_hash", "num_samples", "compared"):
-    lines.append(f"- {k.replace('_', ' ')}: `{meta[k] if k in meta else result.get(k)}`")
-  lines.append(f"- compared with {meta['num_train_images']} distinct training images")
-  lines.append(f"- Carlini: n = {meta['carlini_n']}, alpha = {meta['settings']['alpha']}; patched: "
-               + (f"grid {meta['settings']['patch_grid']}" if meta["settings"]["patch_grid"]
-                  else f"{meta['settings']['patch_size']} px patches"))
-  lines.append(f"- nearest training image is the prompt's own image: "
-               f"{100 * result['nearest_is_prompt_rate']:.1f}% of generations")
-  lines += ["", "| metric | direction | 95th pct (memorised tail) | extreme | median | counts at thresholds |",
-            "|---|---|---|---|---|---|"]
-  for name, s in summary.items():
-    op = "<=" if s["direction"] == "lower" else ">="
-    counts = ", ".join(f"{op} {t:g}: {c} ({100 * r:.1f}%)" for t, c, r in zip(s["thresholds"], s["counts"], s["rates"]))
-    tail = "p5" if s["direction"] == "lower" else "p95"
-    ext = "min" if s["direction"] == "lower" else "max"
-    lines.append(f"| {METRIC_DOCS.get(name, name)} | {'lower' if op == '<=' else 'higher'} = memorised | "
-                 f"{s['tail_95']:.4f} ({tail}) | {s['extreme']:.4f} ({ext}) | {s['median']:.4f} | {counts} |")
-  gens = sorted(result["generations"], key=lambda r: (r["carlini"], r["id"]))[:10]
-  lines += ["", "Closest generations (lowest Carlini score):", "",
-            "| generation | prompt | prompt image | nearest image (copies: instances) | l2 | Carlini | "
-            "patched Carlini | k_pred | l_SM to nearest's keys |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in gens:
-    patched = f"{r['patched_carlini']:.4f}" if "patched_carlini" in r else "-"
-    prompt = _cell(r["caption"]) if "caption" in r else f"condition {r['condition']}"
-    lines.append(f"| {r['id']} | {prompt} | {r['prompt_image']} | {r['nearest_image']} ({r['nearest_instances']}) | "
-                 f"{r['l2']:.4f} | {r['carlini']:.4f} | {patched} | {r['k_pred']:.4f} | {r['l_sm_nearest']:.4f} |")
-  return "\n".join(lines) + "\n"
-
-
-def _cell(text: str, width: int = 60) -> str:
-  """A caption as one markdown table cell: no pipes or newlines, at most `width` characters."""
-  text = " ".join(str(text).replace("|", "/").split())
-  return text if len(text) <= width else text[:width - 3] + "..."
-
-
 def _write_grid(path, exp, result, gen_u8, ids, train, num) -> None:
-  """The `num` closest pairs: generation (content) | its nearest training image, model space."""
+  """The `num` closest pairs: generation (content) | its nearest training image (`report.write_nearest_grid`)."""
   if num <= 0:
     return
   pad, pattern = exp.config.marks.pad, exp.config.marks.pattern
   by_id = {int(g): j for j, g in enumerate(ids)}
-  rows = sorted(result["generations"], key=lambda r: (r["carlini"], r["id"]))[:num]
+  rows = report.closest_generations(result, num)
   gen = content(gen_u8[[by_id[r["id"]] for r in rows]].astype(np.float32) / 255.0, pad, pattern, marked=True)
   near = train[np.array([r["nearest_image"] for r in rows])]
-  pairs = marks.to_model_space(np.stack([gen, near], axis=1))  # [n, 2, h, w, C]
-  labels = [f"gen {r['id']} ~ img {r['nearest_image']} (C={r['carlini']:.2f})" for r in rows]
-  report.write_sample_grid(path, pairs, row_labels=labels, max_rows=num)
+  report.write_nearest_grid(path, rows, marks.to_model_space(np.stack([gen, near], axis=1)))  # [n, 2, h, w, C]
 
 
 def score_generations(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None,
@@ -432,8 +361,7 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
     raise ValueError(f"marks.num_keys={exp.num_keys}: scoring plain generations (evaluate.py --generations) reads "
                      "one key per image; evaluate the outpaintings instead (evaluate.py without --generations)")
   mesh = parallel.mesh_for_config(config.mesh)
-  if int(s["batch_size"]) % mesh.size:
-    raise ValueError(f"eval.generations.batch_size={s['batch_size']} must be divisible by the {mesh.size} devices")
+  parallel.check_batch_size(int(s["batch_size"]), mesh, what="eval.generations.batch_size")
   ema, step, _ = restore_ema(exp, workdir, mesh, step)
   # Frozen text encoder / VAE (latent: the workdir's stage-1 VAE, the experiment's VAE from here on).
   exp, frozen = load_frozen(exp, workdir, train=False, mesh=mesh)
@@ -469,7 +397,7 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
                          "border" else "both with the key square set to 0"),
             **result}
   atomic.write_json(os.path.join(out_dir, "scores.json"), result, indent=1)
-  atomic.write_text(os.path.join(out_dir, "summary.md"), summary_markdown(result))
+  atomic.write_text(os.path.join(out_dir, "summary.md"), report.generations_markdown(result))
   _write_grid(os.path.join(out_dir, "nearest.png"), exp, result, images, ids, train, int(s["num_grid"]))
   log.info("generation scores written to %s", out_dir)
   return result

@@ -17,8 +17,9 @@ other eval settings is an error.
 The sweep's table (DIR/sweeps/<name>/table.md and sweep.json; a row per setting, the members'
 eidetic counts at every threshold beside their exact chance, and each setting's effect against the
 baseline (identity) row on the same images: the reduction of the excess over chance with a paired
-bootstrap interval and McNemar's test, not the raw reduction of counts) is printed; a one-parameter numeric sweep also gets sweep.png (rate against strength, the GNI
-figure). If the workdir has no checkpoint at train.num_steps, training runs first.
+bootstrap interval and McNemar's test, not the raw reduction of counts) is printed; a one-parameter
+numeric sweep also gets sweep.png (rate against strength, the GNI figure). The pages and the plot
+are laid out by report/sweeps.py and report/plots.py. If the workdir has no checkpoint at train.num_steps, training runs first.
 """
 
 from __future__ import annotations
@@ -225,88 +226,6 @@ def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], results:
           "checkpoint_step": summaries[0].get("checkpoint_step"), "rows": rows}
 
 
-def _pct(x) -> str:
-  return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _p(p) -> str:
-  return "-" if p is None else (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}")
-
-
-def table_markdown(table: dict) -> str:
-  """The sweep as Markdown: members' hits beside exact chance per setting, then each setting's effect."""
-  th = table["thresholds"]
-  rows = table["rows"]
-  r0 = rows[0]
-  base = table["baseline"]
-  lines = [f"# Sweep {table['name']} ({table['kind']})", "",
-           f"Members: n = {r0['n']}, r = {r0['repeats']} evaluations each, scored: {table['statistic']} over r. "
-           "Chance: the expected hits if the keys were independent of the model, exact given each setting's own "
-           "predictions; p: P(chance count >= hits).", ""]
-  head = ["setting"] + [f"(l_SM, {d:g}): hits / n, chance, p" for d in th] + ["mean l_SM"]
-  has_nm = "non_members" in r0
-  if has_nm:
-    head += [f"non-members (l_SM, {d:g}), chance" for d in th]
-  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for r in rows:
-    c = r["chance"]
-    cells = [r["setting"]]
-    cells += [f"{k} / {r['n']} ({_pct(rate)}), {e:.2f}, {_p(p)}"
-              for k, rate, e, p in zip(r["counts"], r["rates"], c["expected"], c["p_value"])]
-    cells.append("-" if r["l_sm_mean"] is None else f"{r['l_sm_mean']:.4f}")
-    if has_nm:
-      nm = r["non_members"]
-      cells += [f"{k} / {nm['n']}, {e:.2f}" for k, e in zip(nm["counts"], nm["chance_expected"])]
-    lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", f"Effect against `{base}` on the same images: reduction of the excess over chance "
-            "(excess = hits - chance expected; 1 = all excess removed) [95% paired bootstrap interval]; "
-            "McNemar's exact two-sided p on the images hit under one setting only (baseline only / this only).", ""]
-  head = ["setting"] + [f"(l_SM, {d:g}): reduction of excess, McNemar p (discordant)" for d in th]
-  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for r in rows[1:]:
-    e = r["effect"]
-    cells = [r["setting"]]
-    for t in range(len(th)):
-      ci = e["reduction_ci"][t]
-      ci_txt = "" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"
-      cells.append(f"{_pct(e['reduction'][t])}{ci_txt}, {_p(e['mcnemar_p'][t])} "
-                   f"({e['discordant'][t][0]} / {e['discordant'][t][1]})")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def plot_sweep(path: str, table: dict) -> str | None:
-  """Members' eidetic rate against the swept value, a line per threshold, chance dashed (the GNI figure).
-
-  Only for sweeps of one method over numeric values (the baseline at 0); returns None otherwise.
-  """
-  rows = table["rows"]
-  methods = {r["method"] for r in rows if r["method"] != "none"}
-  if len(methods) != 1 or len(rows) < 2:
-    return None
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is heavy, plots only
-  from matplotlib.figure import Figure  # lazy: matplotlib is heavy, plots only
-  x = np.array([r["value"] for r in rows])
-  order = np.argsort(x, kind="stable")
-  fig = Figure(figsize=(6.4, 4.0))
-  ax = fig.add_subplot()
-  for t, d in enumerate(table["thresholds"]):
-    y = np.array([r["rates"][t] for r in rows])
-    line, = ax.plot(x[order], 100 * y[order], marker="o", label=f"(l_SM, {d:g})")
-    chance_rate = np.array([r["chance"]["rate"][t] for r in rows])
-    ax.plot(x[order], 100 * chance_rate[order], color=line.get_color(), linestyle="--", linewidth=0.8)
-  method = methods.pop()
-  ax.set_xlabel({"gni": "GNI sigma", "crop": "crop level", "blur": "blur level",
-                 "rotate": "angle (degrees)"}.get(method, f"{method} strength"))
-  ax.set_ylabel("members eidetically memorised (%)")
-  ax.set_ylim(-2, 102)
-  ax.set_title(f"{table['name']}: members' rate (dashed: exact chance per setting)")
-  ax.legend(fontsize=8)
-  FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=110, bbox_inches="tight")
-  return path
-
-
 # ---------------------------------------------------------------------------------------------
 # Running a sweep.
 
@@ -404,12 +323,12 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
   out = os.path.join(root, name)
   os.makedirs(out, exist_ok=True)
   atomic.write_json(os.path.join(out, "sweep.json"), table, indent=2)
-  text = table_markdown(table)
+  text = report.sweep_markdown(table)
   if has_dup:
     text += "\n" + "\n".join(f"## {s.name}\n\n" + open(os.path.join(d, DUPLICATION_FILES[1])).read()
                              for s, d in zip(settings, dirs))
   atomic.write_text(os.path.join(out, "table.md"), text)
-  plot_sweep(os.path.join(out, "sweep.png"), table)
+  report.plot_sweep(os.path.join(out, "sweep.png"), table)
   log.info("sweep %s written to %s", name, out)
   return table
 
@@ -442,18 +361,5 @@ def compare_runs(base_dir: str, other_dir: str, out_dir: str, *, labels: tuple[s
          "statistic": statistic, "summaries": dict(zip(labels, summaries)), "effect": effect}
   os.makedirs(out_dir, exist_ok=True)
   atomic.write_json(os.path.join(out_dir, "comparison.json"), out, indent=2)
-  lines = [f"# {labels[1]} against {labels[0]} on the same {len(runs[0].instance_id)} members", "",
-           "| threshold | " + " | ".join(f"{l}: hits, chance, p" for l in labels)
-           + f" | reduction of excess ({labels[1]} vs {labels[0]}) [95% CI] | McNemar p (discordant) |",
-           "|---|---|---|---|---|"]
-  for t, d in enumerate(thresholds):
-    cells = [f"(l_SM, {d:g})"]
-    for s in summaries:
-      cells.append(f"{s['counts'][t]} / {s['n']}, {s['chance']['expected'][t]:.2f}, {_p(s['chance']['p_value'][t])}")
-    ci = effect["reduction_ci"][t]
-    cells.append(_pct(effect["reduction"][t]) + ("" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"))
-    cells.append(f"{_p(effect['mcnemar_p'][t])} ({effect['discordant'][t][0]} / {effect['discordant'][t][1]})")
-    lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", f"A negative reduction: {labels[1]} recovers more keys beyond chance than {labels[0]}."]
-  atomic.write_text(os.path.join(out_dir, "comparison.md"), "\n".join(lines) + "\n")
+  atomic.write_text(os.path.join(out_dir, "comparison.md"), report.comparison_markdown(out))
   return out

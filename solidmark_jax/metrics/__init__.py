@@ -9,7 +9,7 @@ from solidmark_jax.metrics.baselines import (
     pooled_pixels_encoder,
     score_summary,
 )
-from solidmark_jax.metrics.duplication import duplication_markdown, summarize_duplication, trend_test
+from solidmark_jax.metrics.duplication import summarize_duplication, trend_test
 from solidmark_jax.metrics.memorisation import (
     DEFAULT_THRESHOLDS,
     STATISTICS,

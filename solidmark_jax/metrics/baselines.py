@@ -35,7 +35,6 @@ compilation. "jax" is the default.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Literal, Protocol, Sequence
 
 import jax
@@ -382,26 +381,12 @@ def percentile_score(scores, q: float = 95.0) -> float:
   return float(np.percentile(np.asarray(scores, np.float64), q))
 
 
-def validate_score_thresholds(thresholds: Sequence[float], what: str = "thresholds") -> tuple[float, ...]:
-  """Thresholds as a tuple of distinct finite floats (never a single threshold: the paper reports several)."""
-  if isinstance(thresholds, (int, float, str)):
-    raise ValueError(f"{what} must be a sequence of thresholds, got {thresholds!r}")
-  out = tuple(float(t) for t in thresholds)
-  if not out:
-    raise ValueError(f"{what}: need at least one threshold")
-  if not all(math.isfinite(t) for t in out):
-    raise ValueError(f"{what} must be finite, got {out}")
-  if len(set(out)) != len(out):
-    raise ValueError(f"{what} must be distinct, got {out}")
-  return out
-
-
 def count_memorised(scores, thresholds: Sequence[float], direction: Direction) -> np.ndarray:
   """Eidetic counts per threshold: int64 [T].
 
   direction "lower" (distances): score <= threshold counts; "higher" (similarities): score >= threshold.
   """
-  thresholds = validate_score_thresholds(thresholds)
+  thresholds = memorisation.validate_thresholds(thresholds, unit_interval=False)
   s = np.asarray(scores, np.float64).reshape(-1)
   if direction == "lower":
     return np.array([int(np.sum(s <= t)) for t in thresholds], np.int64)
@@ -428,7 +413,7 @@ def score_summary(scores, thresholds: Sequence[float], direction: Direction, *, 
   """
   if direction not in DIRECTIONS:
     raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-  thresholds = validate_score_thresholds(thresholds)
+  thresholds = memorisation.validate_thresholds(thresholds, unit_interval=False)
   s = np.asarray(scores, np.float64).reshape(-1)
   n = len(s)
   counts = count_memorised(s, thresholds, direction)

@@ -28,18 +28,36 @@ Statistic = Literal["best", "mean"]
 STATISTICS = ("best", "mean")
 
 
-def validate_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
-  """Thresholds as a tuple of floats, each strictly inside (0, 1); a clear ValueError otherwise."""
-  if isinstance(thresholds, (int, float)):
-    raise ValueError(f"thresholds must be a sequence (several thresholds, as the paper reports), got {thresholds!r}")
+def validate_thresholds(thresholds: Sequence[float], field: str = "thresholds", *,
+                        unit_interval: bool = True) -> tuple[float, ...]:
+  """The one threshold check: several distinct finite floats (a result is never read at one threshold).
+
+  Args:
+    thresholds: the sequence to check.
+    field: what the error names, e.g. "eval.generations.l2_thresholds".
+    unit_interval: l_SM deltas (the default) must lie strictly inside (0, 1); the baselines'
+      distance and similarity thresholds (`unit_interval=False`) need only be finite.
+
+  Returns:
+    The thresholds as a tuple of floats.
+
+  Raises:
+    ValueError: naming `field` and what was expected.
+  """
+  if isinstance(thresholds, (int, float, str)):
+    raise ValueError(f"{field} must be a sequence of thresholds (never a single threshold), got {thresholds!r}")
   out = tuple(float(d) for d in thresholds)
   if not out:
-    raise ValueError("thresholds: need at least one delta, e.g. (0.1, 0.05, 0.01, 0.005)")
-  bad = [d for d in out if not (0.0 < d < 1.0) or math.isnan(d)]
-  if bad:
-    raise ValueError(f"thresholds must lie in (0, 1) (l_SM compares keys in [0, 1]); got {bad}")
+    raise ValueError(f"{field}: need at least one threshold" + (", e.g. (0.1, 0.05, 0.01, 0.005)" if unit_interval
+                                                                 else ""))
+  if unit_interval:
+    bad = [d for d in out if not (0.0 < d < 1.0) or math.isnan(d)]
+    if bad:
+      raise ValueError(f"{field} must lie in (0, 1) (l_SM compares keys in [0, 1]); got {bad}")
+  elif not all(math.isfinite(d) for d in out):
+    raise ValueError(f"{field} must be finite, got {out}")
   if len(set(out)) != len(out):
-    raise ValueError(f"thresholds must be distinct, got {out}")
+    raise ValueError(f"{field} must be distinct, got {out}")
   return out
 
 

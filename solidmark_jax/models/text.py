@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from solidmark_jax import atomic, parallel
 from solidmark_jax.models._transformers import (
     CLIPTextConfig,
     CLIPTokenizer,
@@ -42,6 +43,7 @@ from solidmark_jax.models._transformers import (
 )
 from solidmark_jax.models import torch_layout
 from solidmark_jax.models.unet import DTYPES
+from solidmark_jax.models.weights import pipeline_folder
 
 ON_TOO_LONG = ("truncate", "error")
 TEXT_ENCODER_DIR = "text_encoder"
@@ -193,14 +195,13 @@ class TextEncoder:
     """
     from safetensors.numpy import save_file  # lazy: safetensors is optional  # pylint: disable=g-import-not-at-top
     folder = os.path.join(root, TEXT_ENCODER_DIR)
-    host = jax.tree.map(np.asarray, jax.device_get(self.params))
+    host = parallel.to_host(self.params)
     self.model.save_pretrained(folder, params=host)
     path = os.path.join(folder, "config.json")
     with open(path, encoding="utf-8") as f:
       cfg = json.load(f)
     cfg["architectures"] = ["CLIPTextModel"]
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(cfg, f, indent=2, sort_keys=True)
+    atomic.write_json(path, cfg, indent=2, sort_keys=True, trailing_newline=False)
     save_file(torch_layout.to_pytorch(host), os.path.join(folder, SAFETENSORS_WEIGHTS), metadata={"format": "pt"})
     self.tokenizer.model_max_length = self.max_length
     self.tokenizer.save_pretrained(os.path.join(root, TOKENIZER_DIR))
@@ -215,16 +216,16 @@ def _folders(path: str) -> tuple[str, str]:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"text encoder path {path} does not exist or is not a folder: expected a Stable "
                             f"Diffusion root with {TEXT_ENCODER_DIR}/ and {TOKENIZER_DIR}/")
-  te, tok = os.path.join(path, TEXT_ENCODER_DIR), os.path.join(path, TOKENIZER_DIR)
-  flat = os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vocab.json"))
-  if flat and not (os.path.isdir(te) or os.path.isdir(tok)):
-    return path, path  # a CLIP text model and its tokenizer in one folder
-  for folder, what in ((te, f"config.json and weights ({FLAX_WEIGHTS}, {SAFETENSORS_WEIGHTS} or {TORCH_WEIGHTS})"),
-                       (tok, " and ".join(TOKENIZER_FILES))):
-    if not os.path.isdir(folder):
-      raise FileNotFoundError(f"{folder} is missing: a text encoder root needs {TEXT_ENCODER_DIR}/ (with "
-                              f"config.json and weights) and {TOKENIZER_DIR}/ (with {' and '.join(TOKENIZER_FILES)}); "
-                              f"expected {what} there")
+  te, tok = pipeline_folder(path, TEXT_ENCODER_DIR, ()), pipeline_folder(path, TOKENIZER_DIR, ())  # else `path`
+  if te == tok == path and all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "vocab.json")):
+    return path, path  # no subfolders: a CLIP text model and its tokenizer in one folder
+  for folder, sub, what in ((te, TEXT_ENCODER_DIR,
+                             f"config.json and weights ({FLAX_WEIGHTS}, {SAFETENSORS_WEIGHTS} or {TORCH_WEIGHTS})"),
+                            (tok, TOKENIZER_DIR, " and ".join(TOKENIZER_FILES))):
+    if folder == path:  # a root without that subfolder
+      raise FileNotFoundError(f"{os.path.join(path, sub)} is missing: a text encoder root needs "
+                              f"{TEXT_ENCODER_DIR}/ (with config.json and weights) and {TOKENIZER_DIR}/ (with "
+                              f"{' and '.join(TOKENIZER_FILES)}); expected {what} there")
   return te, tok
 
 
@@ -370,8 +371,7 @@ def _write_tokenizer_files(folder: str, merges: Sequence[tuple[str, str]]) -> No
   vocab: dict[str, int] = {}
   for tok in symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]:
     vocab.setdefault(tok, len(vocab))
-  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-    json.dump(vocab, f, ensure_ascii=False)
+  atomic.write_json(os.path.join(folder, "vocab.json"), vocab, ensure_ascii=False, trailing_newline=False)
   with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from solidmark_jax.models import weights
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
 from solidmark_jax.models.fast_layers import ATTENTION, REMAT, fast_layers
+from solidmark_jax.models.weights import pipeline_folder
 
 CONDITIONS = ("class", "image", "text", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype: the compute dtype
@@ -205,9 +206,9 @@ UNET_FOLDER = "unet"
 def pretrained_unet_dir(path: str) -> str:
   """The UNet folder of a local diffusers directory: `path/unet` (a pipeline root) or `path` itself."""
   path = os.path.expanduser(path)
-  for candidate in (os.path.join(path, UNET_FOLDER), path):
-    if os.path.isfile(os.path.join(candidate, "config.json")):
-      return candidate
+  folder = pipeline_folder(path, UNET_FOLDER)
+  if folder is not None:
+    return folder
   raise FileNotFoundError(f"model.pretrained={path}: expected a diffusers UNet there (config.json and weights "
                           f"in {os.path.join(path, UNET_FOLDER)} or in {path} itself)")
 

@@ -32,6 +32,7 @@ from solidmark_jax.models import weights
 from solidmark_jax.models._diffusers import FlaxAutoencoderKL
 from solidmark_jax.models.fast_layers import fast_layers
 from solidmark_jax.models.unet import DTYPES
+from solidmark_jax.models.weights import pipeline_folder
 
 VAE_FOLDER = "vae"  # the VAE's folder in a diffusers pipeline root (and in a workdir)
 DEFAULT_GROUPS = 32  # diffusers' (and Stable Diffusion's) GroupNorm groups
@@ -227,9 +228,9 @@ def vae_dir(path: str) -> str:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such folder; expected a diffusers VAE folder (config.json with "
                             f"weights) or a Stable Diffusion root with {VAE_FOLDER}/")
-  for candidate in (os.path.join(path, VAE_FOLDER), path):
-    if os.path.isfile(os.path.join(candidate, "config.json")):
-      return candidate
+  folder = pipeline_folder(path, VAE_FOLDER)
+  if folder is not None:
+    return folder
   raise FileNotFoundError(f"{path}: no config.json there nor in {os.path.join(path, VAE_FOLDER)}; expected a "
                           "diffusers VAE folder or a Stable Diffusion root with vae/")
 

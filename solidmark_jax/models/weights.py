@@ -7,6 +7,10 @@ PyTorch weights are read with safetensors' numpy loader and converted by `models
 parameter shapes (from `jax.eval_shape`, nothing allocated twice). A `.bin` (pickle) file needs
 torch to read: it is used only when torch is installed, otherwise the error says to convert it to
 safetensors.
+
+A component's folder is found in one way for the UNet, the VAE and the text encoder
+(`pipeline_folder`): a Stable Diffusion pipeline root holds it as a subfolder (unet/, vae/,
+text_encoder/, tokenizer/), otherwise the path is the component's own folder.
 """
 
 from __future__ import annotations
@@ -17,12 +21,31 @@ import os
 import jax
 import numpy as np
 
+from solidmark_jax import atomic, parallel
 from solidmark_jax.models import torch_layout
 
 FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 PT_SAFETENSORS = "diffusion_pytorch_model.safetensors"
 PT_BIN = "diffusion_pytorch_model.bin"
 FLAX_ONLY_CONFIG = ("dtype", "split_head_dim", "use_memory_efficient_attention")
+
+
+def pipeline_folder(path: str, component: str, required: tuple[str, ...] = ("config.json",)) -> str | None:
+  """The folder of a pipeline component: `path/<component>` (a Stable Diffusion root) or `path` itself.
+
+  Args:
+    path: a local diffusers directory (a pipeline root, or the component's own folder).
+    component: the component's subfolder in a pipeline root, e.g. "unet", "vae", "text_encoder".
+    required: files the folder must hold to count (() : any existing folder).
+
+  Returns:
+    The first of `path/<component>`, `path` that is a folder holding every `required` file; None
+    when neither is (the caller names what it expected).
+  """
+  for candidate in (os.path.join(path, component), path):
+    if os.path.isdir(candidate) and all(os.path.isfile(os.path.join(candidate, f)) for f in required):
+      return candidate
+  return None
 
 
 def _read_pytorch(folder: str) -> dict[str, np.ndarray]:
@@ -61,7 +84,7 @@ def save_diffusers_model(module, params, folder: str, pytorch_class: str) -> str
     pytorch_class: the diffusers PyTorch class the folder is meant for.
   """
   from safetensors.numpy import save_file  # lazy: safetensors is optional  # pylint: disable=g-import-not-at-top
-  host = jax.tree.map(np.asarray, jax.device_get(params))
+  host = parallel.to_host(params)
   module.save_pretrained(folder, host)
   path = os.path.join(folder, "config.json")
   with open(path, encoding="utf-8") as f:
@@ -70,8 +93,7 @@ def save_diffusers_model(module, params, folder: str, pytorch_class: str) -> str
   for key in FLAX_ONLY_CONFIG:  # the PyTorch class warns about them; the Flax one defaults them alike
     if key in cfg and cfg[key] in (False, None, "float32"):
       del cfg[key]
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(cfg, f, indent=2, sort_keys=True)
+  atomic.write_json(path, cfg, indent=2, sort_keys=True, trailing_newline=False)
   save_file(torch_layout.to_pytorch(host), os.path.join(folder, PT_SAFETENSORS), metadata={"format": "pt"})
   return folder
 

@@ -179,3 +179,31 @@ def write_sample_grid(path: str, images: np.ndarray, row_labels: Sequence[str] |
         ax.set_title(row_labels[i], fontsize=7)
       ax.axis("off")
   return _save(fig, path)
+
+
+def plot_sweep(path: str, table: dict) -> str | None:
+  """Members' eidetic rate against the swept value, a line per threshold, chance dashed (the GNI figure).
+
+  Only for sweeps of one method over numeric values (the baseline at 0); returns None otherwise.
+  """
+  rows = table["rows"]
+  methods = {r["method"] for r in rows if r["method"] != "none"}
+  if len(methods) != 1 or len(rows) < 2:
+    return None
+  x = np.array([r["value"] for r in rows])
+  order = np.argsort(x, kind="stable")
+  fig = Figure(figsize=(6.4, 4.0))
+  ax = fig.add_subplot()
+  for t, d in enumerate(table["thresholds"]):
+    y = np.array([r["rates"][t] for r in rows])
+    line, = ax.plot(x[order], 100 * y[order], marker="o", label=f"(l_SM, {d:g})")
+    chance_rate = np.array([r["chance"]["rate"][t] for r in rows])
+    ax.plot(x[order], 100 * chance_rate[order], color=line.get_color(), linestyle="--", linewidth=0.8)
+  method = methods.pop()
+  ax.set_xlabel({"gni": "GNI sigma", "crop": "crop level", "blur": "blur level",
+                 "rotate": "angle (degrees)"}.get(method, f"{method} strength"))
+  ax.set_ylabel("members eidetically memorised (%)")
+  ax.set_ylim(-2, 102)
+  ax.set_title(f"{table['name']}: members' rate (dashed: exact chance per setting)")
+  ax.legend(fontsize=8)
+  return _save(fig, path)

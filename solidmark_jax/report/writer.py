@@ -19,6 +19,7 @@ import numpy as np
 from solidmark_jax import atomic, marks
 from solidmark_jax.metrics import chance, memorisation
 from solidmark_jax.report import plots
+from solidmark_jax.report.format import p_value, percent
 from solidmark_jax.report.store import Results
 
 SUMMARY_FORMAT = "solidmark-summary/2"
@@ -104,14 +105,6 @@ def write_per_image_csv(path: str, results: Results, key_bits: int | None = mark
   return path
 
 
-def _pct(x: float | None) -> str:
-  return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _fmt_p(p: float | None) -> str:
-  return "-" if p is None or math.isnan(p) else (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}")
-
-
 def summary_markdown(summary: dict) -> str:
   """The summary as a Markdown page: per threshold and group, hits beside exact chance and the nulls."""
   groups = summary["groups"]
@@ -149,15 +142,16 @@ def summary_markdown(summary: dict) -> str:
       c = s["chance"]
       perm = s["permutation"]
       perm_txt = (f"{perm['median'][t]:g} [{perm['band'][t][0]}, {perm['band'][t][1]}], p = "
-                  f"{_fmt_p(perm['p_value'][t])}" if perm else "-")
+                  f"{p_value(perm['p_value'][t])}" if perm else "-")
       corrected = c["corrected"][t]
       clo, chi = c["corrected_ci"][t]
-      corr_txt = "-" if corrected is None else f"{100 * corrected:.1f}% [{100 * clo:.1f}%, {100 * chi:.1f}%]"
+      corr_txt = "-" if corrected is None else f"{percent(corrected)} [{percent(clo)}, {percent(chi)}]"
       lines.append("| " + " | ".join([
-          f"(l_SM, {d:g})", g, f"{s['counts'][t]} / {s['n']} ({_pct(s['rates'][t])}) [{_pct(lo)}, {_pct(hi)}]",
-          f"{c['expected'][t]:.2f} ({_pct(c['rate'][t])})", f"[{c['band'][t][0]}, {c['band'][t][1]}]",
-          _fmt_p(c["p_value"][t]), perm_txt, corr_txt,
-          f"{s['reference_chance']['expected'][t]:.1f} ({_pct(s['reference_chance']['rate'][t])})"]) + " |")
+          f"(l_SM, {d:g})", g,
+          f"{s['counts'][t]} / {s['n']} ({percent(s['rates'][t], 2)}) [{percent(lo, 2)}, {percent(hi, 2)}]",
+          f"{c['expected'][t]:.2f} ({percent(c['rate'][t], 2)})", f"[{c['band'][t][0]}, {c['band'][t][1]}]",
+          p_value(c["p_value"][t]), perm_txt, corr_txt,
+          f"{s['reference_chance']['expected'][t]:.1f} ({percent(s['reference_chance']['rate'][t], 2)})"]) + " |")
   lines += ["", "| group | n | mean l_SM | median l_SM |", "|---|---|---|---|"]
   for g in names:
     s = groups[g]["l_sm"]
@@ -170,15 +164,15 @@ def summary_markdown(summary: dict) -> str:
               "| " + " | ".join(["threshold"] + [f"p ({c.replace('_', ' ')}, Fisher)" for c in names_c]) + " |",
               "|" + "---|" * (len(names_c) + 1)]
     for t, d in enumerate(summary["thresholds"]):
-      lines.append("| " + " | ".join([f"(l_SM, {d:g})"] + [_fmt_p(comps[c]["fisher_p"][t]) for c in names_c]) + " |")
+      lines.append("| " + " | ".join([f"(l_SM, {d:g})"] + [p_value(comps[c]["fisher_p"][t]) for c in names_c]) + " |")
     lines += ["", "Fisher: one-sided, members' eidetic rate higher. Membership inference by l_SM (smaller = member):",
               "", "| comparison | AUC | TPR at 1% FPR | TPR at 0.1% FPR | Mann-Whitney p |", "|---|---|---|---|---|"]
     for name in names_c:
       mi = comps[name]["membership_inference"]
       tpr = mi["tpr_at_fpr"]
       note = "" if mi.get("fpr_resolution", 0) <= 0.001 else " (FPR resolution 1/%d)" % mi["n_other"]
-      lines.append(f"| {name.replace('_', ' ')}{note} | {mi['auc']:.3f} | {_pct(tpr.get('0.01'))} | "
-                   f"{_pct(tpr.get('0.001'))} | {_fmt_p(comps[name]['mann_whitney']['p_value'])} |")
+      lines.append(f"| {name.replace('_', ' ')}{note} | {mi['auc']:.3f} | {percent(tpr.get('0.01'), 2)} | "
+                   f"{percent(tpr.get('0.001'), 2)} | {p_value(comps[name]['mann_whitney']['p_value'])} |")
   return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,7 @@ import concurrent.futures
 import logging
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -19,7 +19,7 @@ from solidmark_jax import dirlock, parallel
 from solidmark_jax.data.instances import BatchPlan
 from solidmark_jax.experiment import Experiment, build_experiment, encode_conditions, make_outpainter
 from solidmark_jax.experiment import outpaint_params, sync_keymap
-from solidmark_jax.models import as_denoiser, init_params, load_pretrained_unet_params, with_remat
+from solidmark_jax.models import as_denoiser, with_remat
 from solidmark_jax.outpaint import SamplerSpec, sample
 from solidmark_jax.report import write_sample_grid
 from solidmark_jax.training import checkpoint as ckpt

@@ -38,7 +38,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from solidmark_jax import parallel
+from solidmark_jax import atomic, parallel
 from solidmark_jax.config import default_config
 from solidmark_jax.data.instances import BatchPlan
 from solidmark_jax.models.vae import VAE, abstract_vae_params, build_vae, init_vae_params, load_vae, save_vae
@@ -166,12 +166,6 @@ def _make_record(config, steps: int, keymap_hash: str | None, scaling_factor: fl
           "fingerprint_fields": stage_fingerprint_fields(config), "final_metrics": metrics}
 
 
-def _replicated_host(mesh, tree):
-  """A (possibly sharded, multi-host) pytree as numpy on every host."""
-  rep = jax.jit(lambda t: t, out_shardings=parallel.replicated(mesh))(tree)
-  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), rep)
-
-
 def train_vae(exp, workdir: str, *, mesh=None) -> tuple[VAE, dict]:
   """Stage 1: trains (or resumes, or just loads) the VAE of a latent model; returns (VAE, params).
 
@@ -292,13 +286,13 @@ def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, di
       vae, state["params"], lambda b: load(b), min(SCALE_BATCHES, plan.batches_per_epoch), mesh,
       jax.random.key(config.seed + 13))
   vae = vae.with_scaling_factor(scale)
-  params = _replicated_host(mesh, state["params"])
+  params = parallel.to_host(state["params"])
   if jax.process_index() == 0:
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_vae(vae, params, tmp)
-    with open(os.path.join(tmp, STAGE_FILE), "w", encoding="utf-8") as f:
-      json.dump(_make_record(config, steps_done, keymap_hash, scale, measured, metrics), f, indent=1, sort_keys=True)
+    record = _make_record(config, steps_done, keymap_hash, scale, measured, metrics)
+    atomic.write_json(os.path.join(tmp, STAGE_FILE), record, indent=1, sort_keys=True, trailing_newline=False)
     shutil.rmtree(folder, ignore_errors=True)  # a shorter run's VAE, now extended
     os.rename(tmp, folder)  # one rename: vae/ exists only complete
     log.info("stage 1: VAE written to %s (scaling factor %.5f%s)", folder, scale, ", measured" if measured else "")

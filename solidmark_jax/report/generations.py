@@ -1,0 +1,76 @@
+"""The generations page (DIR/generations/summary.md, nearest.png): baseline metrics of plain generations.
+
+The numbers come from `evaluation.generations.score` (scores.json); this module only lays them out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from solidmark_jax.report.format import percent
+from solidmark_jax.report.plots import write_sample_grid
+
+
+def closest_generations(result: dict, num: int) -> list[dict]:
+  """The `num` generations of scores.json closest to a training image (lowest Carlini score, then id)."""
+  return sorted(result["generations"], key=lambda r: (r["carlini"], r["id"]))[:num]
+
+
+METRIC_DOCS = {
+    "l2": "normalised l2 (whole image)",
+    "carlini": "Carlini's modified l2 (whole image)",
+    "patched_l2": "patched l2 (max over patches)",
+    "patched_carlini": "Carlini's modified l2 (patched)",
+    "similarity": "embedding cosine similarity",
+}
+
+
+def generations_markdown(result: dict) -> str:
+  """scores.json as a readable page: one row per metric, the closest generations and their neighbours."""
+  meta, summary = result["meta"], result["summary"]
+  lines = ["# Baseline memorisation metrics from generations", ""]
+  for k in ("checkpoint_step", "keymap_hash", "num_samples", "compared"):
+    lines.append(f"- {k.replace('_', ' ')}: `{meta[k] if k in meta else result.get(k)}`")
+  lines.append(f"- compared with {meta['num_train_images']} distinct training images")
+  lines.append(f"- Carlini: n = {meta['carlini_n']}, alpha = {meta['settings']['alpha']}; patched: "
+               + (f"grid {meta['settings']['patch_grid']}" if meta["settings"]["patch_grid"]
+                  else f"{meta['settings']['patch_size']} px patches"))
+  lines.append(f"- nearest training image is the prompt's own image: "
+               f"{percent(result['nearest_is_prompt_rate'])} of generations")
+  lines += ["", "| metric | direction | 95th pct (memorised tail) | extreme | median | counts at thresholds |",
+            "|---|---|---|---|---|---|"]
+  for name, s in summary.items():
+    op = "<=" if s["direction"] == "lower" else ">="
+    counts = ", ".join(f"{op} {t:g}: {c} ({percent(r)})" for t, c, r in zip(s["thresholds"], s["counts"], s["rates"]))
+    tail = "p5" if s["direction"] == "lower" else "p95"
+    ext = "min" if s["direction"] == "lower" else "max"
+    lines.append(f"| {METRIC_DOCS.get(name, name)} | {'lower' if op == '<=' else 'higher'} = memorised | "
+                 f"{s['tail_95']:.4f} ({tail}) | {s['extreme']:.4f} ({ext}) | {s['median']:.4f} | {counts} |")
+  gens = closest_generations(result, 10)
+  lines += ["", "Closest generations (lowest Carlini score):", "",
+            "| generation | prompt | prompt image | nearest image (copies: instances) | l2 | Carlini | "
+            "patched Carlini | k_pred | l_SM to nearest's keys |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in gens:
+    patched = f"{r['patched_carlini']:.4f}" if "patched_carlini" in r else "-"
+    prompt = caption_cell(r["caption"]) if "caption" in r else f"condition {r['condition']}"
+    lines.append(f"| {r['id']} | {prompt} | {r['prompt_image']} | {r['nearest_image']} ({r['nearest_instances']}) | "
+                 f"{r['l2']:.4f} | {r['carlini']:.4f} | {patched} | {r['k_pred']:.4f} | {r['l_sm_nearest']:.4f} |")
+  return "\n".join(lines) + "\n"
+
+
+def caption_cell(text: str, width: int = 60) -> str:
+  """A caption as one markdown table cell: no pipes or newlines, at most `width` characters."""
+  text = " ".join(str(text).replace("|", "/").split())
+  return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def write_nearest_grid(path: str, rows: list[dict], pairs: np.ndarray) -> str:
+  """nearest.png: per generation of `rows` (`closest_generations`), it beside its nearest training image.
+
+  Args:
+    path: the PNG to write.
+    rows: the generations' records from scores.json.
+    pairs: [n, 2, h, w, C] model space: the generation's compared part, then the training image's.
+  """
+  labels = [f"gen {r['id']} ~ img {r['nearest_image']} (C={r['carlini']:.2f})" for r in rows]
+  return write_sample_grid(path, pairs, row_labels=labels, max_rows=len(rows))

@@ -1,0 +1,75 @@
+"""The sweep pages: table.md (a row per setting beside its exact chance, each setting's paired effect) and
+comparison.md (two runs of the same members).
+
+The numbers come from `evaluation.sweeps.sweep_table` (sweep.json) and `evaluation.sweeps.compare_runs`
+(comparison.json); this module only lays them out. The sweep's plot is `report.plots.plot_sweep`.
+"""
+
+from __future__ import annotations
+
+from solidmark_jax.report.format import p_value, percent
+
+
+def sweep_markdown(table: dict) -> str:
+  """The sweep as Markdown: members' hits beside exact chance per setting, then each setting's effect."""
+  th = table["thresholds"]
+  rows = table["rows"]
+  r0 = rows[0]
+  base = table["baseline"]
+  lines = [f"# Sweep {table['name']} ({table['kind']})", "",
+           f"Members: n = {r0['n']}, r = {r0['repeats']} evaluations each, scored: {table['statistic']} over r. "
+           "Chance: the expected hits if the keys were independent of the model, exact given each setting's own "
+           "predictions; p: P(chance count >= hits).", ""]
+  head = ["setting"] + [f"(l_SM, {d:g}): hits / n, chance, p" for d in th] + ["mean l_SM"]
+  has_nm = "non_members" in r0
+  if has_nm:
+    head += [f"non-members (l_SM, {d:g}), chance" for d in th]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    c = r["chance"]
+    cells = [r["setting"]]
+    cells += [f"{k} / {r['n']} ({percent(rate)}), {e:.2f}, {p_value(p)}"
+              for k, rate, e, p in zip(r["counts"], r["rates"], c["expected"], c["p_value"])]
+    cells.append("-" if r["l_sm_mean"] is None else f"{r['l_sm_mean']:.4f}")
+    if has_nm:
+      nm = r["non_members"]
+      cells += [f"{k} / {nm['n']}, {e:.2f}" for k, e in zip(nm["counts"], nm["chance_expected"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"Effect against `{base}` on the same images: reduction of the excess over chance "
+            "(excess = hits - chance expected; 1 = all excess removed) [95% paired bootstrap interval]; "
+            "McNemar's exact two-sided p on the images hit under one setting only (baseline only / this only).", ""]
+  head = ["setting"] + [f"(l_SM, {d:g}): reduction of excess, McNemar p (discordant)" for d in th]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows[1:]:
+    e = r["effect"]
+    cells = [r["setting"]]
+    for t in range(len(th)):
+      ci = e["reduction_ci"][t]
+      ci_txt = "" if ci is None else f" [{percent(ci[0])}, {percent(ci[1])}]"
+      cells.append(f"{percent(e['reduction'][t])}{ci_txt}, {p_value(e['mcnemar_p'][t])} "
+                   f"({e['discordant'][t][0]} / {e['discordant'][t][1]})")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(comparison: dict) -> str:
+  """Two runs of the same members (comparison.json) as Markdown: hits beside chance, the paired effect."""
+  labels, thresholds = comparison["labels"], comparison["thresholds"]
+  summaries = [comparison["summaries"][l] for l in labels]
+  effect = comparison["effect"]
+  n = summaries[0]["n"]
+  lines = [f"# {labels[1]} against {labels[0]} on the same {n} members", "",
+           "| threshold | " + " | ".join(f"{l}: hits, chance, p" for l in labels)
+           + f" | reduction of excess ({labels[1]} vs {labels[0]}) [95% CI] | McNemar p (discordant) |",
+           "|---|---|---|---|---|"]
+  for t, d in enumerate(thresholds):
+    cells = [f"(l_SM, {d:g})"]
+    for s in summaries:
+      c = s["chance"]
+      cells.append(f"{s['counts'][t]} / {s['n']}, {c['expected'][t]:.2f}, {p_value(c['p_value'][t])}")
+    ci = effect["reduction_ci"][t]
+    cells.append(percent(effect["reduction"][t]) + ("" if ci is None else f" [{percent(ci[0])}, {percent(ci[1])}]"))
+    cells.append(f"{p_value(effect['mcnemar_p'][t])} ({effect['discordant'][t][0]} / {effect['discordant'][t][1]})")
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"A negative reduction: {labels[1]} recovers more keys beyond chance than {labels[0]}."]
+  return "\n".join(lines) + "\n"
