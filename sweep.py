@@ -12,6 +12,7 @@ under DIR/sweeps/settings/<setting>/ and the sweep's table (and plot) under DIR/
 skips finished settings and the images already scored.
 """
 
+import json
 import os
 
 from absl import app, flags
@@ -31,18 +32,18 @@ def main(argv):
   config_path = flags.FLAGS["config"].config_filename
   name = cli.FLAGS.name or os.path.splitext(os.path.basename(config_path))[0]
   with cli.exit_status():
-    table = run_sweep(cli.FLAGS.config, cli.FLAGS.workdir, name=name, step=cli.FLAGS.step)
-  if table is None:
+    out = run_sweep(cli.FLAGS.config, cli.FLAGS.workdir, name=name, step=cli.FLAGS.step)
+  if out is None:
     return
-  out = os.path.join(os.path.abspath(cli.FLAGS.workdir), "sweeps", name)
   print(open(os.path.join(out, "table.md")).read())
   if cli.FLAGS.compare_with:
-    from solidmark_jax.evaluation.sweeps import SETTINGS_DIR, compare_runs
-    other = os.path.abspath(cli.FLAGS.compare_with)
-    setting = table["baseline"]
-    labels = (os.path.basename(other.rstrip("/")), os.path.basename(os.path.abspath(cli.FLAGS.workdir).rstrip("/")))
-    compare_runs(os.path.join(other, "sweeps", SETTINGS_DIR, setting),
-                 os.path.join(out, "..", SETTINGS_DIR, setting), os.path.join(out, f"against_{labels[0]}"),
+    from solidmark_jax.evaluation.sweeps import compare_runs
+    from solidmark_jax.workdir import Workdir
+    with open(os.path.join(out, "sweep.json"), encoding="utf-8") as f:
+      setting = json.load(f)["baseline"]
+    this, other = Workdir(cli.FLAGS.workdir), Workdir(cli.FLAGS.compare_with)
+    labels = (os.path.basename(other.root), os.path.basename(this.root))
+    compare_runs(other.setting(setting), this.setting(setting), os.path.join(out, f"against_{labels[0]}"),
                  labels=labels)
     print(open(os.path.join(out, f"against_{labels[0]}", "comparison.md")).read())
 

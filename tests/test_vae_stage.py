@@ -18,6 +18,7 @@ from solidmark_jax.models._diffusers import FlaxAutoencoderKL
 from solidmark_jax.models.vae import build_vae, init_vae_params, load_vae
 from solidmark_jax.training import vae_stage
 from solidmark_jax.training.preemption import Preempted
+from solidmark_jax.workdir import Workdir
 
 
 def stage_config(fashion_dir, **vae):
@@ -198,9 +199,9 @@ def test_sigint_stops_at_a_step_with_a_checkpoint_and_resumes_bit_for_bit(exp, f
   assert trigger.sent and signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
   assert (e.value.step, e.value.signal_name, e.value.stage) == (1, "SIGINT", "stage 1 (VAE)")
   assert str(e.value).startswith("stage 1 (VAE) preempted by SIGINT after step 1: checkpoint 1 written in "
-                                 f"{os.path.join(wd, vae_stage.VAE_CHECKPOINTS)}")
-  assert len(rec.reads) == 1 and not os.path.exists(os.path.join(wd, vae_stage.VAE_FOLDER))
-  assert sorted(d for d in os.listdir(os.path.join(wd, vae_stage.VAE_CHECKPOINTS)) if d.isdigit()) == ["1"]
+                                 f"{Workdir(wd).vae_checkpoints}")
+  assert len(rec.reads) == 1 and not os.path.exists(Workdir(wd).vae)
+  assert sorted(d for d in os.listdir(Workdir(wd).vae_checkpoints) if d.isdigit()) == ["1"]
 
   again = Recorder(exp)
   again.config = config

@@ -1,47 +1,12 @@
 """Baseline memorisation metrics from plain generations (the paper's Section 3), beside SolidMark's l_SM.
 
-  score_generations(config, workdir)  ->  DIR/generations/{scores.json, summary.md, nearest.png}
-
-1. The EMA parameters of a checkpoint (`training.state.restore_ema`: config and keymap checked).
-2. N generations without a known region: the project's jitted, batched sampler
-   (`experiment.make_outpainter` with an all-ones mask, the eval section's sampler settings): the
-   pixel RePaint loop, or for latent models (`model.space == "latent"`) the latent one, which
-   samples latents and decodes them with the frozen VAE (`vae.pretrained`, or the workdir's
-   stage-1 VAE), so both give pixel images.
-   Generation g is prompted with the training condition (class, image id, caption or null) of
-   instance perm[g mod M], perm a random permutation of the M instances (by `seed`): every
-   instance prompts once before any prompts twice, and generation g is the same for any N. Its
-   noise is seeded by g, so batches can be cut anywhere. Text models are prompted with that
-   instance's training caption (recorded per generation in scores.json), encoded by the frozen
-   text encoder (`evaluation.conditioning.Conditioner`, no mitigation); classifier-free guidance
-   (`guidance_scale` != 1) uses the Conditioner's null (the empty caption's embedding, or the
-   null id).
-3. Each finished batch is stored as it is made: the images (uint8, the whole marked-size
-   generation) in samples/<first id>.npz, then a line in samples.jsonl (`report.ResultStore`:
-   prompt instance, its key, the key read off the generation's own border). A re-run skips the
-   generations already stored; a store made with other settings (checkpoint, sampler, ...) is a
-   clear error.
-4. Scoring against the distinct training images (duplicates count once; every copy's key is
-   kept), from the stored images only, so an interrupted and resumed run scores exactly what an
-   uninterrupted one does:
-   - normalised l2 and Carlini et al.'s modified l2 (n = 50, alpha = 0.5), whole image and patched
-     (the paper's 4 x 4 grid, or the public code's 8 px patches);
-   - with an `encoder`, the cosine similarity to the nearest training embedding;
-   - scored as 95th percentile of the memorised tail, extreme, and counts at several thresholds
-     (distances: memorised when <= threshold; similarities: >= threshold).
-
-Like with like: the SolidMark mark is stripped before any comparison. A border is keyed grey (a
-random level per image, independent of content) and covers much of the marked image (2 px of 16:
-44 % of the pixels; 16 of 64: 75 %): left in, it would dominate l2, so that a generation would be
-"near" whichever training image has a similar key rather than similar content. So generations are
-cropped to the centre and compared with the unmarked training images; for the centre pattern the
-p x p key square is set to 0 in both (it then adds 0 to every distance). The key a generation drew
-for itself is reported separately (`k_pred`, and its l_SM against the keys of its nearest training
-image).
-
-Config: `eval.generations` (fields and defaults: config.py's `GENERATIONS_FIELDS`; a field left out
-takes its default), plus the sampler settings of `eval` (num_steps, sampler, eta, guidance_scale,
-batch_size) unless overridden there.
+`score_generations(config, workdir)` (`evaluate.py --generations`) samples `eval.generations.num_samples`
+images from a checkpoint's EMA parameters with no known region (prompted by training conditions, seeded
+by generation id, resumable), strips the SolidMark border, finds each generation's nearest training
+images and scores them with the baselines of `metrics.baselines` (normalised l2, Carlini's modified l2,
+patched l2, embedding similarity), each with its thresholds; it also reads the key each generation
+outpainted. Results go to DIR/generations/ (scores.json, summary.md, samples/, nearest.png).
+docs/generations.md gives the procedure in full.
 """
 
 from __future__ import annotations

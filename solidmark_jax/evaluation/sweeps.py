@@ -46,7 +46,7 @@ from solidmark_jax.workdir import Workdir
 log = logging.getLogger(__name__)
 
 KINDS = ("mitigation", "augment")
-SETTINGS_DIR = "settings"  # DIR/sweeps/settings/<setting>/: one store per setting, shared by sweeps
+
 SWEEP_FORMAT = "solidmark-sweep/1"
 
 
@@ -263,9 +263,8 @@ def _finished(out_dir: str, has_duplicates: bool) -> dict | None:
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, name: str | None = None, step: int | None = None,
-              train: bool = True,
-              evaluator: Evaluator | None = None) -> dict | None:
-  """Scores every setting of `config.sweep` on one checkpoint; writes and returns the sweep table.
+              train: bool = True, evaluator: Evaluator | None = None) -> str | None:
+  """Scores every setting of `config.sweep` on one checkpoint; writes the sweep table, returns its directory.
 
   Args:
     config: the experiment config with its `sweep` section.
@@ -276,26 +275,26 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, name: str | No
     evaluator: an `Evaluator` of this config and workdir to reuse (tests); built otherwise.
 
   Returns:
-    The table (sweep.json) on process 0, None elsewhere.
+    On process 0 the sweep's directory DIR/sweeps/<name>/ (sweep.json, table.md, sweep.png), None elsewhere.
 
   Raises:
     dirlock.DirectoryInUse: another live process runs a sweep of this workdir (DIR/sweeps/ is locked).
   """
   workdir = os.path.abspath(workdir)
-  with dirlock.hold(os.path.join(workdir, "sweeps"), "sweep"):
+  with dirlock.hold(Workdir(workdir).sweeps, "sweep"):
     return _run_sweep(config, workdir, name=name, step=step, train=train, evaluator=evaluator)
 
 
 def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, train: bool,
-               evaluator: Evaluator | None) -> dict | None:
+               evaluator: Evaluator | None) -> str | None:
   settings = settings_from_config(config)  # bad settings fail before anything is trained or loaded
   kind = config.sweep.kind
   name = name or f"{kind}_{config.sweep.get('name') or 'settings'}"
   if train and step is None and evaluator is None:
     ensure_trained(config, workdir)
   ev = evaluator or build_evaluator(config, workdir, step)
-  root = os.path.join(workdir, "sweeps")
-  dirs = [os.path.join(root, SETTINGS_DIR, s.name) for s in settings]
+  layout = Workdir(workdir)
+  dirs = [layout.setting(s.name) for s in settings]
   has_dup = bool(config.data.get("duplicates"))
   # Every store opened (and checked against its stored settings) before anything is compiled.
   stores = [ev.open_store(d, s.mitigation, s.augmentation) for d, s in zip(dirs, settings)]
@@ -320,7 +319,7 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
     return None
   table = sweep_table(settings, summaries, results, name=name, kind=kind)
   table["outpainter_traces"] = ev.trace_count  # compilations of the outpainter in this process (one per shape)
-  out = os.path.join(root, name)
+  out = layout.sweep(name)
   os.makedirs(out, exist_ok=True)
   atomic.write_json(os.path.join(out, "sweep.json"), table, indent=2)
   text = report.sweep_markdown(table)
@@ -330,7 +329,7 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
   atomic.write_text(os.path.join(out, "table.md"), text)
   report.plot_sweep(os.path.join(out, "sweep.png"), table)
   log.info("sweep %s written to %s", name, out)
-  return table
+  return out
 
 
 def compare_runs(base_dir: str, other_dir: str, out_dir: str, *, labels: tuple[str, str] = ("base", "other"),

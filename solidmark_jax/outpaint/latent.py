@@ -1,52 +1,12 @@
-"""Outpainting for latent-space models (the paper's Appendix B, "Latent space").
+"""Outpainting for latent-space models (the paper's Appendix B, "Latent space"): one jitted, vmapped loop.
 
-The UNet denoises VAE latents z (scaled, `models.vae.VAE`); the known region and the mask live in
-pixel space. The reverse process runs in latent space and, every s = `remask_every` steps, goes
-through pixels to put the known centre back: decode, re-mask, re-encode.
-
-What is decoded (`remask_from`):
-
-- "x0" (default): the predicted clean latent z0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
-  of the step's denoiser call is decoded, the known centre is pasted over the decode
-  (x = m * clip(D(z0_hat)) + (1 - m) * x0_known), the result is encoded again (posterior mean),
-  z0' = E(x), and the step goes on with z0' as its clean estimate: DDIM's
-  z_{t_prev} = sqrt(abar_prev) z0' + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma noise, i.e. the
-  re-masked clean latent is re-noised to the next level with the model's own noise estimate (DDPM:
-  the posterior q(z_{t_prev} | z_t, z0')). Re-masking happens after the denoiser calls of steps
-  0, s, 2s, ... (step 0 included: the model sees the centre from the start); the last step re-masks
-  only when it falls on that grid: every VAE round trip adds the VAE's reconstruction error to the
-  border, which is exactly what is measured, and the last re-mask already put the centre into the
-  latent at most s - 1 steps before the end. Why this is the default: the VAE only ever saw clean images, so only a clean latent decodes to a
-  meaningful image and only a clean image encodes to a latent where the UNet expects one; noise is
-  then added in latent space by the forward process the UNet was trained on, which is what
-  "the known image noised to the current t" means for a latent model. It costs no extra
-  denoiser call.
-- "noisy": the literal reading. At the start of steps s, 2s, ... the noisy latent z_t itself is
-  decoded, its border kept and its centre replaced by the known image noised in pixel space,
-  q(x_t | x0_known) = sqrt(abar_t) x0_known + sqrt(1 - abar_t) eps, then re-encoded as the new
-  z_t. The decoder and encoder then work far outside what they were trained on (a noisy latent is
-  not the latent of a noisy image, pixel noise encodes to no Gaussian latent), so this is offered
-  for comparison only.
-
-RePaint resampling (`jump_length` j, `resamples` u; Lugmayr et al. 2022) runs on the latents with the
-pixel loop's schedule (`repaint.repaint_steps`): a row (t_from, t, t_prev) whose t_from < t first
-jumps the latent forward, z_t = sqrt(abar_t / abar_from) z_from + sqrt(1 - abar_t / abar_from) eps
-(the forward process the UNet was trained on, in latent space), then denoises t -> t_prev. The
-re-mask grid counts rows, i.e. denoiser calls: with u > 1 the jumped segments are re-masked too.
-u = 1 (the default) has no jumps: the same rows, noise and results as without resampling.
-
-Between re-masks the steps are plain latent DDIM/DDPM steps (no latent blending). The x0
-estimate is not clipped (latents are not bounded by [-1, 1], unlike pixels; Stable Diffusion's
-samplers use clip_sample=False). At the end the final latent is decoded, clipped to [-1, 1], the
-known centre is pasted back and k_pred is read off the border (`marks.predicted_key`; with m keys per
-image off their m regions, `key_masks`: k_pred [N, r, m]).
-
-With an all-ones mask (no known region) nothing is re-masked: `outpaint.sample` on a latent
-outpainter gives plain latent-model generations, decoded.
-
-Classifier-free guidance runs the conditional and the unconditional condition in one denoiser
-call (`Outpainter._eps`); conditions may be ids [N] or embeddings [N, L, D] (text), the null
-condition an id or one embedding [L, D] (the empty caption's).
+The UNet denoises VAE latents; the known region and the mask live in pixels. The reverse process runs
+on latents and every s = `SamplerSpec.remask_every` steps goes through pixels to put the known centre
+back: decode, re-mask, re-encode. `remask_from="x0"` (default) decodes the predicted clean latent and
+re-noises the re-masked, re-encoded estimate with the model's own noise; `"noisy"` decodes z_t itself
+(for comparison only). RePaint resampling (j, u) runs on the latents with the pixel loop's schedule. At
+the end the latent is decoded, clipped, the known centre pasted back and k_pred read off the key
+region(s). docs/latent_sampling.md gives the exact updates and why "x0" is the default.
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def _cache_latents(exp: Experiment, frozen: dict, mesh, plan: BatchPlan) -> np.n
   out = []
   for start in tqdm(range(0, n, size), desc="cache latents", unit="batch", disable=jax.process_index() != 0):
     ids = np.arange(start, min(start + size, n))
-    rows = np.concatenate([ids, np.repeat(ids[-1:], size - len(ids))])  # one shape: compile once
+    rows = parallel.pad_rows(ids, size)  # one shape: compile once
     local = parallel.process_slice(size)
     x = parallel.global_batch(mesh, exp.read_marked(rows[local])["image"])
     out.append(parallel.to_host(encode(frozen["vae"], x))[:len(ids)])

@@ -44,11 +44,10 @@ from solidmark_jax.data.instances import BatchPlan
 from solidmark_jax.models.vae import VAE, abstract_vae_params, build_vae, init_vae_params, load_vae, save_vae
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.preemption import PreemptionGuard
+from solidmark_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
-VAE_CHECKPOINTS = "vae_checkpoints"
-VAE_FOLDER = "vae"
 STAGE_FILE = "solidmark_vae.json"
 RECONSTRUCTION = ("l1", "l2")
 SCALE_BATCHES = 4  # batches of training images the scaling factor is measured on
@@ -152,7 +151,7 @@ def _check_same(what: str, record: dict, config, keymap_hash: str | None) -> Non
 
 def read_stage_record(workdir: str) -> dict | None:
   """The finished stage's record <workdir>/vae/solidmark_vae.json, or None."""
-  path = os.path.join(workdir, VAE_FOLDER, STAGE_FILE)
+  path = os.path.join(Workdir(workdir).vae, STAGE_FILE)
   if not os.path.isfile(path):
     return None
   with open(path, encoding="utf-8") as f:
@@ -198,7 +197,7 @@ def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, di
     return load_vae(vcfg.pretrained, scaling_factor=vcfg.get("scaling_factor"))
   workdir = os.path.abspath(workdir)
   keymap_hash = getattr(getattr(exp, "keymap", None), "hash", None)
-  folder = os.path.join(workdir, VAE_FOLDER)
+  folder = Workdir(workdir).vae
   record = read_stage_record(workdir)
   if record is not None:
     _check_same(os.path.join(folder, STAGE_FILE), record, config, keymap_hash)
@@ -218,7 +217,7 @@ def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, di
   abstract = jax.eval_shape(lambda: init_vae_state(abstract_vae_params(vae, exp.image_size), tx))
   shardings = parallel.state_shardings(mesh, abstract)
 
-  checkpointer = ckpt.Checkpointer(os.path.join(workdir, VAE_CHECKPOINTS),
+  checkpointer = ckpt.Checkpointer(Workdir(workdir).vae_checkpoints,
                                    save_every=int(vcfg.get("checkpoint_every", None) or config.train.checkpoint_every),
                                    keep=2)
   try:
@@ -327,7 +326,7 @@ def load_trained_vae(config, workdir: str) -> tuple[VAE, dict]:
   if vcfg.get("pretrained"):
     return load_vae(vcfg.pretrained, scaling_factor=vcfg.get("scaling_factor"))
   record = read_stage_record(os.path.abspath(workdir))
-  folder = os.path.join(os.path.abspath(workdir), VAE_FOLDER)
+  folder = Workdir(workdir).vae
   if record is None:
     raise FileNotFoundError(f"{folder}: no finished stage-1 VAE ({STAGE_FILE} missing); train first "
                             f"(python train.py ... --workdir {workdir})")
