@@ -14,14 +14,15 @@ from configs import tiny
 
 
 # One UNet level (a cross-attention block, as configs/tiny.py's inner one): the same layers and
-# collectives as the two-level tiny model, about half the compile time.
+# collectives as the two-level tiny model in about 60% of its compile time; its convolutions are still
+# large enough for FSDP to shard.
 ONE_LEVEL = {"block_out_channels": (32,), "down_block_types": ("CrossAttnDownBlock2D",),
              "up_block_types": ("CrossAttnUpBlock2D",)}
 
 
-def _setup(model_overrides: dict | None = None):
+def _setup():
   cfg = tiny.get_config()
-  cfg.model.update(model_overrides or {})
+  cfg.model.update(ONE_LEVEL)
   model = models.build(cfg.model, 16, 1, 10)
   tx = make_optimizer(cfg.train)
   step = make_train_step(models.as_denoiser(model), make_schedule("cosine", 100), tx, ema_decay=0.99,
@@ -48,7 +49,7 @@ def _run(mesh, tx, step, params, batch, n=2):
 
 def test_sharded_step_equals_unsharded():
   assert jax.device_count() == 8
-  tx, step, params, batch = _setup(ONE_LEVEL)
+  tx, step, params, batch = _setup()
   one, m1 = _run(parallel.make_mesh(1, 1, jax.devices()[:1]), tx, step, params, batch)
   for data, fsdp in ((8, 1), (2, 4)):
     many, m8 = _run(parallel.make_mesh(data, fsdp), tx, step, params, batch)
@@ -71,7 +72,7 @@ def test_fsdp_shards_large_parameters():
   specs = [x.sharding.spec for x in jax.tree.leaves(state["params"])]
   assert any("fsdp" in tuple(s) for s in specs)
   big = [x for x in jax.tree.leaves(state["params"]) if x.size >= 4096]
-  assert all(len(x.addressable_shards[0].data.flatten()) < x.size for x in big)
+  assert big and all(len(x.addressable_shards[0].data.flatten()) < x.size for x in big)
 
 
 def test_training_reduces_loss_on_a_fixed_batch():
