@@ -21,7 +21,10 @@ TESTS=(
   tests/test_outpaint.py::test_bad_arguments
   tests/test_vae.py::test_encode_decode_shapes_scaling_and_fast_layers
   tests/test_text.py::test_encode_shapes_and_jit
-  tests/test_cli.py
+  # train.py --evaluate and the export through the command line; test_cli.py's third test (absl's logs
+  # let through by --verbosity, one more train.py start) runs in the main suite only
+  tests/test_cli.py::test_train_evaluate_prints_the_summary_and_no_library_noise
+  tests/test_cli.py::test_export_has_no_library_noise
 )
 
 find_python() {  # an interpreter of version $1 (e.g. 3.12) that runs: on PATH, else pyenv's newest build
