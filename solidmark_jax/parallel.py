@@ -11,10 +11,14 @@ the data-centre network (DCN, `mesh.dcn_data` slices): only gradient all-reduces
 
 from __future__ import annotations
 
+from typing import Any
+
+import ml_collections
 import numpy as np
 import jax
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from numpy.typing import ArrayLike
 
 DATA_AXES = ("data", "fsdp")
 
@@ -32,7 +36,7 @@ def mesh_shape(n: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:
   return data, fsdp
 
 
-def device_grid(devices, data: int, fsdp: int, dcn_data: int = 1) -> np.ndarray:
+def device_grid(devices: Any, data: int, fsdp: int, dcn_data: int = 1) -> np.ndarray:
   """The [data, fsdp] array of devices for a mesh (see the module docstring).
 
   Args:
@@ -60,7 +64,7 @@ def device_grid(devices, data: int, fsdp: int, dcn_data: int = 1) -> np.ndarray:
                      f"{data // dcn_data} x {fsdp} devices each ({e})") from e
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None, dcn_data: int = 1) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None, dcn_data: int = 1) -> Mesh:
   """A ("data", "fsdp") mesh over all (global) devices; -1 takes what the other axis leaves.
 
   On CPU (and GPU, by device id) the grid keeps `jax.devices()` order, so each process owns a
@@ -72,12 +76,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None, dcn_data: int = 1) ->
   return Mesh(device_grid(devices, data, fsdp, dcn_data), ("data", "fsdp"))
 
 
-def mesh_for_config(mesh_cfg, devices=None) -> Mesh:
+def mesh_for_config(mesh_cfg: ml_collections.ConfigDict, devices: Any = None) -> Mesh:
   """`make_mesh` from the config's `mesh` section (data, fsdp, dcn_data)."""
   return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, devices, int(mesh_cfg.get("dcn_data", 1)))
 
 
-def per_device_bytes(tree, shardings) -> int:
+def per_device_bytes(tree: Any, shardings: Any) -> int:
   """Bytes one device holds of a pytree of arrays or ShapeDtypeStructs placed with `shardings`.
 
   The largest over devices (an uneven split cannot occur here: FSDP shards only divisible axes).
@@ -98,7 +102,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape, fsdp_size: int, min_size: int = 2**12) -> P:
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**12) -> P:
   """Shards the largest axis divisible by the fsdp size; small or indivisible arrays replicate."""
   if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
@@ -110,7 +114,7 @@ def fsdp_spec(shape, fsdp_size: int, min_size: int = 2**12) -> P:
   return P()
 
 
-def state_shardings(mesh: Mesh, abstract_tree):
+def state_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
   """NamedShardings for a pytree of arrays (or ShapeDtypeStructs): FSDP over "fsdp", else replicated."""
   size = mesh.shape["fsdp"]
 
@@ -146,14 +150,14 @@ def process_slice(global_batch: int) -> slice:
   return slice(i * per, (i + 1) * per)
 
 
-def global_batch(mesh: Mesh, local_tree):
+def global_batch(mesh: Mesh, local_tree: Any) -> Any:
   """Assembles process-local batch rows into global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_tree)
 
 
-def to_host(tree):
+def to_host(tree: Any) -> Any:
   """The one gather to host: a (possibly sharded, multi-host) array, or a pytree of them, as numpy on every host.
 
   A fully addressable array (one process) is copied to host; a multi-host one is all-gathered, so
@@ -167,7 +171,7 @@ def to_host(tree):
   return jax.tree.map(one, tree)
 
 
-def broadcast_from_main(x) -> np.ndarray:
+def broadcast_from_main(x: ArrayLike) -> np.ndarray:
   """The one broadcast: process 0's host value (array or scalar) as numpy on every process.
 
   Every process must call it at the same point with a value of the same shape and dtype (what the
@@ -179,7 +183,7 @@ def broadcast_from_main(x) -> np.ndarray:
   return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
 
 
-def broadcast_ids(ids) -> np.ndarray:
+def broadcast_ids(ids: ArrayLike) -> np.ndarray:
   """Process 0's int64 id array [n] on every process (the others pass None, or anything).
 
   Every process must call it at the same point: process 0 decides (e.g. which ids are left to do
@@ -219,7 +223,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
                              process_id=process_id)
 
 
-def pad_rows(arrays, size: int):
+def pad_rows(arrays: Any, size: int) -> Any:
   """Pads each array's rows to `size` by repeating its last row (a tuple in, a tuple out; one array, one array).
 
   Every batch of an evaluation, the ragged last one included, then has one shape: one compilation.

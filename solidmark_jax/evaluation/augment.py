@@ -45,6 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
 from solidmark_jax.config import section_items
 
@@ -170,7 +171,7 @@ def gaussian_kernel(kernel_size: int, sigma: float | None = None) -> np.ndarray:
   return (g / g.sum()).astype(np.float32)
 
 
-def centre_box(mask) -> tuple[int, int, int, int]:
+def centre_box(mask: ArrayLike) -> tuple[int, int, int, int]:
   """Bounding box (top, left, height, width) of the known region (mask == 0) of a mask [H, W, 1].
 
   The mask must be concrete (numpy, or a jax array outside jit): the box sets shapes.
@@ -386,7 +387,8 @@ def _augment(known, mask, rng, ids, cos_sin, *, name: str, level: int, box: tupl
 _augment_jit = jax.jit(_augment, static_argnames=("name", "level", "box"))
 
 
-def augment(known, mask, spec: Augmentation, rng: jax.Array | None = None, ids=None) -> jax.Array:
+def augment(known: ArrayLike, mask: ArrayLike, spec: Augmentation, rng: jax.Array | None = None,
+            ids: ArrayLike | None = None) -> jax.Array:
   """Applies a query augmentation to the known region of a batch. Pure and jitted.
 
   Args:

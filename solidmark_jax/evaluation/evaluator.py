@@ -56,8 +56,8 @@ DUPLICATION_FILES = ("duplication.json", "duplication.md")
 # Settings and groups.
 
 
-def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[tuple[float, ...], mitigations.Mitigation,
-             augment_lib.Augmentation]:
+def validate(config: ml_collections.ConfigDict,
+             mesh: Mesh) -> tuple[tuple[float, ...], mitigations.Mitigation, augment_lib.Augmentation]:
   """The eval section checked against the model and the mesh: (thresholds, mitigation, augmentation)."""
   c = config.eval
   mitigation = mitigations.Mitigation.from_config(c.get("mitigation"))

@@ -40,6 +40,7 @@ from typing import Any, Literal, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
 from solidmark_jax.config import section_items
 
@@ -239,7 +240,7 @@ def vocabulary_from_tokenizer(tokenizer: Any) -> list[str]:
   return sorted(words)
 
 
-def mitigate_captions(spec: Mitigation, captions: Sequence[str], instance_ids,
+def mitigate_captions(spec: Mitigation, captions: Sequence[str], instance_ids: ArrayLike,
                       vocabulary: Sequence[str] | None = None) -> list[str]:
   """Applies a caption-stage mitigation; any other stage returns the captions unchanged.
 
@@ -379,7 +380,7 @@ def random_token_edit(row: np.ndarray, iterations: int, rng: np.random.Generator
   return row
 
 
-def mitigate_tokens(spec: Mitigation, token_ids, instance_ids, tokens: TokenSpec) -> np.ndarray:
+def mitigate_tokens(spec: Mitigation, token_ids: ArrayLike, instance_ids: ArrayLike, tokens: TokenSpec) -> np.ndarray:
   """Applies RT to tokenised captions; any other mitigation returns them unchanged.
 
   Args:
@@ -413,7 +414,7 @@ def embedding_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), _SALTS["gni"])
 
 
-def gaussian_noise(embeddings: jax.Array, sigma, rng: jax.Array, instance_ids: jax.Array) -> jax.Array:
+def gaussian_noise(embeddings: jax.Array, sigma: Any, rng: jax.Array, instance_ids: jax.Array) -> jax.Array:
   """GNI: embeddings + sigma * eps, eps ~ N(0, 1) drawn per instance from fold_in(rng, id). Jittable.
 
   Args:
@@ -431,7 +432,7 @@ def gaussian_noise(embeddings: jax.Array, sigma, rng: jax.Array, instance_ids: j
   return embeddings + jnp.asarray(sigma, embeddings.dtype) * eps
 
 
-def mitigate_embeddings(spec: Mitigation, embeddings, instance_ids) -> jax.Array:
+def mitigate_embeddings(spec: Mitigation, embeddings: ArrayLike, instance_ids: ArrayLike) -> jax.Array:
   """Applies GNI to condition embeddings; any other mitigation returns them unchanged.
 
   Args:
@@ -451,7 +452,7 @@ def mitigate_embeddings(spec: Mitigation, embeddings, instance_ids) -> jax.Array
   return gaussian_noise(embeddings, spec.sigma, embedding_key(spec.seed), ids)
 
 
-def condition_embeddings(table, conditions) -> jax.Array:
+def condition_embeddings(table: ArrayLike, conditions: ArrayLike) -> jax.Array:
   """Rows of a class / image model's condition table: what GNI perturbs for such models.
 
   Args:

@@ -40,6 +40,7 @@ from typing import Any, Callable, Literal, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 from tqdm import tqdm
 
 from solidmark_jax.metrics import memorisation
@@ -65,7 +66,7 @@ class ImageSet(Protocol):
 # Distances.
 
 
-def normalized_l2(a, b) -> np.ndarray:
+def normalized_l2(a: ArrayLike, b: ArrayLike) -> np.ndarray:
   """sqrt(mean((a - b)^2)) over the last three axes (H, W, C)."""
   d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
   return np.sqrt(np.mean(d * d, axis=(-3, -2, -1)))
@@ -112,7 +113,8 @@ def _patches(x: np.ndarray, grid: tuple[int, int] | None) -> np.ndarray:
   return x.reshape(n, gh * gw, -1)
 
 
-def pairwise_l2(generated, train, *, grid: tuple[int, int] | None = None, batch_size: int = 1024) -> np.ndarray:
+def pairwise_l2(generated: ArrayLike, train: ArrayLike, *, grid: tuple[int, int] | None = None,
+                batch_size: int = 1024) -> np.ndarray:
   """Normalised l2 between every generated and every training image: [G, M] (float64, brute force).
 
   With a patch `grid` (e.g. (4, 4), the paper's patched variant), the distance of a pair is the
@@ -193,7 +195,8 @@ def _as_images(x, what: str) -> np.ndarray:
   return x
 
 
-def nearest_neighbors(generated, train: ImageSet, n_neighbors: int = 1, *, grid: tuple[int, int] | None = None,
+def nearest_neighbors(generated: ArrayLike, train: ImageSet, n_neighbors: int = 1, *,
+                      grid: tuple[int, int] | None = None,
                       patch_size: int | None = None, batch_size: int = 1024, backend: str = "jax",
                       margin: int = 8, progress: bool = False) -> dict[str, np.ndarray]:
   """The n nearest training images of each generation by normalised (patched) l2, in chunks.
@@ -252,7 +255,7 @@ def nearest_neighbors(generated, train: ImageSet, n_neighbors: int = 1, *, grid:
   return {"distance": np.take_along_axis(exact, order, 1), "index": np.take_along_axis(cand, order, 1)}
 
 
-def carlini_score(distances, alpha: float = 0.5) -> np.ndarray:
+def carlini_score(distances: ArrayLike, alpha: float = 0.5) -> np.ndarray:
   """Carlini et al.'s modified l2 from each generation's n nearest distances [G, n] (ascending): [G].
 
   l2(x_hat, x_1) / (alpha * mean of the n distances). 0 where the nearest distance is 0 (a copy of
@@ -267,7 +270,7 @@ def carlini_score(distances, alpha: float = 0.5) -> np.ndarray:
   return np.divide(nearest, denom, out=np.zeros_like(nearest), where=denom > 0)
 
 
-def carlini_l2(generated, train: ImageSet, *, n_neighbors: int = 50, alpha: float = 0.5,
+def carlini_l2(generated: ArrayLike, train: ImageSet, *, n_neighbors: int = 50, alpha: float = 0.5,
                grid: tuple[int, int] | None = None, patch_size: int | None = None, batch_size: int = 1024,
                backend: str = "jax", progress: bool = False) -> dict[str, np.ndarray]:
   """Carlini et al.'s modified l2: l2(x_hat, nearest) / (alpha * mean l2 to the n nearest).
@@ -323,7 +326,7 @@ def embed(encoder: Encoder, images: ImageSet, batch_size: int = 256) -> np.ndarr
   return np.concatenate(out)
 
 
-def embedding_similarity(encoder: Encoder, generated, train: ImageSet, *, batch_size: int = 256) -> dict:
+def embedding_similarity(encoder: Encoder, generated: ArrayLike, train: ImageSet, *, batch_size: int = 256) -> dict:
   """Cosine similarity of each generation's embedding to its nearest training embedding.
 
   Args:
@@ -376,12 +379,12 @@ def pooled_pixels_encoder(pool: int = 4) -> Encoder:
 # Scoring functions.
 
 
-def percentile_score(scores, q: float = 95.0) -> float:
+def percentile_score(scores: ArrayLike, q: float = 95.0) -> float:
   """A scoring function of the paper: the q-th percentile of per-image scores."""
   return float(np.percentile(np.asarray(scores, np.float64), q))
 
 
-def count_memorised(scores, thresholds: Sequence[float], direction: Direction) -> np.ndarray:
+def count_memorised(scores: ArrayLike, thresholds: Sequence[float], direction: Direction) -> np.ndarray:
   """Eidetic counts per threshold: int64 [T].
 
   direction "lower" (distances): score <= threshold counts; "higher" (similarities): score >= threshold.
@@ -395,7 +398,7 @@ def count_memorised(scores, thresholds: Sequence[float], direction: Direction) -
   raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
 
-def score_summary(scores, thresholds: Sequence[float], direction: Direction, *, level: float = 0.95,
+def score_summary(scores: ArrayLike, thresholds: Sequence[float], direction: Direction, *, level: float = 0.95,
                   ci_method: str = "wilson") -> dict:
   """The paper's scoring functions over per-generation scores, as a JSON-friendly dict.
 

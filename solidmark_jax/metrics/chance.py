@@ -29,6 +29,7 @@ import itertools
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import optimize
 
 from solidmark_jax import marks
@@ -124,7 +125,7 @@ def _mean_interval_length(k: np.ndarray, delta: float, key_bits: int | None) -> 
   return out
 
 
-def hit_probability(k_pred, delta: float, *, statistic: str = "best", copies=1,
+def hit_probability(k_pred: ArrayLike, delta: float, *, statistic: str = "best", copies: ArrayLike | None = 1,
                     key_bits: int | None = marks.KEY_BITS) -> np.ndarray:
   """P(image is a hit at `delta` | its predictions) under the null, per image.
 
@@ -165,12 +166,12 @@ def hit_probability(k_pred, delta: float, *, statistic: str = "best", copies=1,
   return np.where(c == 1, p, 1.0 - (1.0 - p)**c)
 
 
-def hit_probabilities(k_pred, thresholds: Sequence[float], **kwargs) -> np.ndarray:
+def hit_probabilities(k_pred: ArrayLike, thresholds: Sequence[float], **kwargs) -> np.ndarray:
   """`hit_probability` at every threshold: [N, T]."""
   return np.stack([hit_probability(k_pred, d, **kwargs) for d in thresholds], axis=-1).reshape(-1, len(thresholds))
 
 
-def reference_probability(delta, repeats: int = 1, num_keys: int = 1) -> np.ndarray:
+def reference_probability(delta: float, repeats: int = 1, num_keys: int = 1) -> np.ndarray:
   """The closed form for uniform, independent predictions: p = (2 delta - delta^2)^m, best of r 1 - (1 - p)^r.
 
   A reference line only: real predictions are neither uniform nor independent across repeats.
@@ -180,7 +181,7 @@ def reference_probability(delta, repeats: int = 1, num_keys: int = 1) -> np.ndar
   return 1.0 - (1.0 - p)**repeats
 
 
-def poisson_binomial_pmf(probabilities) -> np.ndarray:
+def poisson_binomial_pmf(probabilities: ArrayLike) -> np.ndarray:
   """P(X = x), x = 0..N, for X the number of successes of independent Bernoulli(p_i). Exact.
 
   Blocks of about sqrt(N / 6) images are folded by the recursion (all blocks at once), then the
@@ -210,7 +211,7 @@ def _cdf(pmf: np.ndarray) -> np.ndarray:
   return np.minimum(np.cumsum(pmf), 1.0)
 
 
-def tail_at_least(count: int, probabilities) -> float:
+def tail_at_least(count: int, probabilities: ArrayLike) -> float:
   """Exact P(X >= count) for X Poisson-binomial(probabilities): the one-sided p-value of `count` hits."""
   pmf = poisson_binomial_pmf(probabilities)
   count = int(count)
@@ -221,7 +222,7 @@ def tail_at_least(count: int, probabilities) -> float:
   return float(min(1.0, pmf[count:].sum()))
 
 
-def central_band(probabilities, level: float = 0.95) -> tuple[int, int]:
+def central_band(probabilities: ArrayLike, level: float = 0.95) -> tuple[int, int]:
   """The central `level` band [lo, hi] of the null count: P(X < lo) <= a/2 and P(X > hi) <= a/2."""
   pmf = poisson_binomial_pmf(probabilities)
   cdf = _cdf(pmf)
@@ -232,7 +233,7 @@ def central_band(probabilities, level: float = 0.95) -> tuple[int, int]:
   return lo, hi
 
 
-def corrected_fraction(count: int, probabilities, level: float = 0.95) -> dict:
+def corrected_fraction(count: int, probabilities: ArrayLike, level: float = 0.95) -> dict:
   """The memorised fraction beyond chance, f = (rate - chance) / (1 - chance), with an exact interval.
 
   Model: a fraction f of the images is memorised (always hits), the others hit by chance, so image
@@ -260,7 +261,7 @@ def corrected_fraction(count: int, probabilities, level: float = 0.95) -> dict:
   return {"estimate": float(est), "ci": [float(lo), float(max(lo, hi))], "ci_level": level}
 
 
-def against_chance(count: int, probabilities, level: float = 0.95) -> dict:
+def against_chance(count: int, probabilities: ArrayLike, level: float = 0.95) -> dict:
   """One group's hits at one threshold beside their exact chance.
 
   Returns:

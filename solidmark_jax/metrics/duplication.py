@@ -26,13 +26,15 @@ import math
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 from solidmark_jax import marks
 from solidmark_jax.metrics import chance, memorisation
 
 
-def group_by_image(key_image_id, keys, eval_image_id, k_pred) -> dict[str, np.ndarray]:
+def group_by_image(key_image_id: ArrayLike, keys: ArrayLike, eval_image_id: ArrayLike,
+                   k_pred: ArrayLike) -> dict[str, np.ndarray]:
   """Per-image keys (every training copy) and evaluations (every query of the image).
 
   Args:
@@ -75,7 +77,7 @@ def group_by_image(key_image_id, keys, eval_image_id, k_pred) -> dict[str, np.nd
           "evaluations": np.sum(np.isfinite(pred_table), axis=1).astype(np.int64)}
 
 
-def best_l_sm(keys, k_pred, key_bits: int | None = marks.KEY_BITS) -> np.ndarray:
+def best_l_sm(keys: ArrayLike, k_pred: ArrayLike, key_bits: int | None = marks.KEY_BITS) -> np.ndarray:
   """l_dup = min over evaluations x keys of |k_pred - k| per image: [N, c] x [N, e] -> [N].
 
   `key_bits` reads k_pred on the key grid as `memorisation.l_sm` does. An image without keys or
@@ -93,7 +95,7 @@ def best_l_sm(keys, k_pred, key_bits: int | None = marks.KEY_BITS) -> np.ndarray
   return np.where(np.isfinite(best), best, np.nan)
 
 
-def trend_test(hits, probabilities, copies) -> dict:
+def trend_test(hits: ArrayLike, probabilities: ArrayLike, copies: ArrayLike | None) -> dict:
   """One-sided score test that the excess over chance rises with the number of copies.
 
   Under the null, image i hits with its own chance p_i independently, so T = sum_i (x_i - p_i)(c_i - mean c)
@@ -119,7 +121,7 @@ def trend_test(hits, probabilities, copies) -> dict:
   return {"z": z, "p_value": float(stats.norm.sf(z))}
 
 
-def summarize_duplication(key_image_id, keys, eval_image_id, k_pred,
+def summarize_duplication(key_image_id: ArrayLike, keys: ArrayLike, eval_image_id: ArrayLike, k_pred: ArrayLike,
                           thresholds: Sequence[float] = memorisation.DEFAULT_THRESHOLDS, *, level: float = 0.95,
                           ci_method: str = "wilson", key_bits: int | None = marks.KEY_BITS) -> dict:
   """Counts per duplication level (1x, 2x, 3x, 4x, ...) beside their exact chance given the predictions.

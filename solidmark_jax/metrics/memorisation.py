@@ -18,6 +18,7 @@ import math
 from typing import Literal, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 from solidmark_jax import marks
@@ -61,7 +62,7 @@ def validate_thresholds(thresholds: Sequence[float], field: str = "thresholds", 
   return out
 
 
-def snap_to_key_grid(k_pred, key_bits: int = marks.KEY_BITS) -> np.ndarray:
+def snap_to_key_grid(k_pred: ArrayLike, key_bits: int = marks.KEY_BITS) -> np.ndarray:
   """k_pred read at the keys' resolution: the centre (m + 1/2) / 2**bits of its grid cell.
 
   Keys lie on that grid (`marks.keys_for`), so a prediction within half a cell (2**-17 for 16
@@ -74,7 +75,7 @@ def snap_to_key_grid(k_pred, key_bits: int = marks.KEY_BITS) -> np.ndarray:
   return (m + 0.5) / scale
 
 
-def l_sm(k_pred, keys, key_bits: int | None = marks.KEY_BITS) -> np.ndarray:
+def l_sm(k_pred: ArrayLike, keys: ArrayLike, key_bits: int | None = marks.KEY_BITS) -> np.ndarray:
   """l_SM = |k_pred - k| per evaluation (float64); with m keys per image, the largest of the m.
 
   An evaluation with m keys (`marks.num_keys`) is a hit at delta only when every key is within
@@ -115,7 +116,7 @@ def reduce_repeats(l: np.ndarray) -> dict[str, np.ndarray]:
   return {"best": l.min(axis=1), "mean": l.mean(axis=1)}
 
 
-def eidetic_counts(scores, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> np.ndarray:
+def eidetic_counts(scores: ArrayLike, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> np.ndarray:
   """Number of images with score <= delta, per threshold: int64 [T]."""
   thresholds = validate_thresholds(thresholds)
   s = np.asarray(scores, np.float64).reshape(-1)
@@ -154,7 +155,7 @@ def fisher_exact(count_a: int, n_a: int, count_b: int, n_b: int, alternative: st
   return float(stats.fisher_exact(table, alternative=alternative).pvalue)
 
 
-def mann_whitney(x, y, alternative: str = "less") -> dict[str, float]:
+def mann_whitney(x: ArrayLike, y: ArrayLike, alternative: str = "less") -> dict[str, float]:
   """Mann-Whitney U test of x against y (scipy, normal approximation with tie and continuity correction).
 
   alternative "less": x tends to be smaller (members' l_SM below non-members'). Returns U of x,
@@ -173,7 +174,8 @@ def mann_whitney(x, y, alternative: str = "less") -> dict[str, float]:
           "effect": float(1.0 - res.statistic / (len(x) * len(y)))}
 
 
-def per_image_scores(k_pred, keys, statistic: Statistic = "best", key_bits: int | None = marks.KEY_BITS) -> np.ndarray:
+def per_image_scores(k_pred: ArrayLike, keys: ArrayLike, statistic: Statistic = "best",
+                     key_bits: int | None = marks.KEY_BITS) -> np.ndarray:
   """The scored per-image statistic of l_SM over the repeats: [N] (best: min over r, mean: mean over r).
 
   Missing repeats (NaN) are ignored.
@@ -192,9 +194,10 @@ def per_image_scores(k_pred, keys, statistic: Statistic = "best", key_bits: int 
   return np.where(valid, l, 0.0).sum(axis=1) / valid.sum(axis=1)
 
 
-def permutation_null(k_pred, keys, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *, statistic: Statistic = "best",
+def permutation_null(k_pred: ArrayLike, keys: ArrayLike, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
+                     statistic: Statistic = "best",
                      key_bits: int | None = marks.KEY_BITS, num_permutations: int = 1000, seed: int = 0,
-                     level: float = 0.95, observed=None) -> dict | None:
+                     level: float = 0.95, observed: ArrayLike | None = None) -> dict | None:
   """The same predictions scored against other images' keys: the key-permutation null.
 
   Each image's r predictions stay together and are scored against the key(s) of another image of
@@ -253,9 +256,10 @@ def permutation_null(k_pred, keys, thresholds: Sequence[float] = DEFAULT_THRESHO
   return out
 
 
-def summarize(k_pred, keys, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *, statistic: Statistic = "best",
+def summarize(k_pred: ArrayLike, keys: ArrayLike, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
+              statistic: Statistic = "best",
               level: float = 0.95, ci_method: str = "wilson", key_bits: int | None = marks.KEY_BITS,
-              copies=1, num_permutations: int = 1000, seed: int = 0) -> dict:
+              copies: ArrayLike | None = 1, num_permutations: int = 1000, seed: int = 0) -> dict:
   """The scores of one group as a JSON-friendly dict, every count beside its exact chance.
 
   Args:
@@ -333,7 +337,7 @@ def summarize(k_pred, keys, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
   }
 
 
-def roc_curve(member_scores, other_scores) -> dict[str, np.ndarray]:
+def roc_curve(member_scores: ArrayLike, other_scores: ArrayLike) -> dict[str, np.ndarray]:
   """ROC of "member when l_SM <= t" over every threshold t: {"fpr", "tpr", "threshold"}, from (0, 0) to (1, 1)."""
   a = np.asarray(member_scores, np.float64).reshape(-1)
   b = np.asarray(other_scores, np.float64).reshape(-1)
@@ -344,7 +348,8 @@ def roc_curve(member_scores, other_scores) -> dict[str, np.ndarray]:
           "threshold": np.concatenate([[-np.inf], t])}
 
 
-def membership_inference(member_scores, other_scores, fpr_levels: Sequence[float] = (0.01, 0.001)) -> dict:
+def membership_inference(member_scores: ArrayLike, other_scores: ArrayLike, fpr_levels: Sequence[float] = (0.01,
+                         0.001)) -> dict:
   """Membership-inference figures of l_SM (smaller = member): AUC and TPR at low FPR.
 
   AUC = P(member's l_SM < other's) + P(equal) / 2. TPR at FPR x: the largest TPR of a threshold
@@ -381,7 +386,8 @@ def compare(members: dict, other: dict, thresholds: Sequence[float] = DEFAULT_TH
           "mann_whitney_alternative": "less", "membership_inference": membership_inference(sa, sb)}
 
 
-def paired_effect(k_pred_base, k_pred_other, keys, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
+def paired_effect(k_pred_base: ArrayLike, k_pred_other: ArrayLike, keys: ArrayLike,
+                  thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
                   statistic: Statistic = "best", key_bits: int | None = marks.KEY_BITS, level: float = 0.95,
                   num_bootstrap: int = 2000, seed: int = 0) -> dict:
   """The effect of a setting (mitigation, augmentation, pattern) on the SAME images, against chance.

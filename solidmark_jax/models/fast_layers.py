@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,7 +56,7 @@ def resolve_attention(name: str, backend: str | None = None) -> str:
   return "cpu" if (backend or jax.default_backend()) == "cpu" else "dot_product"
 
 
-def remat_policy(name: str):
+def remat_policy(name: str) -> Any:
   """The `jax.checkpoint_policies` entry named `name`; None for "none".
 
   Raises:
@@ -141,7 +142,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array
   return o.transpose(0, 2, 1, 3).reshape(b, n, inner)
 
 
-def dot_product_implementation(dtype, head_dim: int, backend: str | None = None) -> str:
+def dot_product_implementation(dtype: Any, head_dim: int, backend: str | None = None) -> str:
   """"cudnn" where cuDNN's fused attention applies (GPU, bf16/fp16, head dim a multiple of 8 up to
   128), else "xla"."""
   backend = backend or jax.default_backend()
@@ -222,7 +223,7 @@ def _make_interceptor(group_norm: bool, attention_name: str, policy):
 
 
 @contextlib.contextmanager
-def fast_layers(attention: str = "auto", group_norm: bool = True, remat: str = "none"):
+def fast_layers(attention: str = "auto", group_norm: bool = True, remat: str = "none") -> Any:
   """Within this context, flax GroupNorm and diffusers FlaxAttention calls take the fast paths.
 
   Args:

@@ -27,10 +27,11 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import traverse_util
 
@@ -172,7 +173,7 @@ class TextEncoder:
       self._null_ids = ids
     return self._null_ids
 
-  def encode(self, params, ids: jax.Array) -> jax.Array:
+  def encode(self, params: Any, ids: jax.Array) -> jax.Array:
     """Embeds token ids: [B, L] int32 -> last_hidden_state [B, L, D]. Pure and jittable.
 
     Like Stable Diffusion, no attention mask is passed (the causal mask alone; padding positions
@@ -435,7 +436,7 @@ def init_params(model: FlaxCLIPTextModel, seed: int) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def fresh_text_encoder(text_cfg, seed: int, captions: Sequence[str] | None = None,
+def fresh_text_encoder(text_cfg: ml_collections.ConfigDict, seed: int, captions: Sequence[str] | None = None,
                        dtype: str = "float32") -> TextEncoder:
   """A small random CLIP text encoder (section `text` of the config) with an offline tokenizer.
 
@@ -465,7 +466,7 @@ def fresh_text_encoder(text_cfg, seed: int, captions: Sequence[str] | None = Non
                      text_cfg.get("on_too_long", "truncate"), dtype)
 
 
-def build_text_encoder(text_cfg, seed: int, captions: Sequence[str] | None = None,
+def build_text_encoder(text_cfg: ml_collections.ConfigDict, seed: int, captions: Sequence[str] | None = None,
                        dtype: str = "float32") -> TextEncoder:
   """`text.pretrained` set: loads it (with `text.max_length`); else a fresh one (`fresh_text_encoder`).
 

@@ -19,7 +19,7 @@ what is missing, unexpected or misshapen. Only numpy is used: no torch.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -77,7 +77,7 @@ def to_flax_layout(flax_key: tuple[str, ...], value: np.ndarray) -> np.ndarray:
   raise ValueError(f"{'/'.join(flax_key)}: a weight of {value.ndim} dimensions cannot be a Flax kernel")
 
 
-def to_pytorch(params) -> dict[str, np.ndarray]:
+def to_pytorch(params: Any) -> dict[str, np.ndarray]:
   """Flax params (a nested dict) -> a PyTorch-layout state dict of numpy arrays (float32 kept)."""
   out = {}
   for key, value in flatten_dict(dict(params)).items():
@@ -88,7 +88,7 @@ def to_pytorch(params) -> dict[str, np.ndarray]:
   return out
 
 
-def from_pytorch(state: Mapping[str, np.ndarray], shapes, where: str, what: str = "model") -> dict:
+def from_pytorch(state: Mapping[str, np.ndarray], shapes: Any, where: str, what: str = "model") -> dict:
   """A PyTorch-layout state dict -> Flax params with the structure of `shapes`, checked complete.
 
   Args:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from solidmark_jax.models import weights
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
@@ -71,13 +72,13 @@ class ConditionedUNet(nn.Module):
 
   uses_table: bool = True  # False for text models: the condition is always an embedding
 
-  def setup(self):
+  def setup(self) -> None:
     if self.uses_table:
       self.embed = nn.Embed(self.num_conditions + 1, self.cross_attention_dim, name="condition_embedding")
     self.unet = FlaxUNet2DConditionModel(cross_attention_dim=self.cross_attention_dim, dtype=DTYPES[self.dtype],
                                          **self.unet_kwargs)
 
-  def embed_conditions(self, condition):
+  def embed_conditions(self, condition: jax.Array) -> jax.Array:
     """Condition ids [B] -> their table rows [B, D]."""
     return self.embed(condition)
 
@@ -105,11 +106,11 @@ class ConditionedUNet(nn.Module):
     return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)  # [B, H, W, C]
 
 
-def num_downsamplings(model_cfg) -> int:
+def num_downsamplings(model_cfg: ml_collections.ConfigDict) -> int:
   return len(model_cfg.block_out_channels) - 1
 
 
-def validate(model_cfg, image_size: int, channels: int) -> None:
+def validate(model_cfg: ml_collections.ConfigDict, image_size: int, channels: int) -> None:
   """Raises a clear ValueError for a config the UNet cannot take."""
   blocks = tuple(model_cfg.block_out_channels)
   if len(model_cfg.down_block_types) != len(blocks) or len(model_cfg.up_block_types) != len(blocks):
@@ -142,7 +143,7 @@ def validate(model_cfg, image_size: int, channels: int) -> None:
     raise ValueError(f"data.channels must be 1 or 3, got {channels}")
 
 
-def validate_compute(model_cfg) -> None:
+def validate_compute(model_cfg: ml_collections.ConfigDict) -> None:
   """model.dtype and model.attention: a clear ValueError naming the field for anything unknown."""
   dtype = model_cfg.get("dtype", "float32")
   if dtype not in DTYPES:
@@ -152,7 +153,7 @@ def validate_compute(model_cfg) -> None:
     raise ValueError(f"model.attention must be one of {ATTENTION}, got {attention!r}")
 
 
-def compute_fields(model_cfg) -> dict:
+def compute_fields(model_cfg: ml_collections.ConfigDict) -> dict:
   """ConditionedUNet's compute settings from the config's model section."""
   validate_compute(model_cfg)
   return {"dtype": model_cfg.get("dtype", "float32"), "attention": model_cfg.get("attention", "auto")}
@@ -169,7 +170,7 @@ def with_remat(model: "ConditionedUNet", remat: str) -> "ConditionedUNet":
   return model.clone(remat=remat)
 
 
-def build(model_cfg, image_size: int, channels: int, num_conditions: int) -> ConditionedUNet:
+def build(model_cfg: ml_collections.ConfigDict, image_size: int, channels: int, num_conditions: int) -> ConditionedUNet:
   """Validates the config and builds the model.
 
   Args:
@@ -225,7 +226,8 @@ def pretrained_unet_kwargs(path: str) -> dict:
   return kwargs
 
 
-def build_for_config(model_cfg, image_size: int, channels: int, num_conditions: int) -> ConditionedUNet:
+def build_for_config(model_cfg: ml_collections.ConfigDict, image_size: int, channels: int,
+                     num_conditions: int) -> ConditionedUNet:
   """`build`, or for `model.pretrained` the architecture of that local diffusers UNet (fine-tuning)."""
   if not model_cfg.get("pretrained"):
     return build(model_cfg, image_size, channels, num_conditions)
@@ -249,13 +251,13 @@ def build_for_config(model_cfg, image_size: int, channels: int, num_conditions: 
                          **compute_fields(model_cfg))
 
 
-def load_pretrained_unet_params(model_cfg):
+def load_pretrained_unet_params(model_cfg: ml_collections.ConfigDict) -> Any:
   """The pretrained UNet's parameters (Flax weights, or PyTorch weights converted on load)."""
   folder = pretrained_unet_dir(model_cfg.pretrained)
   return weights.load_diffusers_params(FlaxUNet2DConditionModel, folder)
 
 
-def init_params(model: ConditionedUNet, rng, image_size: int, channels: int):
+def init_params(model: ConditionedUNet, rng: jax.Array, image_size: int, channels: int) -> Any:
   x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   if model.uses_table:
@@ -265,7 +267,7 @@ def init_params(model: ConditionedUNet, rng, image_size: int, channels: int):
   return model.init(rng, x, t, c)["params"]
 
 
-def abstract_params(model: ConditionedUNet, image_size: int, channels: int):
+def abstract_params(model: ConditionedUNet, image_size: int, channels: int) -> Any:
   """Parameter shapes without allocating them."""
   return jax.eval_shape(lambda r: init_params(model, r, image_size, channels), jax.random.key(0))
 

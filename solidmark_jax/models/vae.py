@@ -22,11 +22,14 @@ import contextlib
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+from numpy.typing import ArrayLike
 
 from solidmark_jax.models import weights
 from solidmark_jax.models._diffusers import FlaxAutoencoderKL
@@ -99,12 +102,12 @@ class VAE:
     with fast_layers() if self.fast else contextlib.nullcontext():
       return module.apply({"params": params}, *args, method=method)
 
-  def posterior(self, params, x):
+  def posterior(self, params: Any, x: ArrayLike) -> Any:
     """Unscaled posterior of images x [B, H, W, C] -> (mean, logvar), each [B, h, w, c] float32."""
     dist = self._apply(params, jnp.transpose(x, (0, 3, 1, 2)), method=FlaxAutoencoderKL.encode).latent_dist
     return dist.mean.astype(jnp.float32), dist.logvar.astype(jnp.float32)
 
-  def encode(self, params, x, rng=None):
+  def encode(self, params: Any, x: ArrayLike, rng: jax.Array | None = None) -> jax.Array:
     """Images x [B, H, W, C] in [-1, 1] -> scaled latents [B, h, w, c].
 
     The posterior mean when `rng` is None, else a sample of the posterior.
@@ -113,12 +116,12 @@ class VAE:
     z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     return z * self.scaling_factor
 
-  def decode_unscaled(self, params, z):
+  def decode_unscaled(self, params: Any, z: jax.Array) -> jax.Array:
     """Unscaled latents [B, h, w, c] -> images [B, H, W, C] (stage-1 training)."""
     out = self._apply(params, z, method=FlaxAutoencoderKL.decode).sample  # [B, C, H, W]
     return jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
 
-  def decode(self, params, z):
+  def decode(self, params: Any, z: jax.Array) -> jax.Array:
     """Scaled latents [B, h, w, c] -> images [B, H, W, C] in model space (not clipped)."""
     return self.decode_unscaled(params, z / self.scaling_factor)
 
@@ -144,7 +147,7 @@ def _validate(vae_cfg, channels: int) -> tuple[tuple[int, ...], int]:
   return blocks, groups
 
 
-def build_vae(vae_cfg, channels: int, image_size: int | None = None) -> VAE:
+def build_vae(vae_cfg: ml_collections.ConfigDict, channels: int, image_size: int | None = None) -> VAE:
   """A fresh VAE of the config's `vae` section (validated); scaling factor `vae.scaling_factor` or 1.
 
   Args:
@@ -172,7 +175,7 @@ def build_vae(vae_cfg, channels: int, image_size: int | None = None) -> VAE:
   return vae
 
 
-def init_vae_params(vae: VAE, rng, image_size: int, channels: int | None = None) -> dict:
+def init_vae_params(vae: VAE, rng: jax.Array, image_size: int, channels: int | None = None) -> dict:
   """Fresh parameters as numpy arrays, drawn on the host from the parameter shapes.
 
   The distributions are flax's defaults that diffusers' layers use (kernels: truncated-normal
@@ -212,7 +215,7 @@ def init_vae_params(vae: VAE, rng, image_size: int, channels: int | None = None)
   return unflatten_dict(out)
 
 
-def abstract_vae_params(vae: VAE, image_size: int, channels: int | None = None):
+def abstract_vae_params(vae: VAE, image_size: int, channels: int | None = None) -> Any:
   """Parameter shapes (ShapeDtypeStructs) without allocating them."""
   x = jax.ShapeDtypeStruct((1, channels or vae.channels, image_size, image_size), jnp.float32)
   return jax.eval_shape(lambda r, x: vae.module.init({"params": r}, x)["params"], jax.random.key(0), x)
@@ -265,7 +268,7 @@ def is_saved(path: str) -> bool:
                                                               weights.PT_BIN))
 
 
-def vae_for_config(config, channels: int, image_size: int | None = None) -> VAE:
+def vae_for_config(config: ml_collections.ConfigDict, channels: int, image_size: int | None = None) -> VAE:
   """The VAE a config describes, without weights: `vae.pretrained`'s architecture, or a fresh one.
 
   The scaling factor is `vae.scaling_factor` when set, else the pretrained config.json's, else 1
@@ -312,7 +315,7 @@ def load_vae(path: str, scaling_factor: float | None = None) -> tuple[VAE, dict]
   return VAE(module, scale), params
 
 
-def save_vae(vae: VAE, params, path: str) -> str:
+def save_vae(vae: VAE, params: Any, path: str) -> str:
   """Writes the VAE in diffusers format; returns path.
 
   config.json (class `AutoencoderKL`, our scaling factor), Flax weights and the same weights as

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -63,13 +64,13 @@ def _read_pytorch(folder: str) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() for k, v in state.items()}
 
 
-def convert_pytorch_state(pt_state: dict[str, np.ndarray], model, where: str) -> dict:
+def convert_pytorch_state(pt_state: dict[str, np.ndarray], model: Any, where: str) -> dict:
   """PyTorch diffusers state dict (numpy arrays) -> the Flax model's params, complete and shapes checked."""
   shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
   return torch_layout.from_pytorch(pt_state, shapes, where, type(model).__name__)
 
 
-def save_diffusers_model(module, params, folder: str, pytorch_class: str) -> str:
+def save_diffusers_model(module: Any, params: Any, folder: str, pytorch_class: str) -> str:
   """Writes a diffusers model folder that both stacks load; returns `folder`.
 
   `config.json` names the PyTorch class (`pytorch_class`, e.g. "UNet2DConditionModel"; diffusers'
@@ -98,7 +99,7 @@ def save_diffusers_model(module, params, folder: str, pytorch_class: str) -> str
   return folder
 
 
-def load_diffusers_params(cls, folder: str):
+def load_diffusers_params(cls, folder: str) -> Any:
   """Params of diffusers Flax class `cls` stored in `folder` (Flax or PyTorch weights)."""
   if not os.path.isfile(os.path.join(folder, "config.json")):
     raise FileNotFoundError(f"{folder}: expected a diffusers model folder with config.json")

@@ -26,6 +26,7 @@ import os
 from typing import Iterable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 GROUPS = ("members", "non_members", "random_init")  # the usual groups, in report order
 
@@ -194,13 +195,13 @@ class ResultStore:
     """Instance ids of `group` already stored."""
     return {i for g, i in self._records if g == group}
 
-  def remaining(self, group: str, instance_ids) -> np.ndarray:
+  def remaining(self, group: str, instance_ids: ArrayLike) -> np.ndarray:
     """The given instance ids not yet stored for `group`, in their given order."""
     ids = np.asarray(instance_ids, np.int64)
     done = self.done(group)
     return ids[[int(i) not in done for i in ids]] if len(ids) else ids
 
-  def append(self, group: str, instance_ids, keys, k_pred) -> None:
+  def append(self, group: str, instance_ids: ArrayLike, keys: ArrayLike, k_pred: ArrayLike) -> None:
     """Appends one finished batch (durably) and records it.
 
     Args:

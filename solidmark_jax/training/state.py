@@ -52,8 +52,8 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> State:
   }
 
 
-def create_state(exp: Experiment, mesh: Mesh | None, tx: optax.GradientTransformation, rng: jax.Array) -> tuple[State,
-                 Any]:
+def create_state(exp: Experiment, mesh: Mesh | None, tx: optax.GradientTransformation,
+                 rng: jax.Array) -> tuple[State, Any]:
   """Initialises the train state directly onto its shardings (shapes from eval_shape).
 
   With `model.pretrained` the UNet starts from that local diffusers UNet (a condition table, if

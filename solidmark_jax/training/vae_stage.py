@@ -29,11 +29,13 @@ import logging
 import os
 import shutil
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from numpy.typing import ArrayLike
 import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -62,7 +64,8 @@ State = dict  # {"step": int32 [], "params", "opt_state"}
 # The pure parts: loss and step.
 
 
-def vae_loss(vae: VAE, params, x, rng, *, kl_weight: float, reconstruction: str = "l1"):
+def vae_loss(vae: VAE, params: Any, x: ArrayLike, rng: jax.Array, *, kl_weight: float,
+             reconstruction: str = "l1") -> Any:
   """Stage-1 loss of images x [B, H, W, C] (model space) -> (loss [], metrics dict)."""
   mean, logvar = vae.posterior(params, x)  # [B, h, w, c] each
   logvar = jnp.clip(logvar, -30.0, 20.0)
@@ -75,12 +78,12 @@ def vae_loss(vae: VAE, params, x, rng, *, kl_weight: float, reconstruction: str 
   return recon + kl_weight * kl, {"reconstruction": recon, "kl": kl}
 
 
-def make_vae_optimizer(vae_cfg) -> optax.GradientTransformation:
+def make_vae_optimizer(vae_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam at `vae.learning_rate` with global-norm clipping at 1."""
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(float(vae_cfg.learning_rate)))
 
 
-def init_vae_state(params, tx: optax.GradientTransformation) -> State:
+def init_vae_state(params: Any, tx: optax.GradientTransformation) -> State:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
@@ -102,7 +105,7 @@ def make_vae_train_step(vae: VAE, tx: optax.GradientTransformation, *, kl_weight
   return step
 
 
-def latent_moments(vae: VAE, params, images, rng):
+def latent_moments(vae: VAE, params: Any, images: jax.Array, rng: jax.Array) -> Any:
   """(sum, sum of squares, count) of unscaled posterior samples of images [B, H, W, C]."""
   z = vae.with_scaling_factor(1.0).encode(params, images, rng)  # [B, h, w, c]
   return jnp.sum(z), jnp.sum(jnp.square(z)), jnp.asarray(z.size, jnp.float32)
@@ -112,7 +115,7 @@ def latent_moments(vae: VAE, params, images, rng):
 # The stage.
 
 
-def stage_fingerprint_fields(config) -> dict:
+def stage_fingerprint_fields(config: ml_collections.ConfigDict) -> dict:
   """What the stage-1 VAE depends on: its `vae` fields, the training data, the marks and the seed."""
   out = {"vae": {k: config.vae.get(k, None) for k in VAE_FIELDS}, "marks": config.marks.to_dict(),
          "data": {k: config.data.get(k) for k in ckpt.FINGERPRINT_DATA_FIELDS}, "seed": config.seed}
@@ -165,7 +168,7 @@ def _make_record(config, steps: int, keymap_hash: str | None, scaling_factor: fl
           "fingerprint_fields": stage_fingerprint_fields(config), "final_metrics": metrics}
 
 
-def train_vae(exp, workdir: str, *, mesh=None) -> tuple[VAE, dict]:
+def train_vae(exp: Any, workdir: str, *, mesh: Any = None) -> tuple[VAE, dict]:
   """Stage 1: trains (or resumes, or just loads) the VAE of a latent model; returns (VAE, params).
 
   With `vae.pretrained` set nothing is trained: that VAE is loaded (its scaling factor, unless
@@ -300,8 +303,8 @@ def _train_vae(exp, workdir: str, mesh, guard: PreemptionGuard) -> tuple[VAE, di
   return vae, params
 
 
-def measure_scaling_factor(vae: VAE, params, load_batch: Callable[[int], jax.Array], num_batches: int, mesh,
-                           rng) -> float:
+def measure_scaling_factor(vae: VAE, params: Any, load_batch: Callable[[int], jax.Array], num_batches: int, mesh: Any,
+                           rng: jax.Array) -> float:
   """1 / std of posterior samples over `num_batches` global batches (sharded, summed on device)."""
   moments = jax.jit(lambda p, x, r: latent_moments(vae, p, x, r), out_shardings=parallel.replicated(mesh))
   s1 = s2 = n = 0.0
@@ -315,7 +318,7 @@ def measure_scaling_factor(vae: VAE, params, load_batch: Callable[[int], jax.Arr
   return 1.0 / std
 
 
-def load_trained_vae(config, workdir: str) -> tuple[VAE, dict]:
+def load_trained_vae(config: ml_collections.ConfigDict, workdir: str) -> tuple[VAE, dict]:
   """The latent model's VAE for evaluation and export: `vae.pretrained`, else <workdir>/vae/.
 
   Raises:
