@@ -4,23 +4,15 @@ import hashlib
 import os
 import threading
 
-import ml_collections
 import numpy as np
 import pytest
 
-from solidmark_jax.data import captioned, tfds as tfds_source
+from solidmark_jax.data import captioned
 from solidmark_jax.data.folders import FolderSource
 from solidmark_jax.data.shards import ShardSource, expand_shards
 from solidmark_jax.data.sources import open_source
 
-FASHION_DIR = tfds_source.DEFAULT_FASHION_MNIST_DIR
-has_fashion = pytest.mark.skipif(not all(os.path.isfile(os.path.join(FASHION_DIR, f))
-                                         for f in tfds_source.FASHION_MNIST_FILES),
-                                 reason="needs `apt-get install dataset-fashion-mnist`")
-
-
-def cfg(**kw) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(kw)
+from data_helpers import cfg, has_fashion
 
 
 def test_caption_words_and_item_numbers():

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,14 +15,7 @@ from solidmark_jax.data import tfds as tfds_source
 from solidmark_jax.data.images import to_square
 from solidmark_jax.data.sources import Source, open_source
 
-FASHION_DIR = tfds_source.DEFAULT_FASHION_MNIST_DIR
-has_fashion = pytest.mark.skipif(not all(os.path.isfile(os.path.join(FASHION_DIR, f))
-                                         for f in tfds_source.FASHION_MNIST_FILES),
-                                 reason="needs `apt-get install dataset-fashion-mnist`")
-
-
-def cfg(**kw) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(kw)
+from data_helpers import FASHION_DIR, cfg, has_fashion
 
 
 def read_idx(path: str) -> np.ndarray:

@@ -34,22 +34,13 @@ from jax.sharding import Mesh
 from solidmark_jax import marks, parallel
 from solidmark_jax.diffusion import schedule as schedule_lib
 from solidmark_jax.diffusion.schedule import NoiseSchedule
-from solidmark_jax.outpaint.spec import SamplerSpec
+from solidmark_jax.outpaint.spec import SamplerSpec, check_jump
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 # ---------------------------------------------------------------------------------------------
 # Host-side schedule.
-
-
-def _check_jump(num_steps: int, jump_length: int, resamples: int) -> None:
-  if num_steps < 1:
-    raise ValueError(f"outpaint: num_steps must be >= 1, got {num_steps}")
-  if jump_length < 1:
-    raise ValueError(f"outpaint: jump_length must be >= 1, got {jump_length}")
-  if resamples < 1:
-    raise ValueError(f"outpaint: resamples must be >= 1 (1 = no resampling), got {resamples}")
 
 
 def repaint_levels(num_steps: int, jump_length: int = 10, resamples: int = 1) -> np.ndarray:
@@ -67,7 +58,7 @@ def repaint_levels(num_steps: int, jump_length: int = 10, resamples: int = 1) ->
   Returns:
     int32 [L] levels, e.g. [S-1, S-2, ..., 0, -1] for u = 1.
   """
-  _check_jump(num_steps, jump_length, resamples)
+  check_jump(num_steps, jump_length, resamples)
   jumps = {j: resamples - 1 for j in range(0, num_steps - jump_length, jump_length)}
   t = num_steps
   levels = []
@@ -85,7 +76,7 @@ def repaint_levels(num_steps: int, jump_length: int = 10, resamples: int = 1) ->
 
 def num_denoiser_calls(num_steps: int, jump_length: int = 10, resamples: int = 1) -> int:
   """Denoiser calls per image and repeat: S + (number of jump points) (u - 1) j."""
-  _check_jump(num_steps, jump_length, resamples)
+  check_jump(num_steps, jump_length, resamples)
   jump_points = len(range(0, num_steps - jump_length, jump_length))
   return num_steps + jump_points * (resamples - 1) * jump_length
 

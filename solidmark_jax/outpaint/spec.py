@@ -10,6 +10,16 @@ REMASK_FROM = ("x0", "noisy")
 Sampler = Literal["ddim", "ddpm"]
 
 
+def check_jump(num_steps: int, jump_length: int, resamples: int) -> None:
+  """The sampling steps and RePaint's j and u, each >= 1; a clear ValueError otherwise."""
+  if num_steps < 1:
+    raise ValueError(f"outpaint: num_steps must be >= 1, got {num_steps}")
+  if jump_length < 1:
+    raise ValueError(f"outpaint: jump_length must be >= 1, got {jump_length}")
+  if resamples < 1:
+    raise ValueError(f"outpaint: resamples must be >= 1 (1 = no resampling), got {resamples}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
   """The sampler settings of an outpainting (or plain sampling) run.
@@ -40,12 +50,7 @@ class SamplerSpec:
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
       raise ValueError(f"outpaint: sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-    if self.num_steps < 1:
-      raise ValueError(f"outpaint: num_steps must be >= 1, got {self.num_steps}")
-    if self.jump_length < 1:
-      raise ValueError(f"outpaint: jump_length must be >= 1, got {self.jump_length}")
-    if self.resamples < 1:
-      raise ValueError(f"outpaint: resamples must be >= 1 (1 = no resampling), got {self.resamples}")
+    check_jump(self.num_steps, self.jump_length, self.resamples)
     if self.remask_from not in REMASK_FROM:
       raise ValueError(f"latent outpaint: remask_from must be one of {REMASK_FROM}, got {self.remask_from!r}")
     if self.remask_every < 0:
