@@ -38,9 +38,16 @@ def test_field_added_later_is_equal_at_its_default_only():
       "model.use_linear_projection: checkpoint None vs config True"]
 
 
-def test_failed_checkpoint_write_is_an_error_and_keeps_the_ones_before(tmp_path, monkeypatch):
-  """ENOSPC while checkpoint 2 is written (its metadata file): a CheckpointWriteError naming step 2 and
-  the complete step 1, which stays restorable; a new Checkpointer resumes from 1 and can write 2 again."""
+# Which files of checkpoint 2 the full disk refuses: every file, or only the step's own metadata file, which
+# Orbax writes apart from the items (its failure once left a committed step 2 behind).
+FULL_DISK_FILES = {"every file": "", "step metadata only": "_CHECKPOINT_METADATA"}
+
+
+@pytest.mark.parametrize("refused", FULL_DISK_FILES.values(), ids=FULL_DISK_FILES.keys())
+def test_failed_checkpoint_write_is_an_error_and_keeps_the_ones_before(tmp_path, monkeypatch, refused):
+  """ENOSPC while checkpoint 2 is written: a CheckpointWriteError naming step 2 and the complete step 1,
+  which stays restorable; no folder of step 2 is committed; a new Checkpointer resumes from 1 and can
+  write 2 again."""
   directory = str(tmp_path / "checkpoints")
   state = {"step": jnp.int32(1), "w": jnp.arange(16, dtype=jnp.float32).reshape(4, 4)}
   c = ckpt.Checkpointer(directory, save_every=1, keep=5)
@@ -66,7 +73,9 @@ def test_failed_checkpoint_write_is_an_error_and_keeps_the_ones_before(tmp_path,
 
   def open_full(file, mode="r", *args, **kwargs):
     f = real_open(file, mode, *args, **kwargs)
-    return FullDisk(f) if "w" in mode and f"{os.sep}2.orbax-checkpoint-tmp" in str(file) else f
+    path = str(file)
+    full = "w" in mode and f"{os.sep}2.orbax-checkpoint-tmp" in path and path.endswith(refused)
+    return FullDisk(f) if full else f
 
   monkeypatch.setattr(builtins, "open", open_full)
   with pytest.raises(ckpt.CheckpointWriteError) as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -75,7 +76,9 @@ class Checkpointer:
   and is never taken for a checkpoint: it surfaces from `save`, `wait` or `close` (saves run in
   the background) as a `CheckpointWriteError` naming the step and the latest complete one, which
   a re-run resumes from (Orbax replaces the leftover temporary folder when it saves that step
-  again).
+  again). Orbax writes a step's own metadata file apart from its items and still commits the step
+  when only that file failed; such a folder is removed here (`_discard`), so a failed step is never
+  on disk as committed.
   """
 
   def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3, create: bool = True):
@@ -181,9 +184,27 @@ class Checkpointer:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       self._failed = True
-      raise self._write_error(self._writing, e) from e
+      error = self._write_error(self._writing, e)
+      if self._writing is not None:
+        self._discard(self._writing)
+      raise error from e
     finally:
       self._writing = None
+
+  def _discard(self, step: int) -> None:
+    """Removes the folder of `step`, whose write failed, if Orbax committed it regardless."""
+    # After a failed step-metadata write the manager's wait returns before its item writer has finished
+    # (and renamed the folder): wait for that writer first (a private attribute of the pinned Orbax).
+    writer = getattr(self.manager, "_checkpointer", None)
+    try:
+      if writer is not None:
+        writer.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass  # the failure is being reported already
+    folder = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0 and os.path.isdir(folder):
+      shutil.rmtree(folder, ignore_errors=True)
+    self.manager.reload()
 
   def close(self) -> None:
     """Waits for the background write (CheckpointWriteError if it failed), then stops the manager."""
