@@ -340,7 +340,7 @@ def main(argv=None):
     known, conds, ids = parallel.global_batch(mesh, (known, conds, np.arange(b, dtype=np.int32)))
     rng = jax.random.key(1)
     call = lambda: jax.block_until_ready(op(params, known, mask, conds, rng, ids=ids)["k_pred"])
-    return op, call, (params, known, jnp.asarray(mask), conds, rng, ids, np.int32(0), 1, False)
+    return op, call, (params, known, jnp.asarray(mask), conds, rng, ids, np.int32(0), None, 1, False)
 
   # -- sweep mode: ours only, throughput and compiled memory per outpainting batch ---------------
   if args.sweep:

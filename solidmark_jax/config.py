@@ -187,6 +187,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.jump_length = 10  # RePaint j (pixel and latent models)
   c.eval.resamples = 1  # RePaint u (1: no resampling, the public SolidMark code)
   c.eval.guidance_scale = 1.0
+  # with guidance: Wen et al.'s noise magnitude ||eps(x_t, c) - eps(x_t, null)|| over the first k steps
+  c.eval.magnitude_steps = 1
   c.eval.thresholds = (0.1, 0.05, 0.01, 0.005)
   c.eval.random_init_baseline = False
   # Inference-time mitigation (evaluation/mitigations.py): "none", "gni" (strength = sigma), "rt", "cwr", "rna",
@@ -200,6 +202,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.remask_every = 10  # latent models: decode, re-mask in pixels and re-encode every s steps
   c.eval.remask_from = "x0"  # latent re-mask decodes the predicted clean latent ("x0") or z_t ("noisy")
   c.eval.num_grid = 16  # images in the PNG grid
+  # region queries (FB-Mem's view, docs/regions.md): hide the key and a region, outpaint both, score both;
+  # names: () or some of ("foreground", "background"); masks: "plain" (no weights) or "folder" (by id)
+  c.eval.regions = ml_collections.ConfigDict({"names": (), "masks": "plain", "folder": "", "tolerance": 0.1})
   c.eval.generations = generations_section()
 
   # Sweeps (sweep.py, solidmark_jax/evaluation/sweeps.py): several evaluation settings of one checkpoint in one

@@ -164,10 +164,12 @@ def test_evaluate_end_to_end(reference, fashion_dir):
 
 @pytest.fixture(scope="module")
 def options_eval(fashion_dir, trained, tmp_path_factory):
-  """evaluate(step=2, repeats=3, random_init_baseline) on a copy of `trained`, written to its eval/."""
+  """evaluate(step=2, repeats=3, random_init_baseline, both region queries) on a copy of `trained`, written to
+  its eval/."""
   workdir = _copy(trained, tmp_path_factory.mktemp("options") / "wd")
   overrides = _overrides(fashion_dir, eval__num_members=8, eval__num_nonmembers=8, eval__repeats=3,
-                         eval__random_init_baseline=True, eval__num_grid=0, eval__num_steps=4)
+                         eval__random_init_baseline=True, eval__num_grid=0, eval__num_steps=4,
+                         eval__regions__names=("foreground", "background"))
   report_dir = evaluate(_config(overrides), str(workdir), step=2)
   assert report_dir == str(workdir / "eval")
   return workdir, overrides, json.loads((workdir / "eval" / "summary.json").read_text())
@@ -194,6 +196,31 @@ def test_step_repeats_and_random_init(options_eval):
   l = memorisation.l_sm(k_pred, np.array([float(r["key"]) for r in rows]))
   np.testing.assert_allclose([float(r["l_sm_best"]) for r in rows], l.min(axis=1))
   np.testing.assert_allclose([float(r["l_sm_mean"]) for r in rows], l.mean(axis=1))
+
+
+def test_region_queries_write_a_report_per_region(options_eval):
+  """Each region query is a full key report of its own plus the hidden region's scores and their null."""
+  workdir, _, main = options_eval
+  groups = ["members", "non_members", "random_init"]
+  for region in ("foreground", "background"):
+    out = workdir / "eval" / "regions" / region
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metadata"]["region"] == region and summary["metadata"]["region_masks"]["masks"] == "plain"
+    assert summary["checkpoint_step"] == 2 and list(summary["groups"]) == groups
+    assert all(g["n"] == 8 and g["repeats"] == 3 for g in summary["groups"].values())
+    section = summary["region"]
+    assert section["region"] == region and list(section["groups"]) == groups
+    for g in section["groups"].values():
+      assert g["l2"]["n"] == 8 and 0 < g["l2"]["mean"] < 1 and 0 < g["null_l2"]["mean"] < 1
+      assert -1 <= g["ssim"]["mean"] <= 1 and g["vs_null"]["n"] == 8
+    assert set(section["comparisons"]) == {"members_vs_non_members", "members_vs_random_init"}
+    rows = _read_csv(out / "per_image.csv")
+    assert len(rows) == 24 and all(np.isfinite(float(r["region_l2"])) for r in rows)
+    assert {"region_ssim", "region_null_l2", "region_null_ssim"} <= set(rows[0])
+    assert f"## Region query: the {region} hidden with the key" in (out / "summary.md").read_text()
+    assert (out / "region_l2_hist.png").exists()
+  # the border-only report is the plain one: no region columns
+  assert "region" not in main and "region_l2" not in _read_csv(workdir / "eval" / "per_image.csv")[0]
 
 
 # ---------------------------------------------------------------------------------------------

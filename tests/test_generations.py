@@ -111,11 +111,11 @@ def test_resume_after_interruption_gives_the_same_result(fashion_dir, trained, r
   calls = []
   real_append = report.ResultStore.append
 
-  def crash_on_second_batch(self, group, ids, keys, k_pred):
+  def crash_on_second_batch(self, group, ids, keys, k_pred, *rest):
     calls.append(list(ids))
     if len(calls) == 2:  # the second batch's images are written, its results line is not
       raise KeyboardInterrupt
-    real_append(self, group, ids, keys, k_pred)
+    real_append(self, group, ids, keys, k_pred, *rest)
 
   monkeypatch.setattr(report.ResultStore, "append", crash_on_second_batch)
   with pytest.raises(KeyboardInterrupt):
@@ -238,10 +238,17 @@ def test_latent_text_generations_end_to_end(latent_trained, latent_reference):
   for name in ("l2", "carlini", "patched_l2", "patched_carlini", "k_pred", "l_sm_prompt", "l_sm_nearest"):
     assert np.all(np.isfinite(np.array([g[name] for g in gens], np.float64))), name
   assert all(0.0 <= g["k_pred"] <= 1.0 for g in gens)
+  # guided: Wen et al.'s noise magnitude of each generation (a random text model's eps still reads the caption)
+  assert meta["sampling"]["magnitude_steps"] == 1
+  noise = np.array([g["noise_magnitude"] for g in gens])
+  assert np.all(np.isfinite(noise)) and np.all(noise > 0)
+  assert result["noise_magnitude"]["mean"] == pytest.approx(noise.mean())
+  assert result["noise_magnitude"]["rank_correlation_l_sm_prompt"]["n"] == 12
   assert set(result["summary"]) == {"l2", "carlini", "patched_l2", "patched_carlini"}
   assert all(np.isfinite(v["tail_95"]) and np.isfinite(v["extreme"]) for v in result["summary"].values())
   assert meta["num_train_images"] == 16 and meta["keymap_hash"] == exp.keymap.hash
   md = (out / "summary.md").read_text()
+  assert "Noise magnitude (Wen et al. 2024; first 1 step(s)" in md
   best = min(gens, key=lambda g: (g["carlini"], g["id"]))
   assert report.caption_cell(best["caption"]) in md
 

@@ -135,7 +135,7 @@ def test_sharded_equals_unsharded(tiny_vae):
   np.testing.assert_allclose(np.asarray(out["k_pred"]), a, atol=1e-5)
   # Under vmap the re-mask stays a real branch (stablehlo.case), not a select that would run the VAE
   # round trip at every step.
-  hlo = plain._jitted.lower(p, x, mask, ids, jax.random.key(5), ids, np.int32(0), 1, False).as_text()
+  hlo = plain._jitted.lower(p, x, mask, ids, jax.random.key(5), ids, np.int32(0), None, 1, False).as_text()
   assert hlo.count("stablehlo.case") == 1
 
 

@@ -273,6 +273,46 @@ def test_classifier_free_guidance_combines_predictions():
     guided(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(4), 2)
 
 
+@pytest.mark.parametrize("k,resamples", [(3, 1), (50, 2)])  # k > K: the mean over every call
+def test_noise_magnitude_is_the_mean_text_term_over_the_first_k_calls(k, resamples):
+  """Wen et al.'s detector from the guided loop: a denoiser whose conditional and unconditional predictions
+  differ by (t / T) * [condition != null] everywhere gives ||eps_c - eps_u||_2 = t / T * sqrt(H W C) per
+  call, averaged over the first k denoiser calls (RePaint's resampling rows count as calls); an image
+  queried with the null condition, and a denoiser that ignores its condition, give exactly 0."""
+  n, null = 4, 7
+  x0, _ = marked_images(n)
+  mask = marks.key_mask(SIZE, SIZE, PAD)
+  cond = np.array([0, 3, null, 9])
+
+  def blind(params, x_t, t, condition):  # the condition is never read
+    return smooth_denoiser(params, x_t, t, jnp.zeros_like(condition))
+
+  def text_term(params, x_t, t, condition):
+    on = (condition != null).astype(jnp.float32)[:, None, None, None]
+    return blind(params, x_t, t, condition) + on * (t.astype(jnp.float32) / T)[:, None, None, None]
+
+  spec = SamplerSpec(num_steps=6, sampler="ddpm", guidance_scale=2.0, resamples=resamples, jump_length=2,
+                     magnitude_steps=k)
+  fn = make_outpaint_fn(text_term, SCHED, spec)
+  out = fn(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(1), 2, null_condition=null)
+  first = fn.steps[:k, 1]  # the t of the first k denoiser calls
+  assert len(fn.steps) > 6 if resamples > 1 else len(fn.steps) == 6
+  expected = np.mean(first / T) * np.sqrt(SIZE * SIZE)
+  magnitude = np.asarray(out["noise_magnitude"])
+  assert magnitude.shape == (n, 2)
+  np.testing.assert_allclose(magnitude[cond != null], expected, rtol=1e-5)
+  assert np.all(magnitude[cond == null] == 0.0)
+  if resamples > 1:
+    return
+  ignores = make_outpaint_fn(blind, SCHED, spec)
+  assert np.all(np.asarray(ignores(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(1), 2,
+                                 null_condition=null)["noise_magnitude"]) == 0.0)
+  unguided = make_outpaint_fn(text_term, SCHED, spec.replace(guidance_scale=1.0))
+  assert "noise_magnitude" not in unguided(SMOOTH_PARAMS, x0, mask, cond, jax.random.key(1), 2)
+  with pytest.raises(ValueError, match="magnitude_steps"):
+    spec.replace(magnitude_steps=0)
+
+
 def test_sample_without_known_region():
   n = 3
   x0, _ = marked_images(n)

@@ -60,11 +60,11 @@ def _count_appends(monkeypatch, fail_at: int | None = None) -> list:
   calls = []
   original = report.ResultStore.append
 
-  def append(self, group, ids, keys, k_pred):
+  def append(self, group, ids, keys, k_pred, *rest):
     calls.append((os.path.basename(os.path.dirname(self.path)), group, len(ids)))
     if fail_at is not None and len(calls) == fail_at:
       raise _Interrupt("interrupted")
-    return original(self, group, ids, keys, k_pred)
+    return original(self, group, ids, keys, k_pred, *rest)
 
   monkeypatch.setattr(report.ResultStore, "append", append)
   return calls

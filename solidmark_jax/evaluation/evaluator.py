@@ -37,6 +37,7 @@ from solidmark_jax.data import open_source
 from solidmark_jax.data.instances import class_labels, marked_batch, select_records
 from solidmark_jax.evaluation import augment as augment_lib
 from solidmark_jax.evaluation import mitigations
+from solidmark_jax.evaluation import regions as regions_lib
 from solidmark_jax.evaluation.conditioning import Conditioner
 from solidmark_jax.experiment import Experiment, build_experiment, make_outpainter, outpaint_params, source_captions
 from solidmark_jax.metrics import duplication
@@ -175,19 +176,26 @@ class Query:
     return known
 
   def run(self, params: Any, g: Group, ids: np.ndarray, rng: jax.Array, repeats: int,
-          return_images: bool = False) -> dict[str, np.ndarray]:
-    """One padded batch: each process reads its rows, the batch runs sharded; k_pred [n, r] (and images)."""
+          return_images: bool = False, hide: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+          ) -> dict[str, np.ndarray]:
+    """One padded batch: each process reads its rows, the batch runs sharded; k_pred [n, r] (and images).
+
+    hide: (marked images, their ids) -> the region hidden beside the key [n, H, W, 1] (a region query).
+    """
     n = len(ids)
     rows = parallel.pad_rows(ids, self.batch_size)  # fixed shape: compile once
     local = parallel.process_slice(self.batch_size)
     pos = np.searchsorted(g.ids, rows)[local]
     mine = rows[local]
     captions = [g.captions[p] for p in pos] if g.captions is not None else None
-    batch = {"known": self.known(g, mine), "condition": self.conditioner(g.conditions[pos], mine, captions),
+    known = self.known(g, mine)
+    batch = {"known": known, "condition": self.conditioner(g.conditions[pos], mine, captions),
              "ids": mine.astype(np.int32)}
+    if hide is not None:
+      batch["regions"] = hide(known, mine)
     batch = parallel.global_batch(self.mesh, batch)
     out = self.op(params, batch["known"], self.mask, batch["condition"], rng, repeats, ids=batch["ids"],
-                  null_condition=self.conditioner.null, return_images=return_images)
+                  null_condition=self.conditioner.null, return_images=return_images, regions=batch.get("regions"))
     return {k: parallel.to_host(v)[:n] for k, v in out.items()}
 
 
@@ -248,6 +256,8 @@ class Evaluator:
     """The metadata of one setting's result store and report."""
     c = self.config.eval
     ev = {k: v for k, v in c.to_dict().items() if k not in ("num_grid", "thresholds", "score")}
+    if c.guidance_scale == 1.0:  # the noise magnitude is computed with guidance only
+      ev.pop("magnitude_steps", None)
     ev["mitigation"] = mitigation.as_record()
     ev["augment"] = augmentation.as_record()
     return {
@@ -304,9 +314,9 @@ class Evaluator:
       g_rng = jax.random.fold_in(rng, gi)  # the same noise for every setting: settings differ only by the setting
       for start in range(0, len(todo), c.batch_size):
         ids = todo[start:start + c.batch_size]
-        k_pred = query.run(self.params[g.name], g, ids, g_rng, c.repeats)["k_pred"]
+        out = query.run(self.params[g.name], g, ids, g_rng, c.repeats)
         if self.is_main:
-          store.append(g.name, ids, g.keys[np.searchsorted(g.ids, ids)], k_pred)
+          store.append(g.name, ids, g.keys[np.searchsorted(g.ids, ids)], out["k_pred"], out.get("noise_magnitude"))
         bar.update(len(ids))
     if own_bar:
       bar.close()
@@ -321,6 +331,41 @@ class Evaluator:
     if write_grid and c.num_grid:
       self._write_grid(query, rng, out_dir)
     return summary
+
+  def score_regions(self, out_dir: str, region: str, spec: regions_lib.RegionSpec) -> dict | None:
+    """A region query of every group (docs/regions.md): the key region and `region` hidden, outpainted in
+    one pass; the key scored as usual, the region's reconstruction against the truth and against another
+    image's truth (the region null). Writes a full report to `out_dir`; returns its summary on process 0."""
+    c = self.config.eval
+    # the config's mitigation; no query augmentation: the hidden region is scored against the true image
+    query = self.query(self.mitigation, augment_lib.Augmentation())
+    pad, pattern = self.config.marks.pad, self.config.marks.pattern
+    hide = lambda known, ids: regions_lib.query_regions(spec, region, known, ids, pad, pattern, query.mask)
+    meta = {**self.meta(self.mitigation, query.augmentation), "region": region, "region_masks": spec.as_record()}
+    store = report.ResultStore(os.path.join(out_dir, "results.jsonl"), meta=meta) if self.is_main else None
+    bar = tqdm(total=self.images_per_setting, initial=self.done_count(store), desc=f"outpaint {region}", unit="img",
+               dynamic_ncols=True, disable=not self.is_main)
+    rng = jax.random.key(c.seed)
+    for gi, g in enumerate(self.groups):
+      partner = dict(zip(g.ids.tolist(), g.ids[metrics.chance.derangements(len(g.ids), 1, c.seed + gi)[0]].tolist())
+                     if len(g.ids) > 1 else [])
+      todo = parallel.broadcast_ids(store.remaining(g.name, g.ids) if self.is_main else None)
+      g_rng = jax.random.fold_in(rng, gi)
+      for start in range(0, len(todo), c.batch_size):
+        ids = todo[start:start + c.batch_size]
+        out = query.run(self.params[g.name], g, ids, g_rng, c.repeats, return_images=True, hide=hide)
+        if self.is_main:
+          truth = g.read(ids)
+          hidden = hide(truth, ids)
+          extras = _region_extras(out["images"], truth, hidden, g.read(np.array([partner.get(int(i), int(i))
+                                                                                  for i in ids])))
+          store.append(g.name, ids, g.keys[np.searchsorted(g.ids, ids)], out["k_pred"], out.get("noise_magnitude"),
+                       extras)
+        bar.update(len(ids))
+    bar.close()
+    if not self.is_main:
+      return None
+    return report.write_report(out_dir, store.results(), self.thresholds, statistic=c.score, metadata=meta)
 
   def _bar(self, store) -> tqdm:
     done, total = self.done_count(store), self.images_per_setting
@@ -337,6 +382,14 @@ class Evaluator:
     if self.is_main:
       report.write_image_grid(os.path.join(out_dir, "outpaintings.png"), query.known(g, ids), query.mask, out["images"],
                               keys=g.keys[:n], k_pred=out["k_pred"], row_labels=[f"member {i}" for i in ids])
+
+
+def _region_extras(images: np.ndarray, truth: np.ndarray, hidden: np.ndarray, partner_truth: np.ndarray) -> dict:
+  """A region query's per-image scores: the hidden region against its truth and against a partner's."""
+  own = regions_lib.region_scores(images, truth, hidden)
+  null = regions_lib.region_scores(images, partner_truth, hidden)
+  return {"region_l2": own["l2"], "region_ssim": own["ssim"], "region_null_l2": null["l2"],
+          "region_null_ssim": null["ssim"]}
 
 
 def build_evaluator(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> Evaluator:
@@ -388,9 +441,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   Raises `dirlock.DirectoryInUse` when another live process writes to the same output directory.
   """
   out_dir = out_dir or Workdir(workdir).eval
+  spec = regions_lib.RegionSpec.from_config(config.eval.get("regions"))
   with dirlock.hold(out_dir, "evaluation"):
     evaluator = build_evaluator(config, workdir, step)
     evaluator.score(out_dir)
+    for region in spec.names:  # region queries (FB-Mem's view), each a report of its own
+      evaluator.score_regions(os.path.join(out_dir, "regions", region), region, spec)
   if not evaluator.is_main:
     return None
   log.info("report written to %s", out_dir)

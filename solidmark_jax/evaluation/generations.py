@@ -26,7 +26,7 @@ from solidmark_jax import config as config_lib
 from solidmark_jax.evaluation.conditioning import Conditioner
 from solidmark_jax.experiment import Experiment, build_experiment, make_outpainter
 from solidmark_jax.experiment import outpaint_params
-from solidmark_jax.metrics import baselines, validate_thresholds
+from solidmark_jax.metrics import baselines, magnitude, validate_thresholds
 from solidmark_jax.outpaint import SamplerSpec
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.state import load_frozen, restore_ema
@@ -167,7 +167,8 @@ def _sample_all(exp, params, conditioner: Conditioner, s, ids, store, samples_di
   outpainter returns pixel images in model space [-1, 1], which are stored as uint8.
   """
   spec = SamplerSpec(num_steps=int(s["num_steps"]), sampler=s["sampler"], eta=float(s["eta"]),
-                     guidance_scale=float(s["guidance_scale"]), remask_every=exp.config.eval.get("remask_every", 10))
+                     guidance_scale=float(s["guidance_scale"]), remask_every=exp.config.eval.get("remask_every", 10),
+                     magnitude_steps=int(exp.config.eval.get("magnitude_steps", 1)))
   op = make_outpainter(exp, spec, mesh=mesh, return_images=True)
   todo = parallel.broadcast_ids(store.remaining(GROUP, ids) if is_main else None)
   done = len(ids) - len(todo)
@@ -191,7 +192,7 @@ def _sample_all(exp, params, conditioner: Conditioner, s, ids, store, samples_di
       images = _to_uint8(out["images"][:, 0])  # [n, H, W, C] pixels
       k_pred = np.asarray(marks.predicted_key(marks.to_model_space(images.astype(np.float32) / 255.0), key_mask))
       _save_batch(samples_dir, batch, images)  # images first: a listed generation always has them
-      store.append(GROUP, batch, exp.keymap.lookup(prompts), k_pred)
+      store.append(GROUP, batch, exp.keymap.lookup(prompts), k_pred, out.get("noise_magnitude"))
     bar.update(len(batch))
   bar.close()
 
@@ -208,7 +209,8 @@ def _nearest_scores(gen, train, s, grid, patch_size) -> dict:
 
 
 def score(exp: Experiment, images_u8: np.ndarray, ids: np.ndarray, k_pred: np.ndarray, s: dict,
-          encoder: Callable | None = None, train: baselines.ImageSet | None = None) -> dict:
+          encoder: Callable | None = None, train: baselines.ImageSet | None = None,
+          noise_magnitude: np.ndarray | None = None) -> dict:
   """Scores stored generations against the distinct training images.
 
   Args:
@@ -219,10 +221,12 @@ def score(exp: Experiment, images_u8: np.ndarray, ids: np.ndarray, k_pred: np.nd
     s: `generation_settings`.
     encoder: embedding encoder (None: no embedding similarity).
     train: the training images to compare with (default `TrainImages(exp)`).
+    noise_magnitude: [G] Wen et al.'s noise magnitude of each generation (guided sampling), or None.
 
   Returns:
     {"summary": {metric: `baselines.score_summary`}, "generations": [per-generation dict],
-     "nearest_is_prompt_rate": ...}.
+     "nearest_is_prompt_rate": ..., and with magnitudes "noise_magnitude": its mean and its rank
+     correlation with l_SM to the prompt's key and with the l2 to the nearest training image}.
   """
   pad, pattern = exp.config.marks.pad, exp.config.marks.pattern
   gen = content(images_u8.astype(np.float32) / 255.0, pad, pattern, marked=True)  # [G, h, w, C]
@@ -254,6 +258,8 @@ def score(exp: Experiment, images_u8: np.ndarray, ids: np.ndarray, k_pred: np.nd
     if emb is not None:
       rec["embedding_nearest_image"] = int(emb["nearest"][j])
       rec["similarity"] = float(emb["similarity"][j])
+    if noise_magnitude is not None:
+      rec["noise_magnitude"] = float(noise_magnitude[j])
     records.append(rec)
 
   summary = {}
@@ -263,7 +269,14 @@ def score(exp: Experiment, images_u8: np.ndarray, ids: np.ndarray, k_pred: np.nd
   if emb is not None:
     summary["similarity"] = baselines.score_summary(emb["similarity"], s["similarity_thresholds"], "higher")
   nearest_is_prompt = float(np.mean(metrics[""]["nearest"] == prompt_image))
-  return {"summary": summary, "nearest_is_prompt_rate": nearest_is_prompt, "generations": records}
+  result = {"summary": summary, "nearest_is_prompt_rate": nearest_is_prompt, "generations": records}
+  if noise_magnitude is not None:
+    l_sm_prompt = np.array([r["l_sm_prompt"] for r in records])
+    result["noise_magnitude"] = {
+        "steps": int(exp.config.eval.get("magnitude_steps", 1)), "mean": float(np.mean(noise_magnitude)),
+        "rank_correlation_l_sm_prompt": magnitude.rank_correlation(noise_magnitude, l_sm_prompt),
+        "rank_correlation_l2": magnitude.rank_correlation(noise_magnitude, metrics[""]["l2"])}
+  return result
 
 
 def _prompt(exp: Experiment, instance: int) -> dict:
@@ -334,6 +347,8 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
   params = outpaint_params(exp, ema, frozen)  # UNet params, or {"unet", "vae"}
   conditioner = Conditioner(exp, frozen)
   sampling = {k: s[k] for k in ("seed", "num_steps", "sampler", "eta", "guidance_scale")}
+  if float(s["guidance_scale"]) != 1.0:  # the magnitude is only computed (and stored) with guidance
+    sampling["magnitude_steps"] = int(config.eval.get("magnitude_steps", 1))
   meta = {"checkpoint_step": int(step), "keymap_hash": exp.keymap.hash,
           "config_fingerprint": ckpt.config_fingerprint(config), "sampling": sampling,
           "image_size": exp.image_size, "channels": exp.channels,
@@ -351,9 +366,10 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
   stored = store.results().select(GROUP)
   rows = np.searchsorted(stored.instance_id, ids)
   k_pred = stored.k_pred[rows, 0]
+  noise = None if stored.noise_magnitude is None else stored.noise_magnitude[rows, 0]
   images = _load_images(samples_dir, ids)
   train = TrainImages(exp, s["cache_train_mb"])
-  result = score(exp, images, ids, k_pred, s, encoder, train)
+  result = score(exp, images, ids, k_pred, s, encoder, train, noise)
   settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()}
   result = {"meta": {**meta, "num_samples": int(s["num_samples"]), "settings": settings,
                      "num_train_images": len(train), "carlini_n": min(int(s["num_neighbors"]), len(train)),

@@ -99,8 +99,8 @@ class LatentOutpainter(Outpainter):
     x_known_t = schedule_lib.q_sample(self.sched, x0_known, t, noise)  # [H, W, C]
     return self._encode(params_vae, mask * self._decode(params_vae, z_t) + (1.0 - mask) * x_known_t)
 
-  def _one(self, params, x0_known, mask, condition, null, key):
-    """Outpaints one image once: x0_known [H, W, C] pixels -> (k_pred [] or [m], x0 [H, W, C])."""
+  def _one(self, params, x0_known, mask, key_mask, condition, null, key):
+    """Outpaints one image once: x0_known [H, W, C] pixels -> (k_pred [] or [m], x0 [H, W, C], noise magnitude [])."""
     sched, p_unet, p_vae = self.sched, params["unet"], params["vae"]
     key_init, key_loop = jax.random.split(key)
     latent_shape = self.vae.latent_shape(x0_known.shape[0])
@@ -111,11 +111,12 @@ class LatentOutpainter(Outpainter):
     steps = jnp.asarray(self.steps)  # [K, 3] (t_from == t: no jump)
     rows = jnp.concatenate([jnp.arange(steps.shape[0], dtype=jnp.int32)[:, None], steps,
                             jnp.asarray(self.remask, jnp.int32)[:, None]], axis=1)  # [K, 5]
-    has_known = jnp.any(mask < 0.5)  # the same for every image: lax.cond stays a branch under vmap
+    has_known = jnp.any(key_mask < 0.5)  # the same for every image: lax.cond stays a branch under vmap
     jumps = bool(np.any(self.steps[:, 0] < self.steps[:, 1]))  # static: no jump code without resampling
     key_jump = jax.random.fold_in(key_loop, _JUMP_SALT)
 
-    def step(z_t, row):
+    def step(carry, row):
+      z_t, total = carry
       i, t_from, t, t_prev, remask = row[0], row[1], row[2], row[3], (row[4] > 0) & has_known
       k_pixel, k_step = jax.random.split(jax.random.fold_in(key_loop, i))
       if jumps:  # RePaint resampling: back from t_from to the noisier t (no-op row when t_from == t)
@@ -125,7 +126,7 @@ class LatentOutpainter(Outpainter):
         noise_px = jax.random.normal(k_pixel, x0_known.shape, x0_known.dtype)
         z_t = jax.lax.cond(remask, lambda z: self._remask_noisy(p_vae, z, t, x0_known, mask, noise_px),
                            lambda z: z, z_t)
-      eps_hat = self._eps(p_unet, z_t, t, condition, null)  # [h, w, c]
+      eps_hat, magnitude = self._eps(p_unet, z_t, t, condition, null)  # [h, w, c], []
       z0 = latent_x0(sched, z_t, t, eps_hat)
       if self.spec.remask_from == "x0":
         z0 = jax.lax.cond(remask, lambda z: self._remask_clean(p_vae, z, x0_known, mask), lambda z: z, z0)
@@ -134,14 +135,15 @@ class LatentOutpainter(Outpainter):
         z_prev = schedule_lib.ddim_update(sched, t, t_prev, z0, eps_hat, noise, eta=self.spec.eta)
       else:
         z_prev = schedule_lib.ddpm_update(sched, z_t, t, t_prev, z0, noise)
-      return z_prev, None
+      return (z_prev, self._accumulate(total, i, magnitude)), None
 
-    z, _ = jax.lax.scan(step, z, rows)
+    (z, total), _ = jax.lax.scan(step, (z, jnp.zeros((), jnp.float32)), rows)
     x = jnp.clip(self._decode(p_vae, z), -1.0, 1.0)  # [H, W, C]
     x = mask * x + (1.0 - mask) * x0_known  # paste the known region back
-    return self._k_pred(x, mask), x
+    return self._k_pred(x, key_mask), x, self._magnitude(total)
 
-  def check_call(self, params: Any, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray) -> None:
+  def check_call(self, params: Any, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray,
+                 regions: np.ndarray | None = None) -> None:
     if not isinstance(params, dict) or set(params) != {"unet", "vae"}:
       raise ValueError("latent outpaint: params must be {'unet': denoiser params, 'vae': VAE params}, got "
                        f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")
@@ -150,7 +152,7 @@ class LatentOutpainter(Outpainter):
                        f"{self.vae.channels}")
     for side in known.shape[1:3]:
       self.vae.latent_size(side)
-    super().check_call(params, known, mask, conditions)
+    super().check_call(params, known, mask, conditions, regions)
 
 
 def make_latent_outpaint_fn(denoiser: Denoiser, sched: NoiseSchedule, vae: VAE, spec: SamplerSpec, *,

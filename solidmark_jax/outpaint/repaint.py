@@ -125,7 +125,7 @@ def as_conditions(conditions: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
 class Outpainter:
   """A compiled RePaint outpainting function; build it with `make_outpaint_fn`.
 
-  Call it as `fn(params, known, mask, conditions, rng, repeats, ids=None, null_condition=None)`:
+  Call it as `fn(params, known, mask, conditions, rng, repeats, ids=None, null_condition=None, regions=None)`:
 
   Args (of a call):
     params: the denoiser's parameters (any pytree; their sharding is kept).
@@ -142,11 +142,16 @@ class Outpainter:
       spec's guidance_scale != 1): an id, or one image's condition (e.g. the empty caption's
       embedding [L, D]). A traced argument: another null value compiles nothing new.
     return_images: overrides the factory's `return_images` for this call (static).
+    regions: [N, H, W, 1] per-image regions hidden beside the mask (1 = also outpainted), e.g. an
+      image's foreground for a region query (evaluation/regions.py); the key is still read off the
+      mask (or `key_masks`) alone. None: the mask alone, for every image.
 
   Returns:
-    dict with "k_pred" [N, r] float32 ([N, r, m] with m key regions, `key_masks`) and, when images
-    are requested, "images" [N, r, H, W, C] (model space, known region pasted back). Sharded over
-    the mesh's batch axes if a mesh was given.
+    dict with "k_pred" [N, r] float32 ([N, r, m] with m key regions, `key_masks`); with guidance,
+    "noise_magnitude" [N, r] float32: Wen et al.'s ||eps(x_t, c) - eps(x_t, null)||_2 averaged over
+    the first `spec.magnitude_steps` denoiser calls (docs/noise_magnitude.md); when images are
+    requested, "images" [N, r, H, W, C] (model space, known region pasted back). Sharded over the
+    mesh's batch axes if a mesh was given.
 
   Attributes:
     spec: the `SamplerSpec`.
@@ -173,11 +178,11 @@ class Outpainter:
     self.return_images = bool(return_images)
     self.mesh = mesh
     self.trace_count = 0
-    jit_kwargs = dict(static_argnums=(7, 8))
+    jit_kwargs = dict(static_argnums=(8, 9))
     if mesh is not None:
       batch, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
       # params keep their own sharding (None); known, conditions, ids split over the batch axes.
-      jit_kwargs.update(in_shardings=(None, batch, repl, batch, repl, batch, repl), out_shardings=batch)
+      jit_kwargs.update(in_shardings=(None, batch, repl, batch, repl, batch, repl, batch), out_shardings=batch)
     self._jitted = jax.jit(self._run, **jit_kwargs)
 
   @property
@@ -187,31 +192,43 @@ class Outpainter:
   # -- per image -------------------------------------------------------------------------------
 
   def _eps(self, params, x, t, condition, null):
-    """eps_hat for one image: x [H, W, C], t [] int32, condition and null of one image -> [H, W, C] float32.
+    """eps_hat for one image: x [H, W, C], t [] int32, condition and null of one image -> (eps_hat
+    [H, W, C] float32, the noise magnitude ||eps_c - eps_u||_2 [] float32, 0 without guidance).
 
     A bf16 network's output is cast to float32: x_t, the known-region mixing and the key read stay float32.
     """
     if not self.spec.guided:
-      return self.denoiser(params, x[None], t[None], condition[None])[0].astype(jnp.float32)
+      eps = self.denoiser(params, x[None], t[None], condition[None])[0].astype(jnp.float32)
+      return eps, jnp.zeros((), jnp.float32)
     xx = jnp.stack([x, x])  # [2, H, W, C]: conditional and unconditional in one call
     tt = jnp.stack([t, t])
     cc = jnp.stack([condition, null.astype(condition.dtype)])
     eps_c, eps_u = self.denoiser(params, xx, tt, cc).astype(jnp.float32)  # [H, W, C] each
-    return eps_u + self.spec.guidance_scale * (eps_c - eps_u)
+    text = eps_c - eps_u
+    return eps_u + self.spec.guidance_scale * text, jnp.sqrt(jnp.sum(jnp.square(text)))
 
-  def _k_pred(self, x, mask):
-    """k_pred of one outpainted image x [H, W, C]: [] off the mask [H, W, 1], or [m] off the key regions."""
-    return marks.predicted_key(x, mask if self.key_masks is None else self.key_masks)
+  def _magnitude(self, total: jax.Array) -> jax.Array:
+    """The mean noise magnitude over the first k denoiser calls, from their sum."""
+    return total / min(self.spec.magnitude_steps, self.num_denoiser_calls)
 
-  def _one(self, params, x0_known, mask, condition, null, key):
-    """Outpaints one image once: x0_known [H, W, C] -> (k_pred [] or [m], x0 [H, W, C])."""
+  def _accumulate(self, total: jax.Array, i: jax.Array, magnitude: jax.Array) -> jax.Array:
+    return total + jnp.where(i < self.spec.magnitude_steps, magnitude, 0.0)
+
+  def _k_pred(self, x, key_mask):
+    """k_pred of one outpainted image x [H, W, C]: [] off the key mask [H, W, 1], or [m] off the key regions."""
+    return marks.predicted_key(x, key_mask if self.key_masks is None else self.key_masks)
+
+  def _one(self, params, x0_known, mask, key_mask, condition, null, key):
+    """Outpaints one image once: x0_known [H, W, C], the unknown region `mask` [H, W, 1] and the key's
+    `key_mask` (within it) -> (k_pred [] or [m], x0 [H, W, C], noise magnitude [])."""
     sched = self.sched
     key_init, key_loop = jax.random.split(key)
     x = jax.random.normal(key_init, x0_known.shape, x0_known.dtype)  # x at the noisiest level
     steps = jnp.asarray(self.steps)  # [K, 3]
     rows = jnp.concatenate([jnp.arange(steps.shape[0], dtype=jnp.int32)[:, None], steps], axis=1)
 
-    def step(x_t, row):
+    def step(carry, row):
+      x_t, total = carry
       i, t_from, t, t_prev = row[0], row[1], row[2], row[3]
       k_jump, k_known, k_step = jax.random.split(jax.random.fold_in(key_loop, i), 3)
       shape, dtype = x_t.shape, x_t.dtype
@@ -220,36 +237,41 @@ class Outpainter:
       x_t = jnp.where(t_from < t, jumped, x_t)
       x_known_t = schedule_lib.q_sample(sched, x0_known, t, jax.random.normal(k_known, shape, dtype))
       x_t = mask * x_t + (1.0 - mask) * x_known_t
-      eps_hat = self._eps(params, x_t, t, condition, null)
+      eps_hat, magnitude = self._eps(params, x_t, t, condition, null)
       noise = jax.random.normal(k_step, shape, dtype)
       if self.spec.sampler == "ddim":  # x0 clipped to [-1, 1] (pixels)
         x_prev = schedule_lib.ddim_step(sched, x_t, t, t_prev, eps_hat, noise, eta=self.spec.eta)
       else:
         x_prev = schedule_lib.ddpm_step(sched, x_t, t, t_prev, eps_hat, noise)
-      return x_prev, None
+      return (x_prev, self._accumulate(total, i, magnitude)), None
 
-    x, _ = jax.lax.scan(step, x, rows)
+    (x, total), _ = jax.lax.scan(step, (x, jnp.zeros((), jnp.float32)), rows)
     x = mask * x + (1.0 - mask) * x0_known  # paste the known region back
-    return self._k_pred(x, mask), x
+    return self._k_pred(x, key_mask), x, self._magnitude(total)
 
   # -- batched ---------------------------------------------------------------------------------
 
-  def _run(self, params, known, mask, conditions, rng, ids, null, repeats: int, return_images: bool):
+  def _run(self, params, known, mask, conditions, rng, ids, null, regions, repeats: int, return_images: bool):
     self.trace_count += 1  # Python side effect: runs once per trace, never per call
     known = jnp.asarray(known, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
     conditions = as_conditions(conditions)
     if ids is None:
       ids = jnp.arange(known.shape[0], dtype=jnp.int32)
+    if regions is None:
+      regions = jnp.zeros((known.shape[0], 1, 1, 1), jnp.float32)  # nothing hidden beside the mask
 
-    def per_image(x0_known, condition, image_id):
+    def per_image(x0_known, condition, image_id, region):
       key = jax.random.fold_in(rng, image_id)
       keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(repeats, dtype=jnp.int32))
-      one = lambda k: self._one(params, x0_known, mask, condition, null, k)
-      return jax.vmap(one)(keys)  # [r] (or [r, m]), [r, H, W, C]
+      unknown = jnp.maximum(mask, jnp.asarray(region, jnp.float32))  # [H, W, 1]
+      one = lambda k: self._one(params, x0_known, unknown, mask, condition, null, k)
+      return jax.vmap(one)(keys)  # [r] (or [r, m]), [r, H, W, C], [r]
 
-    k_pred, images = jax.vmap(per_image)(known, conditions, jnp.asarray(ids, jnp.int32))
+    k_pred, images, magnitude = jax.vmap(per_image)(known, conditions, jnp.asarray(ids, jnp.int32), regions)
     out = {"k_pred": k_pred}  # [N, r], or [N, r, m]
+    if self.spec.guided:
+      out["noise_magnitude"] = magnitude  # [N, r]
     if return_images:
       out["images"] = images  # [N, r, H, W, C]
     return out
@@ -268,9 +290,13 @@ class Outpainter:
       raise ValueError(f"{self.name}: null_condition has shape {null.shape}, one image's condition {one}")
     return null
 
-  def check_call(self, params: Any, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray | jax.Array) -> None:
+  def check_call(self, params: Any, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray | jax.Array,
+                 regions: np.ndarray | None = None) -> None:
     """Checks a call's shapes (subclasses add theirs)."""
     n = known.shape[0]
+    if regions is not None and tuple(regions.shape) != (n, *known.shape[1:3], 1):
+      raise ValueError(f"{self.name}: regions must be [N, H, W, 1] = {(n, *known.shape[1:3], 1)}, got "
+                       f"{tuple(regions.shape)}")
     if self.mesh is not None and n % self.mesh.size:
       raise ValueError(f"{self.name}: batch of {n} images must be divisible by the {self.mesh.size} devices "
                        "of the mesh (use Outpainter.run, which pads)")
@@ -282,13 +308,13 @@ class Outpainter:
                        f"they must be [m, {known.shape[1]}, {known.shape[2]}, 1 or {known.shape[3]}]")
 
   def __call__(self, params, known, mask, conditions, rng, repeats: int = 1, ids=None, null_condition=None,
-               return_images: bool | None = None) -> dict:
-    self.check_call(params, known, mask, conditions)
+               return_images: bool | None = None, regions=None) -> dict:
+    self.check_call(params, known, mask, conditions, regions)
     null = self._null(null_condition, conditions)
     if ids is None and self.mesh is not None:
       ids = np.arange(known.shape[0], dtype=np.int32)
     images = self.return_images if return_images is None else bool(return_images)
-    return self._jitted(params, known, mask, conditions, rng, ids, null, int(repeats), images)
+    return self._jitted(params, known, mask, conditions, rng, ids, null, regions, int(repeats), images)
 
   def run(self, params: Any, known: np.ndarray, mask: np.ndarray, conditions: np.ndarray, rng: jax.Array,
           repeats: int = 1,

@@ -36,6 +36,10 @@ class SamplerSpec:
     remask_every: latent models: s steps between decode / re-mask / re-encode round trips (the paper:
       10); 0 never re-masks.
     remask_from: latent models: "x0" (decode the predicted clean latent) or "noisy" (decode z_t).
+    magnitude_steps: k: with guidance, the loop also returns Wen et al.'s (2024) memorisation
+      detector, the text-conditional noise magnitude ||eps(x_t, c) - eps(x_t, null)||_2 averaged over
+      the first k denoiser calls (the paper's headline detector: the first step; docs/noise_magnitude.md).
+      Free: both predictions are computed for guidance anyway.
   """
 
   num_steps: int
@@ -46,6 +50,7 @@ class SamplerSpec:
   guidance_scale: float = 1.0
   remask_every: int = 10
   remask_from: Literal["x0", "noisy"] = "x0"
+  magnitude_steps: int = 1
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
@@ -55,6 +60,9 @@ class SamplerSpec:
       raise ValueError(f"latent outpaint: remask_from must be one of {REMASK_FROM}, got {self.remask_from!r}")
     if self.remask_every < 0:
       raise ValueError(f"latent outpaint: remask_every must be >= 0 (0: never), got {self.remask_every}")
+    if self.magnitude_steps < 1:
+      raise ValueError(f"outpaint: magnitude_steps must be >= 1 (the first k steps' noise magnitude), got "
+                       f"{self.magnitude_steps}")
 
   @property
   def guided(self) -> bool:

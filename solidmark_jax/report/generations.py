@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from solidmark_jax.report.format import percent
+from solidmark_jax.report.format import p_value, percent
 from solidmark_jax.report.plots import write_sample_grid
 
 
@@ -46,6 +46,13 @@ def generations_markdown(result: dict) -> str:
     ext = "min" if s["direction"] == "lower" else "max"
     lines.append(f"| {METRIC_DOCS.get(name, name)} | {'lower' if op == '<=' else 'higher'} = memorised | "
                  f"{s['tail_95']:.4f} ({tail}) | {s['extreme']:.4f} ({ext}) | {s['median']:.4f} | {counts} |")
+  noise = result.get("noise_magnitude")
+  if noise is not None:
+    rho = lambda c: "-" if c["rho"] is None else f"{c['rho']:+.3f} (p = {p_value(c['p_value'])})"
+    lines += ["", f"Noise magnitude (Wen et al. 2024; first {noise['steps']} step(s), larger = memorised): mean "
+              f"{noise['mean']:.3f}; Spearman's rho with l_SM to the prompt's key {rho(noise['rank_correlation_l_sm_prompt'])}, "
+              f"with the l2 to the nearest training image {rho(noise['rank_correlation_l2'])} (negative: the detectors "
+              "agree)."]
   gens = closest_generations(result, 10)
   lines += ["", "Closest generations (lowest Carlini score):", "",
             "| generation | prompt | prompt image | nearest image (copies: instances) | l2 | Carlini | "

@@ -101,6 +101,38 @@ def plot_roc(path: str, curves: dict[str, dict]) -> str:
   return _save(fig, path)
 
 
+def plot_magnitude(path: str, magnitude: dict[str, np.ndarray], scores: dict[str, np.ndarray],
+                   statistic: str = "best") -> str:
+  """Wen et al.'s noise magnitude against l_SM, one point per image and a colour per group."""
+  fig = Figure(figsize=(5.2, 4.4))
+  ax = fig.add_subplot()
+  for g, m in magnitude.items():
+    ax.scatter(scores[g], m, s=10, alpha=0.6, label=g)
+  ax.set_xlabel(f"l_SM ({statistic} of the repeats)")
+  ax.set_ylabel("noise magnitude ||eps_c - eps_u||")
+  ax.set_title("Noise magnitude (Wen et al. 2024) vs l_SM")
+  ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def plot_region_l2(path: str, l2: dict[str, np.ndarray], null: dict[str, np.ndarray], region: str | None) -> str:
+  """Histograms of the hidden region's l2 per group, each beside its region null (another image's truth)."""
+  fig = Figure(figsize=(6.0, 4.0))
+  ax = fig.add_subplot()
+  values = np.concatenate([v[np.isfinite(v)] for v in [*l2.values(), *null.values()]] or [np.zeros(1)])
+  bins = np.linspace(0.0, max(float(values.max()), 1e-3), 30)
+  for i, (g, v) in enumerate(l2.items()):
+    colour = f"C{i}"
+    ax.hist(v[np.isfinite(v)], bins=bins, alpha=0.5, color=colour, label=g)
+    ax.hist(null[g][np.isfinite(null[g])], bins=bins, histtype="step", color=colour, linestyle="--",
+            label=f"{g}: null")
+  ax.set_xlabel(f"l2 of the hidden {region or 'region'} (units of the value range)")
+  ax.set_ylabel("images")
+  ax.set_title(f"Region query: {region or 'region'}")
+  ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
 def _to_display(x: np.ndarray) -> np.ndarray:
   """Model space [-1, 1] -> [0, 1] for imshow, [H, W] for one channel."""
   x = np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)

@@ -9,6 +9,10 @@ or, with m keys per image (`marks.num_keys`), the m keys and per repeat the m pr
 
   {"group": "members", "instance_id": 17, "key": [0.41, 0.07], "k_pred": [[0.40, 0.05], [0.43, 0.09]]}
 
+With classifier-free guidance a line also holds Wen et al.'s noise magnitude per repeat
+("noise_magnitude": [12.1, 11.8]; docs/noise_magnitude.md), and a region query's line the scores of
+the hidden region per repeat (`EXTRA_FIELDS`: "region_l2": [0.08, 0.07], ...; docs/regions.md).
+
 Each finished batch is appended in one write, then fsync'ed, so after a crash the file holds whole
 batches plus at most one torn last line, which reopening drops. A write that fails (ENOSPC, EIO) is
 an `OSError` naming the store, and the file is cut back to the batches before it. A re-run opens the
@@ -29,6 +33,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 GROUPS = ("members", "non_members", "random_init")  # the usual groups, in report order
+# per-image, per-repeat numbers a line may hold beside its keys (region queries: evaluation/regions.py)
+EXTRA_FIELDS = ("region_l2", "region_ssim", "region_null_l2", "region_null_ssim")
 
 
 def group_order(names: Iterable[str]) -> list[str]:
@@ -47,12 +53,17 @@ class Results:
     key: float64 [N] true keys; [N, m] with m keys per image.
     k_pred: float64 [N, r] predicted keys per repeat (NaN where a group has fewer repeats);
       [N, r, m] with m keys per image.
+    noise_magnitude: float64 [N, r] Wen et al.'s noise magnitude per repeat (NaN where an image has
+      none), or None when no image has one (no guidance).
+    extras: {name: float64 [N, r]} the `EXTRA_FIELDS` some image has (NaN where an image has none).
   """
 
   instance_id: np.ndarray
   group: np.ndarray
   key: np.ndarray
   k_pred: np.ndarray
+  noise_magnitude: np.ndarray | None = None
+  extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.instance_id)
@@ -85,11 +96,25 @@ class Results:
       k_pred[i, :len(kp)] = kp
     key = np.array([np.asarray(rec["key"], np.float64) for rec in records], np.float64).reshape((len(records),) +
                                                                                                  shape[1:])
+
+    def per_repeat(name):
+      if not any(name in rec for rec in records):
+        return None
+      out = np.full((len(records), r), np.nan)
+      for i, rec in enumerate(records):
+        values = np.asarray(rec.get(name, []), np.float64).reshape(-1)
+        out[i, :len(values)] = values
+      return out
+
+    magnitude = per_repeat("noise_magnitude")
+    extras = {name: v for name in EXTRA_FIELDS if (v := per_repeat(name)) is not None}
     return cls(
         instance_id=np.array([int(rec["instance_id"]) for rec in records], np.int64),
         group=np.array([str(rec["group"]) for rec in records], dtype=object),
         key=key,
         k_pred=k_pred,
+        noise_magnitude=magnitude,
+        extras=extras,
     )
 
   @property
@@ -102,7 +127,9 @@ class Results:
     k_pred = self.k_pred[rows]
     other = (0,) + tuple(range(2, k_pred.ndim))  # all axes but the repeats
     keep = ~np.all(np.isnan(k_pred), axis=other) if len(k_pred) else np.zeros(k_pred.shape[1], bool)
-    return Results(self.instance_id[rows], self.group[rows], self.key[rows], k_pred[:, keep])
+    magnitude = None if self.noise_magnitude is None else self.noise_magnitude[rows][:, keep]
+    extras = {name: v[rows][:, keep] for name, v in self.extras.items()}
+    return Results(self.instance_id[rows], self.group[rows], self.key[rows], k_pred[:, keep], magnitude, extras)
 
 
 def _normalise(meta: dict | None) -> dict:
@@ -201,7 +228,8 @@ class ResultStore:
     done = self.done(group)
     return ids[[int(i) not in done for i in ids]] if len(ids) else ids
 
-  def append(self, group: str, instance_ids: ArrayLike, keys: ArrayLike, k_pred: ArrayLike) -> None:
+  def append(self, group: str, instance_ids: ArrayLike, keys: ArrayLike, k_pred: ArrayLike,
+             noise_magnitude: ArrayLike | None = None, extras: dict[str, ArrayLike] | None = None) -> None:
     """Appends one finished batch (durably) and records it.
 
     Args:
@@ -209,30 +237,47 @@ class ResultStore:
       instance_ids: [n] ints.
       keys: [n] true keys; [n, m] with m keys per image.
       k_pred: [n] or [n, r] predicted keys; [n, m] or [n, r, m] with m keys per image.
+      noise_magnitude: [n] or [n, r] Wen et al.'s noise magnitude (with guidance), or None.
+      extras: {name in `EXTRA_FIELDS`: [n] or [n, r]}, e.g. a region query's scores.
     """
     ids = np.asarray(instance_ids, np.int64).reshape(-1)
     keys = np.asarray(keys, np.float64)
     if keys.ndim == 2:
-      return self._append_multi(group, ids, keys, np.asarray(k_pred, np.float64))
-    keys = keys.reshape(-1)
-    k_pred = np.asarray(k_pred, np.float64).reshape(len(ids), -1)
-    if len(keys) != len(ids):
-      raise ValueError(f"append: {len(ids)} instance ids but {len(keys)} keys")
-    recs = [{"group": str(group), "instance_id": int(i), "key": float(k), "k_pred": [float(v) for v in kp]}
-            for i, k, kp in zip(ids, keys, k_pred)]
+      recs = self._multi_records(group, ids, keys, np.asarray(k_pred, np.float64))
+    else:
+      keys = keys.reshape(-1)
+      k_pred = np.asarray(k_pred, np.float64).reshape(len(ids), -1)
+      if len(keys) != len(ids):
+        raise ValueError(f"append: {len(ids)} instance ids but {len(keys)} keys")
+      recs = [{"group": str(group), "instance_id": int(i), "key": float(k), "k_pred": [float(v) for v in kp]}
+              for i, k, kp in zip(ids, keys, k_pred)]
+    per_repeat = dict(extras or {})
+    unknown = sorted(set(per_repeat) - set(EXTRA_FIELDS))
+    if unknown:
+      raise ValueError(f"append: unknown extra fields {unknown}; known: {list(EXTRA_FIELDS)}")
+    if noise_magnitude is not None:
+      per_repeat["noise_magnitude"] = noise_magnitude
+    for name, values in per_repeat.items():
+      values = np.asarray(values, np.float64).reshape(len(ids), -1)
+      repeats = len(recs[0]["k_pred"]) if recs else values.shape[1]
+      if values.shape[1] != repeats:
+        raise ValueError(f"append: {name} {values.shape} needs one value per image and repeat "
+                         f"({len(ids)}, {repeats})")
+      for rec, row in zip(recs, values):
+        rec[name] = [float(v) for v in row]
     self._record(recs)
 
-  def _append_multi(self, group: str, ids: np.ndarray, keys: np.ndarray, k_pred: np.ndarray) -> None:
-    """`append` with m keys per image: keys [n, m], k_pred [n, m] or [n, r, m]."""
+  @staticmethod
+  def _multi_records(group: str, ids: np.ndarray, keys: np.ndarray, k_pred: np.ndarray) -> list[dict]:
+    """`append`'s records with m keys per image: keys [n, m], k_pred [n, m] or [n, r, m]."""
     n, m = keys.shape
     if n != len(ids):
       raise ValueError(f"append: {len(ids)} instance ids but {n} rows of keys")
     if k_pred.ndim not in (2, 3) or k_pred.shape[0] != n or k_pred.shape[-1] != m:
       raise ValueError(f"append: keys [n, m] = {keys.shape} need k_pred [n, m] or [n, r, m], got {k_pred.shape}")
     k_pred = k_pred.reshape(n, -1, m)
-    recs = [{"group": str(group), "instance_id": int(i), "key": [float(v) for v in k],
+    return [{"group": str(group), "instance_id": int(i), "key": [float(v) for v in k],
              "k_pred": [[float(v) for v in row] for row in kp]} for i, k, kp in zip(ids, keys, k_pred)]
-    self._record(recs)
 
   def _record(self, recs: list[dict]) -> None:
     self._write_lines(recs)
