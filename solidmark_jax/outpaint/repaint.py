@@ -258,16 +258,16 @@ class Outpainter:
     conditions = as_conditions(conditions)
     if ids is None:
       ids = jnp.arange(known.shape[0], dtype=jnp.int32)
-    if regions is None:
-      regions = jnp.zeros((known.shape[0], 1, 1, 1), jnp.float32)  # nothing hidden beside the mask
 
     def per_image(x0_known, condition, image_id, region):
       key = jax.random.fold_in(rng, image_id)
       keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(repeats, dtype=jnp.int32))
-      unknown = jnp.maximum(mask, jnp.asarray(region, jnp.float32))  # [H, W, 1]
+      # [H, W, 1]; without regions the one shared mask, so the border-only query traces as it always did
+      unknown = mask if region is None else jnp.maximum(mask, jnp.asarray(region, jnp.float32))
       one = lambda k: self._one(params, x0_known, unknown, mask, condition, null, k)
       return jax.vmap(one)(keys)  # [r] (or [r, m]), [r, H, W, C], [r]
 
+    # regions = None is an empty pytree: vmap passes it through as None
     k_pred, images, magnitude = jax.vmap(per_image)(known, conditions, jnp.asarray(ids, jnp.int32), regions)
     out = {"k_pred": k_pred}  # [N, r], or [N, r, m]
     if self.spec.guided:
