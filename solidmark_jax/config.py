@@ -42,6 +42,10 @@ GENERATIONS_FIELDS = (
     ("encoder", None, str),  # a name in evaluation.generations.ENCODERS, or pass encoder= to score_generations
     ("num_grid", 8, int),  # closest pairs drawn in nearest.png (0: none)
     ("cache_train_mb", 1024, int),  # training images held in memory up to this size, else re-read per pass
+    # FB-Mem's view (docs/regions.md): nearest training image per region, foreground / background / both
+    # / neither; masks: plain backgrounds for generations, eval.regions' source for training images
+    ("regions", True, bool),
+    ("region_thresholds", (0.1, 0.1), tuple),  # foreground, background: memorised when l2 <= (on [0, 1] pixels)
 )
 
 

@@ -18,9 +18,10 @@ import pytest
 
 from configs import tiny, tiny_latent
 from solidmark_jax import parallel, report
-from solidmark_jax.evaluation import generations
+from solidmark_jax.evaluation import generations, regions
 from solidmark_jax.experiment import build_experiment
 from solidmark_jax.metrics import baselines
+from solidmark_jax.metrics import regions as region_stats
 from solidmark_jax.training.loop import train
 
 # One plain UNet block (no down-sampling; the condition enters through the mid block's cross-attention):
@@ -104,6 +105,18 @@ def test_score_generations_end_to_end(fashion_dir, reference):
   md = (out / "summary.md").read_text()
   assert "| Carlini's modified l2 (patched) | lower = memorised |" in md and "Closest generations" in md
   assert (out / "nearest.png").stat().st_size > 1000
+  # FB-Mem's view: nearest training image per region, recomputed by brute force on the same masks
+  fb = result["regions"]
+  gen_fg = regions.plain_background_masks(gen)
+  train_fg = regions.plain_background_masks(train_images[:16])
+  d_region = region_stats.region_distances(gen, gen_fg, train_images[:16], train_fg)
+  for k in ("foreground", "background"):
+    np.testing.assert_array_equal([g[f"{k}_nearest_image"] for g in gens], np.argmin(d_region[k], axis=1))
+    np.testing.assert_allclose([g[f"{k}_l2"] for g in gens], d_region[k].min(axis=1), rtol=1e-6)
+    assert [g[f"{k}_cluster"] for g in gens] == list(np.sum(d_region[k] <= 0.1, axis=1))
+  assert sum(fb["counts"].values()) == 12 and fb["n"] == 12 and sum(fb["null"]["counts"].values()) == 12
+  assert fb["counts"] == region_stats.category_counts([g["fb_category"] for g in gens])
+  assert "## Regions (FB-Mem's view)" in md and (out / "regions.png").exists()
 
 
 def test_resume_after_interruption_gives_the_same_result(fashion_dir, trained, reference, tmp_path, monkeypatch):

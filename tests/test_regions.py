@@ -223,3 +223,38 @@ def test_mask_figure_script_measures_the_documented_cases(fashion_dir, tmp_path)
   assert art["white part at the edge"]["iou"] < 0.8 and art["gradient background"]["iou"] < 0.5
   assert art["ring with a hole"]["mask_fraction"] > art["ring with a hole"]["true_fraction"]  # the hole is foreground
   assert out.exists() and json.loads((tmp_path / "masks.json").read_text()) == result
+
+
+# -- FB-Mem on generations --------------------------------------------------------------------------
+
+
+def test_fb_mem_categories_and_clusters_on_hand_built_cases():
+  """Four generations built from two training images: a verbatim copy, the foreground of image 0 on a new
+  background, image 1's background with a new object, and something new; plus a cluster of near-copies."""
+  x, fg = objects(2, seed=7, channels=1)
+  checker = (np.indices((SIDE, SIDE)).sum(axis=0) % 2)[..., None] * 0.2
+  x[1] = np.where(fg[1][..., None], x[1], 0.3 + checker)  # a background of its own (image 0's is plain dark)
+  train = np.concatenate([x, x[:1] + 0.01])  # image 2 is a near-copy of image 0 (a cluster of two)
+  train_fg = np.concatenate([fg, fg[:1]])
+  other, other_fg = objects(1, seed=99)
+  verbatim = x[0]
+  fg_only = np.where(fg[0][..., None], x[0], 0.8).astype(np.float32)  # image 0's object, a light background
+  bg_only = np.where(other_fg[0][..., None], 1.0, x[1])  # image 1's background, a new white object
+  bg_only_fg = other_fg[0]
+  neither = np.where(other_fg[0][..., None], 1.0, 0.8).astype(np.float32)
+  gen = np.stack([verbatim, fg_only, bg_only, neither])
+  gen_fg = np.stack([fg[0], fg[0], bg_only_fg, other_fg[0]])
+  out = region_stats.fb_mem(gen, gen_fg, train, train_fg, (0.05, 0.05))
+  assert list(out["category"]) == ["both", "foreground", "background", "neither"]
+  assert out["foreground_nearest"][0] in (0, 2) and out["background_nearest"][2] == 1
+  assert out["foreground_cluster"][0] == 2  # close to the image and its near-copy
+  assert out["foreground_cluster"][3] == 0 and out["background_cluster"][3] == 0
+  assert region_stats.category_counts(out["category"]) == {"both": 1, "foreground": 1, "background": 1, "neither": 1}
+  d = region_stats.region_distances(gen, gen_fg, train, train_fg)
+  assert d["foreground"][0, 0] == 0.0 and d["background"][0, 0] == 0.0
+  # chunked over the references (tiny memory budget) gives the same answer
+  small = region_stats.fb_mem(gen, gen_fg, train, train_fg, (0.05, 0.05), memory_mb=1e-4)
+  for k in out:
+    np.testing.assert_array_equal(small[k], out[k])
+  with pytest.raises(ValueError, match="one size"):
+    region_stats.region_distances(gen, gen_fg, train[:, :4], train_fg[:, :4])

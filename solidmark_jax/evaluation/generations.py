@@ -23,10 +23,13 @@ from tqdm import tqdm
 
 from solidmark_jax import atomic, dirlock, marks, parallel, report
 from solidmark_jax import config as config_lib
+from solidmark_jax.data import open_source
+from solidmark_jax.evaluation import regions as regions_lib
 from solidmark_jax.evaluation.conditioning import Conditioner
 from solidmark_jax.experiment import Experiment, build_experiment, make_outpainter
 from solidmark_jax.experiment import outpaint_params
 from solidmark_jax.metrics import baselines, magnitude, validate_thresholds
+from solidmark_jax.metrics import regions as region_stats
 from solidmark_jax.outpaint import SamplerSpec
 from solidmark_jax.training import checkpoint as ckpt
 from solidmark_jax.training.state import load_frozen, restore_ema
@@ -64,6 +67,10 @@ def generation_settings(config: ml_collections.ConfigDict) -> dict:
   for k in ("l2_thresholds", "carlini_thresholds", "similarity_thresholds"):
     s[k] = validate_thresholds(s[k], f"eval.generations.{k}", unit_interval=False)
   s["patch_grid"] = None if s["patch_grid"] is None else tuple(int(v) for v in s["patch_grid"])
+  s["region_thresholds"] = tuple(float(v) for v in s["region_thresholds"])
+  if len(s["region_thresholds"]) != 2 or not all(v > 0 for v in s["region_thresholds"]):
+    raise ValueError("eval.generations.region_thresholds must be (foreground, background), both > 0, got "
+                     f"{s['region_thresholds']}")
   if float(s["guidance_scale"]) != 1.0 and config.model.condition == "none":
     raise ValueError(f"eval.generations.guidance_scale={s['guidance_scale']} (or eval.guidance_scale) != 1 needs a "
                      "conditional model (model.condition is 'none')")
@@ -104,6 +111,7 @@ class TrainImages:
   def __init__(self, exp: Experiment, cache_mb: float = 1024):
     inst = exp.instances
     _, first = np.unique(inst.image_id, return_index=True)  # first copy of each distinct image
+    self.instances = first  # [N_images] the instance id of each image's first copy
     self.records = inst.record_index[first]  # [N_images]
     self.source = exp.source
     self.pad, self.pattern = exp.config.marks.pad, exp.config.marks.pattern
@@ -270,6 +278,8 @@ def score(exp: Experiment, images_u8: np.ndarray, ids: np.ndarray, k_pred: np.nd
     summary["similarity"] = baselines.score_summary(emb["similarity"], s["similarity_thresholds"], "higher")
   nearest_is_prompt = float(np.mean(metrics[""]["nearest"] == prompt_image))
   result = {"summary": summary, "nearest_is_prompt_rate": nearest_is_prompt, "generations": records}
+  if s["regions"]:
+    result["regions"] = _fb_mem(exp, gen, train, records, prompt_image, s["region_thresholds"])
   if noise_magnitude is not None:
     l_sm_prompt = np.array([r["l_sm_prompt"] for r in records])
     result["noise_magnitude"] = {
@@ -277,6 +287,56 @@ def score(exp: Experiment, images_u8: np.ndarray, ids: np.ndarray, k_pred: np.nd
         "rank_correlation_l_sm_prompt": magnitude.rank_correlation(noise_magnitude, l_sm_prompt),
         "rank_correlation_l2": magnitude.rank_correlation(noise_magnitude, metrics[""]["l2"])}
   return result
+
+
+def _fb_mem(exp: Experiment, gen: np.ndarray, train: baselines.ImageSet, records: list[dict], prompt_image: np.ndarray,
+            thresholds: tuple[float, float]) -> dict:
+  """FB-Mem's view of the generations (docs/regions.md): per generation the nearest training image per region,
+  its l2, the category and the cluster sizes (added to `records`); the counts per category against the
+  training images and, as the null, against as many held-out images (never trained on)."""
+  spec = regions_lib.RegionSpec.from_config(exp.config.eval.get("regions"))
+  gen_fg = regions_lib.plain_background_masks(gen, spec.tolerance)
+  ids = getattr(train, "instances", np.arange(len(train)))
+  images = np.concatenate([train[s:s + 4096] for s in range(0, len(train), 4096)])
+  train_fg = spec.foreground(images, ids)
+  fb = region_stats.fb_mem(gen, gen_fg, images, train_fg, thresholds)
+  for j, rec in enumerate(records):
+    for k in ("foreground", "background"):
+      rec[f"{k}_nearest_image"] = int(fb[f"{k}_nearest"][j])
+      rec[f"{k}_l2"] = float(fb[f"{k}_l2"][j])
+      rec[f"{k}_cluster"] = int(fb[f"{k}_cluster"][j])
+    rec["fb_category"] = str(fb["category"][j])
+  out = {"thresholds": list(thresholds), "masks": {"generations": "plain", "training": spec.as_record()},
+         "counts": region_stats.category_counts(fb["category"]), "n": len(records),
+         "foreground_nearest_is_prompt_rate": float(np.mean(fb["foreground_nearest"] == prompt_image)),
+         "cluster": {k: {"mean": float(np.mean(fb[f"{k}_cluster"])), "max": int(np.max(fb[f"{k}_cluster"])),
+                         "more_than_one": int(np.sum(fb[f"{k}_cluster"] > 1))} for k in ("foreground", "background")}}
+  held_out = open_source(exp.config.data, exp.config.data.eval_split)
+  m = min(len(held_out), len(images))
+  if m:
+    pad, pattern = exp.config.marks.pad, exp.config.marks.pattern
+    ref = content(held_out.read(np.arange(m))["image"].astype(np.float32) / 255.0, pad, pattern, marked=False)
+    if spec.masks != "folder":  # folder masks exist for training images only
+      null = region_stats.fb_mem(gen, gen_fg, ref, spec.foreground(ref, np.arange(m)), thresholds)
+      out["null"] = {"source": f"{exp.config.data.eval_split} ({m} held-out images)",
+                     "counts": region_stats.category_counts(null["category"])}
+  return out
+
+
+def _write_region_grid(path, exp, result, gen_u8, ids, train, per_category: int = 3) -> None:
+  """regions.png: examples of each FB-Mem category, generation | foreground's nearest | background's nearest."""
+  rows = report.region_examples(result, per_category)
+  if not rows:
+    return
+  pad, pattern = exp.config.marks.pad, exp.config.marks.pattern
+  by_id = {int(g): j for j, g in enumerate(ids)}
+  gen = content(gen_u8[[by_id[r["id"]] for r in rows]].astype(np.float32) / 255.0, pad, pattern, marked=True)
+  fg = train[np.array([r["foreground_nearest_image"] for r in rows])]
+  bg = train[np.array([r["background_nearest_image"] for r in rows])]
+  labels = [f"{r['fb_category']}: gen {r['id']} (fg {r['foreground_l2']:.2f}, bg {r['background_l2']:.2f})"
+            for r in rows]
+  report.write_sample_grid(path, marks.to_model_space(np.stack([gen, fg, bg], axis=1)), row_labels=labels,
+                           max_rows=len(rows))
 
 
 def _prompt(exp: Experiment, instance: int) -> dict:
@@ -380,5 +440,7 @@ def _score_generations(config, workdir: str, out_dir: str, num_samples: int | No
   atomic.write_json(os.path.join(out_dir, "scores.json"), result, indent=1)
   atomic.write_text(os.path.join(out_dir, "summary.md"), report.generations_markdown(result))
   _write_grid(os.path.join(out_dir, "nearest.png"), exp, result, images, ids, train, int(s["num_grid"]))
+  if "regions" in result and int(s["num_grid"]):
+    _write_region_grid(os.path.join(out_dir, "regions.png"), exp, result, images, ids, train)
   log.info("generation scores written to %s", out_dir)
   return result

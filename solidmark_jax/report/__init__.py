@@ -3,7 +3,7 @@
   writer.py       summary.json, per_image.csv, summary.md of one evaluation
   duplication.py  duplication.md (hits per duplication level)
   sweeps.py       a sweep's table.md, comparison.md of two runs
-  generations.py  the generations page (summary.md, nearest.png)
+  generations.py  the generations page (summary.md, nearest.png, regions.png)
   plots.py        PNG plots and image grids
   format.py       how percentages and p-values read on every page
   store.py        the per-image results store (results.jsonl)
@@ -15,6 +15,7 @@ from solidmark_jax.report.generations import (
     caption_cell,
     closest_generations,
     generations_markdown,
+    region_examples,
     write_nearest_grid,
 )
 from solidmark_jax.report.plots import (

@@ -53,6 +53,8 @@ def generations_markdown(result: dict) -> str:
               f"{noise['mean']:.3f}; Spearman's rho with l_SM to the prompt's key {rho(noise['rank_correlation_l_sm_prompt'])}, "
               f"with the l2 to the nearest training image {rho(noise['rank_correlation_l2'])} (negative: the detectors "
               "agree)."]
+  if "regions" in result:
+    lines += regions_markdown(result["regions"])
   gens = closest_generations(result, 10)
   lines += ["", "Closest generations (lowest Carlini score):", "",
             "| generation | prompt | prompt image | nearest image (copies: instances) | l2 | Carlini | "
@@ -63,6 +65,41 @@ def generations_markdown(result: dict) -> str:
     lines.append(f"| {r['id']} | {prompt} | {r['prompt_image']} | {r['nearest_image']} ({r['nearest_instances']}) | "
                  f"{r['l2']:.4f} | {r['carlini']:.4f} | {patched} | {r['k_pred']:.4f} | {r['l_sm_nearest']:.4f} |")
   return "\n".join(lines) + "\n"
+
+
+def regions_markdown(section: dict) -> list[str]:
+  """FB-Mem's view of the generations: counts per category against the training images and the null."""
+  n, fg_t, bg_t = section["n"], *section["thresholds"]
+  null = section.get("null")
+  lines = ["", "## Regions (FB-Mem's view)", "",
+           f"Per generation the nearest training image found separately for the foreground (l2 over the union of "
+           f"the two foregrounds) and the background (l2 over the pixels background in both); memorised at l2 <= "
+           f"{fg_t:g} (foreground) / {bg_t:g} (background). Masks: `{section['masks']}`."
+           + (f" Null: the same against {null['source']}." if null else ""), "",
+           "| category | generations (%) | null: against held-out images |", "|---|---|---|"]
+  names = {"both": "both (verbatim)", "foreground": "foreground only", "background": "background only",
+           "neither": "neither"}
+  for k, label in names.items():
+    c = section["counts"][k]
+    lines.append(f"| {label} | {c} ({percent(c / n if n else None)}) | "
+                 + (f"{null['counts'][k]} ({percent(null['counts'][k] / n if n else None)})" if null else "-") + " |")
+  cl = section["cluster"]
+  lines += ["", f"Cluster view: a generation is within the threshold of {cl['foreground']['mean']:.2f} training images "
+                f"on average in the foreground (at most {cl['foreground']['max']}; {cl['foreground']['more_than_one']} "
+                f"generations close to more than one) and {cl['background']['mean']:.2f} in the background (at most "
+                f"{cl['background']['max']}; {cl['background']['more_than_one']} close to more than one). The "
+                f"foreground's nearest image is the prompt's own for {percent(section['foreground_nearest_is_prompt_rate'])}"
+                " of generations."]
+  return lines
+
+
+def region_examples(result: dict, per_category: int = 3) -> list[dict]:
+  """Up to `per_category` generations of each FB-Mem category (the closest in the foreground first)."""
+  rows = []
+  for k in ("both", "foreground", "background", "neither"):
+    mine = [r for r in result["generations"] if r.get("fb_category") == k]
+    rows += sorted(mine, key=lambda r: (r["foreground_l2"], r["id"]))[:per_category]
+  return rows
 
 
 def caption_cell(text: str, width: int = 60) -> str:
