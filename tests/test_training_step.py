@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ml_collections
 import pytest
 
 from solidmark_jax import models, parallel
