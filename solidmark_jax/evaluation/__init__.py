@@ -6,6 +6,8 @@
 - `augment`: query augmentations of the known region (crops, blurs, rotations).
 - `sweeps`: several settings of one checkpoint in one process, and their table.
 - `generations`: plain generations scored against the training set.
+- `regions`: region masks and region queries (FB-Mem's view, docs/regions.md).
+- `pruning`: pruning mitigations of the cross-attention keys and values (Wanda, NeMo; docs/pruning.md).
 """
 
 from solidmark_jax.evaluation.evaluator import evaluate
