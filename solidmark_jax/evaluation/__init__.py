@@ -8,6 +8,8 @@
 - `generations`: plain generations scored against the training set.
 - `regions`: region masks and region queries (FB-Mem's view, docs/regions.md).
 - `pruning`: pruning mitigations of the cross-attention keys and values (Wanda, NeMo; docs/pruning.md).
+- `dori`: DoRI's search for a condition perturbation that brings a hidden image back, and a key-targeted
+  search (docs/dori.md).
 """
 
 from solidmark_jax.evaluation.evaluator import evaluate
