@@ -212,7 +212,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.generations = generations_section()
 
   # Sweeps (sweep.py, solidmark_jax/evaluation/sweeps.py): several evaluation settings of one checkpoint in one
-  # process. kind: "mitigation" (eval.mitigation) or "augment" (eval.augment); either `name` with
+  # process. kind: "mitigation" (eval.mitigation), "augment" (eval.augment) or "pruning" (a pruned UNet
+  # per setting, "wanda:<sparsity>" / "nemo:<z threshold>", docs/pruning.md); either `name` with
   # `values` (strengths, levels or angles) or `settings` as "name:value" strings (e.g. "gni:0.1",
   # "crop:2", "none"). The identity setting ("none") is the baseline row; it is added if missing.
   c.sweep = ml_collections.ConfigDict()

@@ -50,9 +50,9 @@ def test_config_chain_is_at_most_two_files(name):
 
 
 def test_text_miniatures_share_one_checkpoint():
-  """The three text sweeps train the same model on the same data: one workdir serves them all."""
-  names = ("paper_table3_mitigations", "paper_gni_figure", "paper_table4_augment")
+  """The text sweeps train the same model on the same data: one workdir serves them all."""
+  names = ("paper_table3_mitigations", "paper_gni_figure", "paper_table4_augment", "paper_pruning")
   prints = {checkpoint.config_fingerprint(importlib.import_module(f"configs.{n}").get_config()) for n in names}
   assert len(prints) == 1
   texts = [importlib.import_module(f"configs.{n}").get_config().text.to_dict() for n in names]
-  assert texts[0] == texts[1] == texts[2]
+  assert all(t == texts[0] for t in texts)

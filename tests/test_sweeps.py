@@ -310,3 +310,58 @@ def test_rt_sweeps_use_the_configured_probability():
   settings = sweeps.settings_from_config(c)
   assert settings[1].mitigation.probability == 0.3
   assert settings[2].mitigation.probability == mitigations.RT_PROBABILITY  # only RT takes it
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning sweeps: a pruned model per setting, scored like any setting, with its denoising loss.
+
+
+def _text_config(fashion_dir, settings):
+  c = _config(fashion_dir, sweep__name="", sweep__values=(), sweep__kind="pruning", sweep__settings=settings,
+              eval__repeats=1)
+  c.update_from_flattened_dict({
+      "data.name": "captioned_fashion_mnist", "data.train_split": "train[:32]", "data.eval_split": "test[:16]",
+      "model.condition": "text", "text.hidden_size": 32, "text.num_layers": 1, "text.num_heads": 2,
+      "text.intermediate_size": 64, "text.max_length": 32})
+  return c
+
+
+def test_pruning_sweep_prunes_each_setting_and_reports_its_loss(fashion_dir, tmp_path):
+  config = _text_config(fashion_dir, ("none", "wanda:0.5", "nemo:0.5"))
+  workdir = str(tmp_path / "wd")
+  table = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="prune"), "sweep.json")))
+  rows = {r["setting"]: r for r in table["rows"]}
+  assert list(rows) == ["none", "wanda_0.5", "nemo_0.5"]
+  assert rows["none"]["pruning"]["pruned"] == 0
+  wanda = rows["wanda_0.5"]["pruning"]
+  assert wanda["unit"] == "weights" and 0 < wanda["pruned"] < wanda["of"]
+  assert rows["nemo_0.5"]["pruning"]["unit"] == "value neurons"
+  root = os.path.join(workdir, "sweeps", "settings")
+  k = {}
+  for name, r in rows.items():
+    loss = r["denoising_loss"]
+    assert set(loss) == {"members", "non_members"} and len(loss["members"]["per_image"]) == 8
+    assert json.load(open(os.path.join(root, name, sweeps.PRUNING_FILE)))["pruning"] == r["pruning"]
+    k[name] = report.Results.from_records(_rows(os.path.join(root, name, "results.jsonl"))).select("members").k_pred
+  meta = json.load(open(os.path.join(root, "wanda_0.5", "summary.json")))["metadata"]
+  assert meta["pruning"] == wanda  # a store of another pruning is an error, not reused
+  # the same noise for every setting: the pruned models differ from the plain one (half the K/V weights gone)
+  assert np.max(np.abs(k["wanda_0.5"] - k["none"])) > 1e-4
+  assert rows["wanda_0.5"]["denoising_loss"]["members"]["mean"] != rows["none"]["denoising_loss"]["members"]["mean"]
+  text = open(os.path.join(workdir, "sweeps", "prune", "table.md")).read()
+  assert "Pruned models" in text and f"| wanda_0.5 | {wanda['pruned']} of {wanda['of']} weights |" in text
+  # a re-run reads the finished settings back, pruning records and losses included
+  again = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="prune"), "sweep.json")))
+  assert again["rows"] == table["rows"]
+
+
+def test_pruning_sweeps_need_a_text_model_and_valid_values(fashion_dir, interrupted):
+  class_model = build_evaluator(interrupted["config"], interrupted["workdir"])
+  with pytest.raises(ValueError, match="text-conditioned model"):
+    sweeps.pruned_evaluator(class_model, sweeps.make_setting("pruning", "wanda", 0.1).pruning)
+  with pytest.raises(ValueError, match="sparsity"):
+    sweeps.settings_from_config(_text_config(fashion_dir, ("none", "wanda:1.0")))
+  with pytest.raises(ValueError, match="threshold"):
+    sweeps.settings_from_config(_text_config(fashion_dir, ("none", "nemo:0")))
+  with pytest.raises(ValueError, match="unknown pruning method"):
+    sweeps.settings_from_config(_text_config(fashion_dir, ("none", "gni:0.1")))

@@ -219,6 +219,7 @@ class Evaluator:
     unet_params: the EMA parameters.
     op: the compiled outpainter (one for every setting).
     is_main: process 0 writes.
+    pruning: the record of a pruned model (`sweeps.pruned_evaluator`), kept in every store's metadata; None.
   """
 
   config: Any
@@ -234,6 +235,7 @@ class Evaluator:
   unet_params: Any
   op: Outpainter
   is_main: bool
+  pruning: dict | None = None
 
   @property
   def trace_count(self) -> int:
@@ -268,6 +270,7 @@ class Evaluator:
         "nonmember_split": self.config.data.eval_split,
         "model": {"space": self.config.model.get("space", "pixel"), "condition": self.config.model.condition},
         "bad_input": {"train": self.exp.bad_input, "non_members": self.groups[1].bad_input},
+        **({"pruning": self.pruning} if self.pruning is not None else {}),
     }
 
   def open_store(self, out_dir: str, mitigation: mitigations.Mitigation,

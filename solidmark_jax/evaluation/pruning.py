@@ -25,6 +25,7 @@ is approximated. Typical use (host side, before the jitted denoiser):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -311,3 +312,55 @@ def nemo_prune(params: Params, neurons: Mapping[str, ArrayLike]) -> Params:
       b = jnp.asarray(biases[path])
       new[path[:-len("kernel")] + "bias"] = jnp.where(keep, b, jnp.zeros((), b.dtype))
   return _replace(params, new) if new else params
+
+
+# ---------------------------------------------------------------------------------------------
+# One pruning setting (a sweep row).
+
+METHODS = ("none", "wanda", "nemo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruning:
+  """A pruning mitigation of a sweep: `name` "none", "wanda" (value: sparsity in [0, 1)) or "nemo"
+  (value: the z-score threshold, > 0)."""
+
+  name: str = "none"
+  value: float = 0.0
+
+  def __post_init__(self):
+    if self.name not in METHODS:
+      raise ValueError(f"pruning: unknown method {self.name!r}; one of {METHODS}")
+    if self.name == "none" and self.value != 0:
+      raise ValueError(f"pruning 'none' takes no value, got {self.value:g}")
+    if self.name == "wanda":
+      _check_sparsity(self.value)
+    if self.name == "nemo" and not self.value > 0:
+      raise ValueError(f"pruning nemo: the z-score threshold must be > 0, got {self.value:g}")
+
+  @property
+  def is_identity(self) -> bool:
+    return self.name == "none"
+
+  def as_record(self) -> dict:
+    return {"name": self.name, "value": float(self.value)}
+
+
+def prune(params: Params, spec: Pruning, memorised_embeddings: ArrayLike,
+          ordinary_embeddings: ArrayLike | None = None) -> tuple[Params, dict]:
+  """`params` pruned by `spec` for the memorised prompts' embeddings [P, L, D]; NeMo's statistics come
+  from `ordinary_embeddings` [Q, L, D] (Q >= 2). Returns (params, record): the record holds the
+  method, its value and how much was pruned (entries zeroed per kernel, or neurons per layer)."""
+  record = spec.as_record()
+  if spec.is_identity:
+    return params, {**record, "pruned": 0}
+  if spec.name == "wanda":
+    pruned, info = wanda_prune(params, memorised_embeddings, spec.value)
+    return pruned, {**record, "pruned": int(sum(info.values())), "unit": "weights",
+                    "of": int(sum(np.size(k) for k in cross_attention_kv(params).values()))}
+  if ordinary_embeddings is None:
+    raise ValueError("pruning nemo: needs ordinary (non-memorised) prompts' embeddings for its statistics")
+  neurons = nemo_neurons(params, memorised_embeddings, ordinary_embeddings, spec.value)
+  v = _kernels(params, ("to_v",))
+  return nemo_prune(params, neurons), {**record, "pruned": int(sum(len(n) for n in neurons.values())),
+                                       "unit": "value neurons", "of": int(sum(k.shape[1] for k in v.values()))}

@@ -4,6 +4,10 @@ A sweep is a config plus a list of settings (`config.sweep`, see config.py):
 
   sweep.kind = "mitigation"; sweep.name = "gni"; sweep.values = (0.0, 0.1, 0.5)
   sweep.kind = "augment"; sweep.settings = ("none", "crop:1", "blur:2")
+  sweep.kind = "pruning"; sweep.settings = ("none", "wanda:0.05", "nemo:3")  # a pruned UNet per setting
+
+A pruning setting prunes the UNet's cross-attention for the members' captions (`pruned_evaluator`,
+docs/pruning.md) and adds the denoising loss of members and non-members (`denoising_losses`).
 
 `run_sweep` builds the experiment, checkpoint, groups and outpainter once (`evaluation.Evaluator`),
 then scores every setting into its own store under DIR/sweeps/settings/<setting>/ (results.jsonl,
@@ -36,44 +40,53 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from solidmark_jax import atomic, dirlock, metrics, report
+from solidmark_jax import atomic, dirlock, metrics, parallel, report
 from solidmark_jax.evaluation import augment as augment_lib
-from solidmark_jax.evaluation import mitigations
+from solidmark_jax.evaluation import dori, mitigations
+from solidmark_jax.evaluation import pruning as pruning_lib
 from solidmark_jax.evaluation.evaluator import DUPLICATION_FILES, Evaluator, build_evaluator
+from solidmark_jax.experiment import outpaint_params
 from solidmark_jax.training.loop import train
 from solidmark_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
-KINDS = ("mitigation", "augment")
+KINDS = ("mitigation", "augment", "pruning")
+PRUNING_FILE = "pruning.json"  # a pruning setting's record and denoising losses, in its directory
+LOSS_DRAWS = 8  # (t, eps) draws per image of the denoising loss
 
 SWEEP_FORMAT = "solidmark-sweep/1"
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-  """One evaluation setting: an inference-time mitigation and a query augmentation.
+  """One evaluation setting: an inference-time mitigation, a query augmentation or a pruned model.
 
   Attributes:
-    name: directory name, e.g. "none", "gni_0.1", "crop_2".
+    name: directory name, e.g. "none", "gni_0.1", "crop_2", "wanda_0.1".
     mitigation: `mitigations.Mitigation`.
     augmentation: `augment.Augmentation`.
-    value: the swept strength / level / angle (0 for the identity).
+    value: the swept strength / level / angle / sparsity / threshold (0 for the identity).
+    pruning: `pruning.Pruning` of the UNet's cross-attention (the identity but in a pruning sweep).
   """
 
   name: str
   mitigation: mitigations.Mitigation
   augmentation: augment_lib.Augmentation
   value: float = 0.0
+  pruning: pruning_lib.Pruning = pruning_lib.Pruning()
 
   @property
   def is_identity(self) -> bool:
-    return self.mitigation.is_identity and self.augmentation.is_identity
+    return self.mitigation.is_identity and self.augmentation.is_identity and self.pruning.is_identity
 
   @property
   def method(self) -> str:
-    """The mitigation or augmentation name ("none" for the plain query)."""
-    return self.mitigation.name if self.mitigation.name != "none" else self.augmentation.name
+    """The mitigation, augmentation or pruning name ("none" for the plain query)."""
+    for name in (self.mitigation.name, self.augmentation.name, self.pruning.name):
+      if name != "none":
+        return name
+    return "none"
 
 
 def _number(text: str, field: str) -> float:
@@ -91,9 +104,10 @@ def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: st
   """The setting `name` at `value` of a sweep of `kind`; a clear error naming `field` for bad input.
 
   Args:
-    kind: "mitigation" (value: GNI sigma, or RT / CWR / RNA / random_words iterations) or "augment"
-      (value: crop / blur level 1-4, or rotate angle in degrees).
-    name: e.g. "gni", "crop"; "none" for the plain query (value 0).
+    kind: "mitigation" (value: GNI sigma, or RT / CWR / RNA / random_words iterations), "augment"
+      (value: crop / blur level 1-4, or rotate angle in degrees) or "pruning" (value: Wanda's sparsity
+      in [0, 1), or NeMo's z-score threshold > 0; docs/pruning.md).
+    name: e.g. "gni", "crop", "wanda"; "none" for the plain query (value 0).
     value: strength, level or angle.
     seed: the config's mitigation / augmentation seed.
     field: named in errors, e.g. "sweep.settings[2]".
@@ -113,6 +127,10 @@ def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: st
       strength = value if name == "gni" else (int(value) if value == int(value) else value)
       extra = {"probability": rt_probability} if name == "rt" else {}
       m, a = mitigations.Mitigation(name, strength, seed, **extra), none_a
+    elif kind == "pruning":
+      if name not in pruning_lib.METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; one of {pruning_lib.METHODS[1:]}")
+      return Setting(f"{name}_{value:g}", none_m, none_a, float(value), pruning_lib.Pruning(name, float(value)))
     else:
       if name not in augment_lib.AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {name!r}; one of {augment_lib.AUGMENTATIONS}")
@@ -138,7 +156,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> list[Setting]:
   kind = s.get("kind", "mitigation")
   if kind not in KINDS:
     raise ValueError(f"sweep.kind must be one of {KINDS}, got {kind!r}")
-  seed = int((config.eval.mitigation if kind == "mitigation" else config.eval.augment).get("seed", 0) or 0)
+  seed = int((config.eval.augment if kind == "augment" else config.eval.mitigation).get("seed", 0) or 0)
   probability = config.eval.mitigation.get("probability", mitigations.RT_PROBABILITY)
   probability = mitigations.RT_PROBABILITY if probability is None else float(probability)
   listed, name, values = tuple(s.get("settings") or ()), s.get("name") or "", tuple(s.get("values") or ())
@@ -217,6 +235,9 @@ def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], results:
     if nm is not None:
       row["non_members"] = {"n": nm["n"], "counts": nm["counts"], "rates": nm["rates"], "l_sm_mean": nm["l_sm"]["mean"],
                             "chance_expected": nm["chance"]["expected"], "p_value": nm["chance"]["p_value"]}
+    for field in ("pruning", "denoising_loss"):
+      if field in summary:
+        row[field] = summary[field]
     if "duplication" in summary:
       row["duplication"] = {k: {"counts": v["counts"], "n": v["n"], "chance_expected": v["chance"]["expected"]}
                             for k, v in summary["duplication"]["levels"].items()}
@@ -224,6 +245,61 @@ def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], results:
   return {"format": SWEEP_FORMAT, "name": name, "kind": kind, "thresholds": thresholds,
           "statistic": statistic, "baseline": settings[0].name,
           "checkpoint_step": summaries[0].get("checkpoint_step"), "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruned models (sweep.kind = "pruning").
+
+
+def pruned_evaluator(ev: Evaluator, spec: pruning_lib.Pruning) -> Evaluator:
+  """`ev` with its UNet pruned by `spec` (docs/pruning.md): the memorised prompts are the members' own
+  captions, NeMo's ordinary prompts the non-members'. The random-init model is left as it is; the
+  record (method, value, how much was pruned) goes into every store's metadata. The identity: `ev`."""
+  if spec.is_identity:
+    return ev  # the plain model: its store is shared with the other sweeps' baseline
+  if not ev.exp.is_text:
+    raise ValueError("sweep.kind 'pruning' prunes the cross-attention over text embeddings: it needs a "
+                     f"text-conditioned model (model.condition = 'text'), got {ev.config.model.condition!r}")
+  plain = ev.conditioner(mitigations.Mitigation())
+  by_name = {g.name: g for g in ev.groups}
+  emb = lambda g: np.asarray(plain(g.conditions, g.ids, g.captions))
+  unet, record = pruning_lib.prune(ev.unet_params, spec, emb(by_name["members"]), emb(by_name["non_members"]))
+  # pruned leaves back onto the parameters' own shardings (every other leaf is the same object)
+  unet = jax.tree.map(lambda new, old: new if new is old else jax.device_put(new, old.sharding), unet, ev.unet_params)
+  params = {name: p if name == "random_init" else outpaint_params(ev.exp, unet, ev.frozen)
+            for name, p in ev.params.items()}
+  return dataclasses.replace(ev, params=params, unet_params=unet, pruning=record)
+
+
+def denoising_losses(ev: Evaluator, draws: int = LOSS_DRAWS) -> dict | None:
+  """Each group's training loss under its plain condition (members and held-out non-members; the
+  same (t, eps) draws for every setting, seeded by eval.seed and instance id): how much a pruned
+  model's ordinary denoising moves. {group: {"mean", "per_image"}}; None for latent models (their loss
+  is on latents, not computed here)."""
+  if ev.exp.is_latent:
+    return None
+  plain = ev.conditioner(mitigations.Mitigation())
+  rng = jax.random.key(ev.config.eval.seed)
+  size = ev.config.eval.batch_size
+  out = {}
+  for g in ev.groups:
+    if g.name == "random_init":
+      continue
+    losses = []
+    for start in range(0, len(g.ids), size):
+      ids = g.ids[start:start + size]
+      rows = parallel.pad_rows(ids, size)  # one shape: one compilation
+      local = parallel.process_slice(size)
+      pos, mine = np.searchsorted(g.ids, rows)[local], rows[local]
+      captions = [g.captions[i] for i in pos] if g.captions is not None else None
+      batch = parallel.global_batch(ev.mesh, {"x0": g.read(mine), "c": plain(g.conditions[pos], mine, captions),
+                                              "ids": mine.astype(np.int32)})
+      loss = dori.denoising_loss(ev.op.denoiser, ev.params[g.name], ev.exp.sched, batch["x0"], batch["c"], rng,
+                                 draws=draws, ids=batch["ids"], prediction_type=ev.exp.prediction_type)
+      losses.append(np.asarray(parallel.to_host(loss))[:len(ids)])
+    per = np.concatenate(losses)
+    out[g.name] = {"mean": float(per.mean()), "per_image": [float(v) for v in per]}
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +324,7 @@ def ensure_trained(config: ml_collections.ConfigDict, workdir: str) -> None:
   train(config, workdir)
 
 
-def _finished(out_dir: str, has_duplicates: bool) -> dict | None:
+def _finished(out_dir: str, has_duplicates: bool, pruned: bool = False) -> dict | None:
   path = os.path.join(out_dir, "summary.json")
   if not os.path.exists(path):
     return None
@@ -259,6 +335,11 @@ def _finished(out_dir: str, has_duplicates: bool) -> dict | None:
   if has_duplicates:
     with open(os.path.join(out_dir, DUPLICATION_FILES[0])) as f:
       summary["duplication"] = json.load(f)
+  if pruned:
+    if not os.path.exists(os.path.join(out_dir, PRUNING_FILE)):
+      return None
+    with open(os.path.join(out_dir, PRUNING_FILE)) as f:
+      summary.update(json.load(f))
   return summary
 
 
@@ -296,22 +377,31 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
   layout = Workdir(workdir)
   dirs = [layout.setting(s.name) for s in settings]
   has_dup = bool(config.data.get("duplicates"))
+  pruned = kind == "pruning"
+  # a pruning sweep: each setting its own pruned model (the baseline the unpruned one)
+  evs = [pruned_evaluator(ev, s.pruning) if pruned else ev for s in settings]
   # Every store opened (and checked against its stored settings) before anything is compiled.
-  stores = [ev.open_store(d, s.mitigation, s.augmentation) for d, s in zip(dirs, settings)]
+  stores = [e.open_store(d, s.mitigation, s.augmentation) for e, d, s in zip(evs, dirs, settings)]
   per = ev.images_per_setting
   done = [ev.done_count(st) for st in stores]
-  finished = [_finished(d, has_dup) if n == per and ev.is_main else None for d, n in zip(dirs, done)]
+  finished = [_finished(d, has_dup, pruned) if n == per and ev.is_main else None for d, n in zip(dirs, done)]
   if ev.is_main and sum(done):
     log.info("sweep %s: %d of %d settings finished, %d of %d images already scored", name,
              sum(f is not None for f in finished), len(settings), sum(done), per * len(settings))
   bar = tqdm(total=per * len(settings), initial=sum(done), desc=f"sweep {name}", unit="img", dynamic_ncols=True,
              disable=not ev.is_main)
   summaries, results = [], []
-  for setting, d, store, summary in zip(settings, dirs, stores, finished):
+  for e, setting, d, store, summary in zip(evs, settings, dirs, stores, finished):
     if summary is None or jax.process_count() > 1:
       bar.set_postfix_str(setting.name)
-      summary = ev.score(d, setting.mitigation, setting.augmentation, bar=bar, store=store,
-                         write_grid=bool(config.eval.num_grid))
+      summary = e.score(d, setting.mitigation, setting.augmentation, bar=bar, store=store,
+                        write_grid=bool(config.eval.num_grid))
+      if pruned:
+        extra = {"pruning": e.pruning or {**setting.pruning.as_record(), "pruned": 0},
+                 "denoising_loss": denoising_losses(e)}
+        if e.is_main:
+          atomic.write_json(os.path.join(d, PRUNING_FILE), extra, indent=2)
+          summary.update(extra)
     summaries.append(summary)
     results.append(store.results() if ev.is_main else None)
   bar.close()

@@ -233,7 +233,8 @@ def plot_sweep(path: str, table: dict) -> str | None:
     ax.plot(x[order], 100 * chance_rate[order], color=line.get_color(), linestyle="--", linewidth=0.8)
   method = methods.pop()
   ax.set_xlabel({"gni": "GNI sigma", "crop": "crop level", "blur": "blur level",
-                 "rotate": "angle (degrees)"}.get(method, f"{method} strength"))
+                 "rotate": "angle (degrees)", "wanda": "Wanda sparsity",
+                 "nemo": "NeMo z-score threshold"}.get(method, f"{method} strength"))
   ax.set_ylabel("members eidetically memorised (%)")
   ax.set_ylim(-2, 102)
   ax.set_title(f"{table['name']}: members' rate (dashed: exact chance per setting)")

@@ -49,7 +49,24 @@ def sweep_markdown(table: dict) -> str:
       cells.append(f"{percent(e['reduction'][t])}{ci_txt}, {p_value(e['mcnemar_p'][t])} "
                    f"({e['discordant'][t][0]} / {e['discordant'][t][1]})")
     lines.append("| " + " | ".join(cells) + " |")
+  if any("pruning" in r for r in rows):
+    lines += ["", _pruning_markdown(rows)]
   return "\n".join(lines) + "\n"
+
+
+def _pruning_markdown(rows: list[dict]) -> str:
+  """What each pruned model removed and how its ordinary denoising moved: the training loss of the
+  members and of the held-out non-members under their plain captions (the same draws in every row)."""
+  lines = ["Pruned models (docs/pruning.md): what was pruned of the cross-attention, and the denoising loss "
+           "(mean eps-MSE over fixed draws) of members and of held-out non-members under their own captions.", "",
+           "| setting | pruned | loss, members | loss, non-members |", "|---|---|---|---|"]
+  for r in rows:
+    p = r.get("pruning") or {}
+    pruned = f"{p['pruned']} of {p['of']} {p['unit']}" if "of" in p else "-"
+    loss = r.get("denoising_loss") or {}
+    cells = [r["setting"], pruned] + [f"{loss[g]['mean']:.4f}" if g in loss else "-" for g in ("members", "non_members")]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def comparison_markdown(comparison: dict) -> str:
