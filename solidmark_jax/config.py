@@ -209,6 +209,12 @@ def default_config() -> ml_collections.ConfigDict:
   # region queries (FB-Mem's view, docs/regions.md): hide the key and a region, outpaint both, score both;
   # names: () or some of ("foreground", "background"); masks: "plain" (no weights) or "folder" (by id)
   c.eval.regions = ml_collections.ConfigDict({"names": (), "masks": "plain", "folder": "", "tolerance": 0.1})
+  # DoRI's search (docs/dori.md), for sweep settings marked "+dori" (e.g. "wanda:0.1+dori"): per image, Adam
+  # on a perturbation of its condition embedding against the bordered image's denoising loss, then the
+  # query with the perturbed condition; max_norm None = unbounded. Only the settings that use it record it.
+  c.eval.dori = ml_collections.ConfigDict({"steps": 50, "learning_rate": 0.01,
+                                           "max_norm": ml_collections.config_dict.placeholder(float),
+                                           "seed": 0, "eval_draws": 8})
   c.eval.generations = generations_section()
 
   # Sweeps (sweep.py, solidmark_jax/evaluation/sweeps.py): several evaluation settings of one checkpoint in one

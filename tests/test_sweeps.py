@@ -316,9 +316,10 @@ def test_rt_sweeps_use_the_configured_probability():
 # Pruning sweeps: a pruned model per setting, scored like any setting, with its denoising loss.
 
 
-def _text_config(fashion_dir, settings):
-  c = _config(fashion_dir, sweep__name="", sweep__values=(), sweep__kind="pruning", sweep__settings=settings,
-              eval__repeats=1)
+def _text_config(fashion_dir, settings, **extra):
+  c = _config(fashion_dir, **{"sweep__name": "", "sweep__values": (), "sweep__kind": "pruning",
+                              "sweep__settings": settings, "eval__repeats": 1, "eval__dori__steps": 3,
+                              "eval__dori__learning_rate": 0.05, **extra})
   c.update_from_flattened_dict({
       "data.name": "captioned_fashion_mnist", "data.train_split": "train[:32]", "data.eval_split": "test[:16]",
       "model.condition": "text", "text.hidden_size": 32, "text.num_layers": 1, "text.num_heads": 2,
@@ -326,12 +327,19 @@ def _text_config(fashion_dir, settings):
   return c
 
 
-def test_pruning_sweep_prunes_each_setting_and_reports_its_loss(fashion_dir, tmp_path):
-  config = _text_config(fashion_dir, ("none", "wanda:0.5", "nemo:0.5"))
-  workdir = str(tmp_path / "wd")
+@pytest.fixture(scope="module")
+def pruning_sweep(fashion_dir, tmp_path_factory):
+  """A text model trained 2 steps, swept over Wanda, NeMo and Wanda + DoRI (3 Adam steps)."""
+  config = _text_config(fashion_dir, ("none", "wanda:0.5", "nemo:0.5", "wanda:0.5+dori"))
+  workdir = str(tmp_path_factory.mktemp("pruning") / "wd")
   table = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="prune"), "sweep.json")))
+  return config, workdir, table
+
+
+def test_pruning_sweep_prunes_each_setting_and_reports_its_loss(pruning_sweep):
+  config, workdir, table = pruning_sweep
   rows = {r["setting"]: r for r in table["rows"]}
-  assert list(rows) == ["none", "wanda_0.5", "nemo_0.5"]
+  assert list(rows) == ["none", "wanda_0.5", "nemo_0.5", "wanda_0.5+dori"]
   assert rows["none"]["pruning"]["pruned"] == 0
   wanda = rows["wanda_0.5"]["pruning"]
   assert wanda["unit"] == "weights" and 0 < wanda["pruned"] < wanda["of"]
@@ -348,11 +356,34 @@ def test_pruning_sweep_prunes_each_setting_and_reports_its_loss(fashion_dir, tmp
   # the same noise for every setting: the pruned models differ from the plain one (half the K/V weights gone)
   assert np.max(np.abs(k["wanda_0.5"] - k["none"])) > 1e-4
   assert rows["wanda_0.5"]["denoising_loss"]["members"]["mean"] != rows["none"]["denoising_loss"]["members"]["mean"]
+  # DoRI on the pruned model: a perturbation found per image, recorded with its settings, and queried
+  found = rows["wanda_0.5+dori"]["dori"]
+  assert found["spec"]["steps"] == 3 and found["members"]["delta_norm"] > 0
+  assert rows["wanda_0.5+dori"]["pruning"] == wanda  # the same pruned model
+  meta = json.load(open(os.path.join(root, "wanda_0.5+dori", "summary.json")))["metadata"]
+  assert meta["dori"]["learning_rate"] == 0.05 and "dori" not in meta["eval"]
+  k["wanda_0.5+dori"] = report.Results.from_records(
+      _rows(os.path.join(root, "wanda_0.5+dori", "results.jsonl"))).select("members").k_pred
+  assert np.max(np.abs(k["wanda_0.5+dori"] - k["wanda_0.5"])) > 1e-6
+  header = open(os.path.join(root, "wanda_0.5+dori", "per_image.csv")).readline()
+  assert "dori_delta_norm" in header and "dori_loss_final" in header
   text = open(os.path.join(workdir, "sweeps", "prune", "table.md")).read()
+  assert "DoRI's search" in text and "| wanda_0.5+dori | members |" in text
   assert "Pruned models" in text and f"| wanda_0.5 | {wanda['pruned']} of {wanda['of']} weights |" in text
   # a re-run reads the finished settings back, pruning records and losses included
   again = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="prune"), "sweep.json")))
   assert again["rows"] == table["rows"]
+
+
+def test_dori_with_learning_rate_zero_reproduces_the_plain_query(pruning_sweep, fashion_dir):
+  config, workdir, _ = pruning_sweep
+  config = _text_config(fashion_dir, ("none", "none+dori"), eval__dori__learning_rate=0.0)
+  sweeps.run_sweep(config, workdir, name="dori_lr0")
+  root = os.path.join(workdir, "sweeps", "settings")
+  read = lambda name: report.Results.from_records(_rows(os.path.join(root, name, "results.jsonl")))
+  plain, searched = read("none"), read("none+dori")
+  assert np.array_equal(plain.k_pred, searched.k_pred)  # delta is exactly 0: bit for bit
+  assert np.all(searched.extras["dori_delta_norm"] == 0)
 
 
 def test_pruning_sweeps_need_a_text_model_and_valid_values(fashion_dir, interrupted):
@@ -365,3 +396,11 @@ def test_pruning_sweeps_need_a_text_model_and_valid_values(fashion_dir, interrup
     sweeps.settings_from_config(_text_config(fashion_dir, ("none", "nemo:0")))
   with pytest.raises(ValueError, match="unknown pruning method"):
     sweeps.settings_from_config(_text_config(fashion_dir, ("none", "gni:0.1")))
+  with pytest.raises(ValueError, match=r"\+dori"):
+    sweeps.settings_from_config(_text_config(fashion_dir, ("none", "wanda:0.1+attack")))
+  with pytest.raises(ValueError, match="eval.dori.steps"):
+    sweeps.settings_from_config(_text_config(fashion_dir, ("none", "wanda:0.1+dori"), eval__dori__steps=-1))
+  dori_on_classes = interrupted["config"].copy_and_resolve_references()
+  dori_on_classes.sweep.settings, dori_on_classes.sweep.name, dori_on_classes.sweep.values = ("none+dori",), "", ()
+  with pytest.raises(ValueError, match="DoRI query"):
+    sweeps.run_sweep(dori_on_classes, interrupted["workdir"], name="dori", evaluator=class_model)

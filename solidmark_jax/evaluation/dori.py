@@ -55,11 +55,13 @@ import numpy as np
 import optax
 
 from solidmark_jax import marks
+from solidmark_jax.config import section_items
 from solidmark_jax.diffusion import schedule as schedule_lib
 from solidmark_jax.diffusion.schedule import NoiseSchedule
 from solidmark_jax.outpaint.repaint import Outpainter
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+_CONFIG_FIELDS = ("steps", "learning_rate", "max_norm", "timesteps", "seed", "eval_draws")  # DoriSpec's
 
 
 def _is_int(v: Any) -> bool:
@@ -137,6 +139,19 @@ class DoriSpec:
 
   def replace(self, **changes) -> "DoriSpec":
     return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_config(cls, section: Any, field: str = "eval.dori") -> "DoriSpec":
+    """The spec of a config section (`config.eval.dori`: steps, learning_rate, max_norm, seed,
+    eval_draws); bad values are errors naming `field`.<name>."""
+    items = section_items(section, field, _CONFIG_FIELDS)
+    try:
+      return cls(**items)
+    except ValueError as e:
+      raise ValueError(str(e).replace("dori.", f"{field}.", 1)) from None
+
+  def as_record(self) -> dict:
+    return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from solidmark_jax import atomic, dirlock, marks, metrics, parallel, report
 from solidmark_jax.data import open_source
 from solidmark_jax.data.instances import class_labels, marked_batch, select_records
 from solidmark_jax.evaluation import augment as augment_lib
+from solidmark_jax.evaluation import dori as dori_lib
 from solidmark_jax.evaluation import mitigations
 from solidmark_jax.evaluation import regions as regions_lib
 from solidmark_jax.evaluation.conditioning import Conditioner
@@ -159,7 +160,8 @@ def nonmember_group(exp: Experiment, config: ml_collections.ConfigDict) -> Group
 @dataclasses.dataclass(frozen=True)
 class Query:
   """How one setting queries the model: the outpainter, the conditions (with a mitigation), the
-  augmentation of the known region, and the fixed batch shape (one compilation)."""
+  augmentation of the known region, and the fixed batch shape (one compilation); with `dori`, each
+  condition perturbed by DoRI's search on the image's own bordered truth first (docs/dori.md)."""
 
   op: Outpainter
   conditioner: Conditioner
@@ -167,6 +169,7 @@ class Query:
   mask: np.ndarray  # [H, W, 1], 1 on the key region
   batch_size: int
   mesh: Mesh
+  dori: dori_lib.DoriSpec | None = None
 
   def known(self, g: Group, rows: np.ndarray) -> np.ndarray:
     """The marked images of `rows`, their known region augmented (seeded by id)."""
@@ -193,10 +196,19 @@ class Query:
              "ids": mine.astype(np.int32)}
     if hide is not None:
       batch["regions"] = hide(known, mine)
+    if self.dori is not None:
+      batch["truth"] = g.read(mine) if not self.augmentation.is_identity else known  # the bordered image
     batch = parallel.global_batch(self.mesh, batch)
-    out = self.op(params, batch["known"], self.mask, batch["condition"], rng, repeats, ids=batch["ids"],
+    condition, found = batch["condition"], {}
+    if self.dori is not None:
+      # the search is seeded by the query's rng and the image's id, like its outpainting noise
+      delta, info = dori_lib.dori_search(self.op.denoiser, params, self.op.sched, batch["truth"], condition, rng,
+                                         self.dori, ids=batch["ids"])
+      condition = condition + delta
+      found = {f"dori_{k}": info[k] for k in ("delta_norm", "loss_initial", "loss_final")}
+    out = self.op(params, batch["known"], self.mask, condition, rng, repeats, ids=batch["ids"],
                   null_condition=self.conditioner.null, return_images=return_images, regions=batch.get("regions"))
-    return {k: parallel.to_host(v)[:n] for k, v in out.items()}
+    return {k: parallel.to_host(v)[:n] for k, v in {**out, **found}.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,14 +262,20 @@ class Evaluator:
     """Conditions -> denoiser input under `mitigation` (validated against the model's condition)."""
     return Conditioner(self.exp, self.frozen, mitigation, self.unet_params)
 
-  def query(self, mitigation: mitigations.Mitigation, augmentation: augment_lib.Augmentation) -> Query:
+  def query(self, mitigation: mitigations.Mitigation, augmentation: augment_lib.Augmentation,
+            dori: dori_lib.DoriSpec | None = None) -> Query:
+    if dori is not None and (self.exp.is_latent or not self.exp.is_text):
+      raise ValueError("a DoRI query perturbs text embeddings through the pixel denoiser: it needs a pixel model "
+                       f"with model.condition = 'text' (got space {self.config.model.get('space', 'pixel')!r}, "
+                       f"condition {self.config.model.condition!r}); latent models are not supported yet")
     return Query(self.op, self.conditioner(mitigation), augmentation, self.exp.mask, self.config.eval.batch_size,
-                 self.mesh)
+                 self.mesh, dori)
 
-  def meta(self, mitigation: mitigations.Mitigation, augmentation: augment_lib.Augmentation) -> dict:
-    """The metadata of one setting's result store and report."""
+  def meta(self, mitigation: mitigations.Mitigation, augmentation: augment_lib.Augmentation,
+           dori: dori_lib.DoriSpec | None = None) -> dict:
+    """The metadata of one setting's result store and report (DoRI's settings only where a query uses it)."""
     c = self.config.eval
-    ev = {k: v for k, v in c.to_dict().items() if k not in ("num_grid", "thresholds", "score")}
+    ev = {k: v for k, v in c.to_dict().items() if k not in ("num_grid", "thresholds", "score", "dori")}
     if c.guidance_scale == 1.0:  # the noise magnitude is computed with guidance only
       ev.pop("magnitude_steps", None)
     ev["mitigation"] = mitigation.as_record()
@@ -271,14 +289,15 @@ class Evaluator:
         "model": {"space": self.config.model.get("space", "pixel"), "condition": self.config.model.condition},
         "bad_input": {"train": self.exp.bad_input, "non_members": self.groups[1].bad_input},
         **({"pruning": self.pruning} if self.pruning is not None else {}),
+        **({"dori": dori.as_record()} if dori is not None else {}),
     }
 
-  def open_store(self, out_dir: str, mitigation: mitigations.Mitigation,
-                 augmentation: augment_lib.Augmentation) -> report.ResultStore | None:
+  def open_store(self, out_dir: str, mitigation: mitigations.Mitigation, augmentation: augment_lib.Augmentation,
+                 dori: dori_lib.DoriSpec | None = None) -> report.ResultStore | None:
     """The setting's result store (process 0; None elsewhere). Other settings' results there are an error."""
     if not self.is_main:
       return None
-    return report.ResultStore(os.path.join(out_dir, "results.jsonl"), meta=self.meta(mitigation, augmentation))
+    return report.ResultStore(os.path.join(out_dir, "results.jsonl"), meta=self.meta(mitigation, augmentation, dori))
 
   def done_count(self, store: report.ResultStore | None) -> int:
     """Images of this setting already in `store`, the same on every process."""
@@ -287,7 +306,8 @@ class Evaluator:
 
   def score(self, out_dir: str, mitigation: mitigations.Mitigation | None = None,
             augmentation: augment_lib.Augmentation | None = None, *, bar: tqdm | None = None,
-            store: report.ResultStore | None = None, write_grid: bool = True) -> dict | None:
+            store: report.ResultStore | None = None, write_grid: bool = True,
+            dori: dori_lib.DoriSpec | None = None) -> dict | None:
     """Outpaints every group under one setting, writes its report to `out_dir`, returns the summary.
 
     Args:
@@ -298,6 +318,7 @@ class Evaluator:
       bar: a tqdm bar to advance (a sweep's); default: a bar of this setting.
       store: the setting's store if already opened (`open_store`).
       write_grid: write outpaintings.png (`eval.num_grid` members).
+      dori: DoRI's search before each query (docs/dori.md); its outcome per image in the store.
 
     Returns:
       The summary (summary.json; with "duplication" for duplicated data) on process 0, else None.
@@ -305,9 +326,9 @@ class Evaluator:
     mitigation = self.mitigation if mitigation is None else mitigation
     augmentation = self.augmentation if augmentation is None else augmentation
     c = self.config.eval
-    query = self.query(mitigation, augmentation)
+    query = self.query(mitigation, augmentation, dori)
     # Opened before anything runs: results of other settings in out_dir fail fast, untouched.
-    store = store if store is not None else self.open_store(out_dir, mitigation, augmentation)
+    store = store if store is not None else self.open_store(out_dir, mitigation, augmentation, dori)
     own_bar = bar is None
     if own_bar:
       bar = self._bar(store)
@@ -319,7 +340,10 @@ class Evaluator:
         ids = todo[start:start + c.batch_size]
         out = query.run(self.params[g.name], g, ids, g_rng, c.repeats)
         if self.is_main:
-          store.append(g.name, ids, g.keys[np.searchsorted(g.ids, ids)], out["k_pred"], out.get("noise_magnitude"))
+          found = {k: np.repeat(np.asarray(v)[:, None], c.repeats, axis=1) for k, v in out.items()
+                   if k.startswith("dori_")}  # one search per image, shared by its repeats
+          store.append(g.name, ids, g.keys[np.searchsorted(g.ids, ids)], out["k_pred"], out.get("noise_magnitude"),
+                       found or None)
         bar.update(len(ids))
     if own_bar:
       bar.close()
@@ -328,7 +352,7 @@ class Evaluator:
     if self.is_main:
       results = store.results()
       summary = report.write_report(out_dir, results, self.thresholds, statistic=c.score,
-                                    metadata=self.meta(mitigation, augmentation))
+                                    metadata=self.meta(mitigation, augmentation, dori))
       if self.config.data.get("duplicates"):
         summary["duplication"] = write_duplication_report(self.exp, results, self.thresholds, out_dir)
     if write_grid and c.num_grid:

@@ -68,6 +68,7 @@ class Setting:
     augmentation: `augment.Augmentation`.
     value: the swept strength / level / angle / sparsity / threshold (0 for the identity).
     pruning: `pruning.Pruning` of the UNet's cross-attention (the identity but in a pruning sweep).
+    dori: DoRI's search before each query (a setting written "<setting>+dori"), or None.
   """
 
   name: str
@@ -75,18 +76,18 @@ class Setting:
   augmentation: augment_lib.Augmentation
   value: float = 0.0
   pruning: pruning_lib.Pruning = pruning_lib.Pruning()
+  dori: dori.DoriSpec | None = None
 
   @property
   def is_identity(self) -> bool:
-    return self.mitigation.is_identity and self.augmentation.is_identity and self.pruning.is_identity
+    return (self.mitigation.is_identity and self.augmentation.is_identity and self.pruning.is_identity
+            and self.dori is None)
 
   @property
   def method(self) -> str:
     """The mitigation, augmentation or pruning name ("none" for the plain query)."""
-    for name in (self.mitigation.name, self.augmentation.name, self.pruning.name):
-      if name != "none":
-        return name
-    return "none"
+    base = next((n for n in (self.mitigation.name, self.augmentation.name, self.pruning.name) if n != "none"), "none")
+    return base if self.dori is None else f"{base}+dori"
 
 
 def _number(text: str, field: str) -> float:
@@ -160,6 +161,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> list[Setting]:
   probability = config.eval.mitigation.get("probability", mitigations.RT_PROBABILITY)
   probability = mitigations.RT_PROBABILITY if probability is None else float(probability)
   listed, name, values = tuple(s.get("settings") or ()), s.get("name") or "", tuple(s.get("values") or ())
+  search = dori.DoriSpec.from_config(config.eval.get("dori"))
   if listed and (name or values):
     raise ValueError("sweep: set either sweep.settings (\"name:value\" strings) or sweep.name with sweep.values, "
                      f"not both (settings={listed}, name={name!r}, values={values})")
@@ -169,11 +171,15 @@ def settings_from_config(config: ml_collections.ConfigDict) -> list[Setting]:
       field = f"sweep.settings[{i}]"
       if not isinstance(item, str):
         raise ValueError(f"{field}: expected a \"name:value\" string such as \"gni:0.1\", got {item!r}")
+      item, plus, attack = item.partition("+")
+      if plus and attack.strip() != "dori":
+        raise ValueError(f"{field}: the only addition to a setting is \"+dori\" (DoRI's search), got \"+{attack}\"")
       head, sep, tail = item.partition(":")
       if not sep and head.strip() != "none":
         raise ValueError(f"{field}: expected \"name:value\" (e.g. \"gni:0.1\", \"crop:2\") or \"none\", got {item!r}")
-      out.append(make_setting(kind, head.strip(), _number(tail.strip(), field) if sep else 0.0, seed=seed,
-                              field=field, rt_probability=probability))
+      setting = make_setting(kind, head.strip(), _number(tail.strip(), field) if sep else 0.0, seed=seed,
+                             field=field, rt_probability=probability)
+      out.append(dataclasses.replace(setting, name=f"{setting.name}+dori", dori=search) if plus else setting)
   elif name:
     if not values:
       raise ValueError(f"sweep.values: give the strengths / levels of sweep.name={name!r}, e.g. (0.0, 0.1, 0.5)")
@@ -202,6 +208,16 @@ def settings_from_config(config: ml_collections.ConfigDict) -> list[Setting]:
 def _members(results) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   m = results.select("members")
   return m.instance_id, m.k_pred, m.key
+
+
+def _dori_outcome(results) -> dict:
+  """Per group the mean of DoRI's outcome per image: ||delta||, the denoising loss before and after."""
+  out = {}
+  for g in results.groups:
+    ex = results.select(g).extras
+    out[g] = {k: float(np.nanmean(ex[f"dori_{k}"][:, 0])) for k in ("delta_norm", "loss_initial", "loss_final")
+              if f"dori_{k}" in ex}
+  return out
 
 
 def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], results: Sequence, *, name: str = "",
@@ -238,6 +254,8 @@ def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], results:
     for field in ("pruning", "denoising_loss"):
       if field in summary:
         row[field] = summary[field]
+    if setting.dori is not None:
+      row["dori"] = {"spec": setting.dori.as_record(), **_dori_outcome(res)}
     if "duplication" in summary:
       row["duplication"] = {k: {"counts": v["counts"], "n": v["n"], "chance_expected": v["chance"]["expected"]}
                             for k, v in summary["duplication"]["levels"].items()}
@@ -380,8 +398,11 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
   pruned = kind == "pruning"
   # a pruning sweep: each setting its own pruned model (the baseline the unpruned one)
   evs = [pruned_evaluator(ev, s.pruning) if pruned else ev for s in settings]
+  for s in settings:  # a DoRI setting on a model it cannot search fails before anything runs
+    if s.dori is not None:
+      ev.query(s.mitigation, s.augmentation, s.dori)
   # Every store opened (and checked against its stored settings) before anything is compiled.
-  stores = [e.open_store(d, s.mitigation, s.augmentation) for e, d, s in zip(evs, dirs, settings)]
+  stores = [e.open_store(d, s.mitigation, s.augmentation, s.dori) for e, d, s in zip(evs, dirs, settings)]
   per = ev.images_per_setting
   done = [ev.done_count(st) for st in stores]
   finished = [_finished(d, has_dup, pruned) if n == per and ev.is_main else None for d, n in zip(dirs, done)]
@@ -395,7 +416,7 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
     if summary is None or jax.process_count() > 1:
       bar.set_postfix_str(setting.name)
       summary = e.score(d, setting.mitigation, setting.augmentation, bar=bar, store=store,
-                        write_grid=bool(config.eval.num_grid))
+                        write_grid=bool(config.eval.num_grid), dori=setting.dori)
       if pruned:
         extra = {"pruning": e.pruning or {**setting.pruning.as_record(), "pruned": 0},
                  "denoising_loss": denoising_losses(e)}

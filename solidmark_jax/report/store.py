@@ -11,7 +11,8 @@ or, with m keys per image (`marks.num_keys`), the m keys and per repeat the m pr
 
 With classifier-free guidance a line also holds Wen et al.'s noise magnitude per repeat
 ("noise_magnitude": [12.1, 11.8]; docs/noise_magnitude.md), and a region query's line the scores of
-the hidden region per repeat (`EXTRA_FIELDS`: "region_l2": [0.08, 0.07], ...; docs/regions.md).
+the hidden region per repeat (`EXTRA_FIELDS`: "region_l2": [0.08, 0.07], ...; docs/regions.md), a DoRI
+query's the search's outcome ("dori_delta_norm", ...; docs/dori.md).
 
 Each finished batch is appended in one write, then fsync'ed, so after a crash the file holds whole
 batches plus at most one torn last line, which reopening drops. A write that fails (ENOSPC, EIO) is
@@ -34,7 +35,9 @@ from numpy.typing import ArrayLike
 
 GROUPS = ("members", "non_members", "random_init")  # the usual groups, in report order
 # per-image, per-repeat numbers a line may hold beside its keys (region queries: evaluation/regions.py)
-EXTRA_FIELDS = ("region_l2", "region_ssim", "region_null_l2", "region_null_ssim")
+EXTRA_FIELDS = ("region_l2", "region_ssim", "region_null_l2", "region_null_ssim",
+                # a DoRI query (docs/dori.md): ||delta||, the denoising loss under c0 and under c0 + delta
+                "dori_delta_norm", "dori_loss_initial", "dori_loss_final")
 
 
 def group_order(names: Iterable[str]) -> list[str]:

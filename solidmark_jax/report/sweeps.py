@@ -51,6 +51,8 @@ def sweep_markdown(table: dict) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   if any("pruning" in r for r in rows):
     lines += ["", _pruning_markdown(rows)]
+  if any("dori" in r for r in rows):
+    lines += ["", _dori_markdown(rows)]
   return "\n".join(lines) + "\n"
 
 
@@ -66,6 +68,23 @@ def _pruning_markdown(rows: list[dict]) -> str:
     loss = r.get("denoising_loss") or {}
     cells = [r["setting"], pruned] + [f"{loss[g]['mean']:.4f}" if g in loss else "-" for g in ("members", "non_members")]
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _dori_markdown(rows: list[dict]) -> str:
+  """DoRI's search per "+dori" setting: the perturbation's size and the denoising loss it reached."""
+  spec = next(r["dori"]["spec"] for r in rows if "dori" in r)
+  lines = [f"DoRI's search (docs/dori.md): per image, Adam on a perturbation delta of its condition embedding "
+           f"against the denoising loss of its bordered image ({spec['steps']} steps, learning rate "
+           f"{spec['learning_rate']:g}, max norm {spec['max_norm']}), then the query with the perturbed "
+           "condition. Means per group; the loss on the same fixed draws under c0 and under c0 + delta.", "",
+           "| setting | group | mean norm of delta | loss under c0 | loss under c0 + delta |", "|---|---|---|---|---|"]
+  for r in rows:
+    for group, o in (r.get("dori") or {}).items():
+      if group == "spec":
+        continue
+      lines.append(f"| {r['setting']} | {group} | {o['delta_norm']:.3f} | {o['loss_initial']:.4f} | "
+                   f"{o['loss_final']:.4f} |")
   return "\n".join(lines)
 
 

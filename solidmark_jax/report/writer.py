@@ -21,7 +21,7 @@ from solidmark_jax.metrics import chance, magnitude, memorisation
 from solidmark_jax.metrics import regions as region_stats
 from solidmark_jax.report import plots
 from solidmark_jax.report.format import p_value, percent
-from solidmark_jax.report.store import Results
+from solidmark_jax.report.store import EXTRA_FIELDS, Results
 
 SUMMARY_FORMAT = "solidmark-summary/2"
 MEMBERS = "members"
@@ -112,8 +112,7 @@ def write_per_image_csv(path: str, results: Results, key_bits: int | None = mark
            if n else np.zeros((0, len(thresholds))))
   guided = results.noise_magnitude is not None
   noise = magnitude.per_image(results.noise_magnitude) if guided and n else np.zeros(n)
-  extra_cols = [name for name in ("region_l2", "region_ssim", "region_null_l2", "region_null_ssim")
-                if name in results.extras]
+  extra_cols = [name for name in EXTRA_FIELDS if name in results.extras]
   extra = {name: region_stats.reduce(results.extras[name], statistic, higher_is_closer=name.endswith("ssim"))
            for name in extra_cols} if n else {name: np.zeros(0) for name in extra_cols}
   num = lambda v: "" if math.isnan(v) else repr(float(v))
