@@ -1,46 +1,20 @@
 """DoRI: search a perturbation of each image's condition embedding that brings its memorised image back.
 
-DoRI ("Finding DoRI: Discovery of Retained Images in Diffusion Models", Kowalczuk, Hintersdorf, Struppek
-et al., arXiv 2507.16880) asks whether a mitigation (NeMo / Wanda pruning, an inference-time perturbation)
-removed a memorised image or only hid it behind the original prompt. Starting from the (mitigated)
-condition embedding c0 of the image, it minimises over a perturbation delta the denoising loss of the
-training image x0 on the (mitigated) model,
+DoRI (Kowalczuk, Hintersdorf, Struppek et al., arXiv 2507.16880) asks whether a mitigation removed a
+memorised image or only hid it: from the (mitigated) condition embedding c0 it minimises, with Adam and
+one fresh (t, eps) draw per step, the denoising loss of the image on the (mitigated) model,
+L(delta) = E || eps_theta(q_sample(x0, t, eps), t, c0 + delta) - eps ||^2. Here x0 is the *bordered*
+image, and the SolidMark question is whether the key read off an outpainting with c0 + delta is its key.
 
-  L(delta) = E_{t, eps} || eps_theta(q_sample(x0, t, eps), t, c0 + delta) - eps ||^2,
+- `dori_search`: the paper's objective; `denoising_loss`: the same loss without a search.
+- `key_search`: beyond the paper, (k_pred - key)^2 differentiated through a short DDIM outpainting loop
+  (`jax.checkpoint` on its body), fresh noise every Adam step.
 
-with Adam, one fresh (t, eps) draw per step. Here x0 is the *bordered* training image, so the search
-also pulls the key's border back, and the SolidMark question becomes: is the key read off an
-outpainting with c0 + delta the image's key again (l_SM small)?
-
-Two searches, both jitted, vmapped over images (one independent Adam state per image, `optax.adam`),
-one `lax.scan` over Adam steps, gradients with respect to delta only (params are constants):
-
-- `dori_search`: the paper's objective above (eps-MSE; v-MSE for a v-prediction model).
-- `key_search`: beyond the paper, the SolidMark key itself, (k_pred - key)^2, differentiated through a
-  short RePaint-style DDIM outpainting loop built here from `schedule.q_sample`, `schedule.ddim_step`
-  and `marks.predicted_key` (`jax.checkpoint` on the loop body keeps memory at one denoiser call's
-  activations plus the S carried images). Its noise is fresh every Adam step: the key read later
-  comes from an outpainting with noise the search never saw, so the search minimises the expected
-  key error over noise rather than fitting one noise draw (a fixed draw converges faster on that draw
-  and can fail to transfer).
-
-`delta` is projected onto the l2 ball of radius `DoriSpec.max_norm` after every step (the norm of one
-image's whole perturbation, [D] or [L, D]; None: unbounded).
-
-Compiles: once per denoiser function, batch shape and (steps, eval_draws) / (steps, num_steps_inner, eta);
-the learning rate, max_norm and timestep range are traced, so a sweep over them compiles nothing new.
-
-Outpainting with the perturbed condition needs nothing new: an `Outpainter` takes the conditions as a
-call argument, so `c0 + delta` goes straight in (`outpaint_perturbed` checks the shapes first):
-
-  spec = DoriSpec(steps=50, learning_rate=0.01)
-  delta, info = dori_search(denoiser, params, sched, x0, c0, rng, spec)   # x0: bordered, model space
-  outpainter = make_outpaint_fn(denoiser, sched, SamplerSpec(num_steps=50))
-  out = outpainter(params, known, marks.key_mask(h, w, pad), c0 + delta, rng, repeats)
-  l = metrics.l_sm(out["k_pred"], keys)                                   # did the key come back?
-
-Not built here: the config / CLI wiring, the sweep over mitigations, sharding over a mesh, classifier-
-free guidance inside `key_search`'s loop, and DoRI's adversarial fine-tuning (docs/dori.md).
+Both are jitted and vmapped over images (an Adam state each); delta is projected onto the l2 ball of
+`DoriSpec.max_norm` after every step; the learning rate, max_norm and timestep range are traced (a
+sweep over them compiles nothing new). An `Outpainter` takes conditions as a call argument, so
+`outpainter(params, known, mask, c0 + delta, rng, repeats)` queries with the found perturbation; sweeps
+run it as a setting "<setting>+dori". docs/dori.md: the choices, the defaults and what is not built.
 """
 
 from __future__ import annotations
