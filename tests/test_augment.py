@@ -116,9 +116,12 @@ def test_side_crop_is_a_resized_window_per_image_under_jit():
     errs = np.abs(resized - y[n, C, C]).max(axis=(1, 2, 3))
     assert errs.min() < 1e-6, errs.min()
   np.testing.assert_array_equal(_border(y), _border(x))
-  # batching does not matter: instance 12 alone gives the same crop
+  # batching does not matter: instance 12 alone gives the same crop (the same window; the values to float
+  # rounding, as XLA's CPU code for another batch size may round the resize's last bit differently)
   alone = np.asarray(fn(x[:1], jax.random.key(0), jnp.asarray([12])))
-  np.testing.assert_array_equal(alone[0], y[2])
+  window = lambda img: int(np.argmin(np.abs(resized - img[C, C]).max(axis=(1, 2, 3))))
+  assert window(alone[0]) == window(y[2])
+  np.testing.assert_allclose(alone[0], y[2], atol=1e-6)
   other_seed = np.asarray(fn(x, jax.random.key(1), jnp.asarray([10, 11, 12, 13])))
   assert not np.allclose(other_seed, y)
 
