@@ -92,7 +92,7 @@ def test_settings_from_config_orders_the_baseline_first():
 
 
 @pytest.mark.parametrize("sweep, match", [
-    ({"kind": "noise"}, r"sweep.kind must be one of \('mitigation', 'augment'\), got 'noise'"),
+    ({"kind": "noise"}, r"sweep.kind must be one of \('mitigation', 'augment', 'pruning'\), got 'noise'"),
     ({"settings": ("gni=0.1",)}, r"sweep.settings\[0\]: expected \"name:value\""),
     ({"settings": ("none", "gni:x")}, r"sweep.settings\[1\]: 'x' is not a number"),
     ({"settings": ("gni:-1",)}, r"sweep.settings\[0\] \(gni:-1\): .*strength must be >= 0"),
