@@ -157,6 +157,16 @@ def nonmember_group(exp: Experiment, config: ml_collections.ConfigDict) -> Group
 # One batch of queries.
 
 
+def local_rows(g: Group, ids: np.ndarray, batch_size: int, conditioner: Conditioner) -> tuple[np.ndarray, Any]:
+  """This process's rows of the batch of `ids` padded to `batch_size` (one shape: one compilation), and
+  their conditions through `conditioner`."""
+  rows = parallel.pad_rows(ids, batch_size)
+  local = parallel.process_slice(batch_size)
+  pos, mine = np.searchsorted(g.ids, rows)[local], rows[local]
+  captions = [g.captions[p] for p in pos] if g.captions is not None else None
+  return mine, conditioner(g.conditions[pos], mine, captions)
+
+
 @dataclasses.dataclass(frozen=True)
 class Query:
   """How one setting queries the model: the outpainter, the conditions (with a mitigation), the
@@ -186,14 +196,9 @@ class Query:
     hide: (marked images, their ids) -> the region hidden beside the key [n, H, W, 1] (a region query).
     """
     n = len(ids)
-    rows = parallel.pad_rows(ids, self.batch_size)  # fixed shape: compile once
-    local = parallel.process_slice(self.batch_size)
-    pos = np.searchsorted(g.ids, rows)[local]
-    mine = rows[local]
-    captions = [g.captions[p] for p in pos] if g.captions is not None else None
+    mine, condition = local_rows(g, ids, self.batch_size, self.conditioner)
     known = self.known(g, mine)
-    batch = {"known": known, "condition": self.conditioner(g.conditions[pos], mine, captions),
-             "ids": mine.astype(np.int32)}
+    batch = {"known": known, "condition": condition, "ids": mine.astype(np.int32)}
     if hide is not None:
       batch["regions"] = hide(known, mine)
     if self.dori is not None:

@@ -44,7 +44,7 @@ from solidmark_jax import atomic, dirlock, metrics, parallel, report
 from solidmark_jax.evaluation import augment as augment_lib
 from solidmark_jax.evaluation import dori, mitigations
 from solidmark_jax.evaluation import pruning as pruning_lib
-from solidmark_jax.evaluation.evaluator import DUPLICATION_FILES, Evaluator, build_evaluator
+from solidmark_jax.evaluation.evaluator import DUPLICATION_FILES, Evaluator, build_evaluator, local_rows
 from solidmark_jax.experiment import outpaint_params
 from solidmark_jax.training.loop import train
 from solidmark_jax.workdir import Workdir
@@ -306,12 +306,8 @@ def denoising_losses(ev: Evaluator, draws: int = LOSS_DRAWS) -> dict | None:
     losses = []
     for start in range(0, len(g.ids), size):
       ids = g.ids[start:start + size]
-      rows = parallel.pad_rows(ids, size)  # one shape: one compilation
-      local = parallel.process_slice(size)
-      pos, mine = np.searchsorted(g.ids, rows)[local], rows[local]
-      captions = [g.captions[i] for i in pos] if g.captions is not None else None
-      batch = parallel.global_batch(ev.mesh, {"x0": g.read(mine), "c": plain(g.conditions[pos], mine, captions),
-                                              "ids": mine.astype(np.int32)})
+      mine, condition = local_rows(g, ids, size, plain)
+      batch = parallel.global_batch(ev.mesh, {"x0": g.read(mine), "c": condition, "ids": mine.astype(np.int32)})
       loss = dori.denoising_loss(ev.op.denoiser, ev.params[g.name], ev.exp.sched, batch["x0"], batch["c"], rng,
                                  draws=draws, ids=batch["ids"], prediction_type=ev.exp.prediction_type)
       losses.append(np.asarray(parallel.to_host(loss))[:len(ids)])
