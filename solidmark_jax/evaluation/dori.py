@@ -35,7 +35,8 @@ from solidmark_jax.diffusion.schedule import NoiseSchedule
 from solidmark_jax.outpaint.repaint import Outpainter
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-_CONFIG_FIELDS = ("steps", "learning_rate", "max_norm", "timesteps", "seed", "eval_draws")  # DoriSpec's
+_CONFIG_FIELDS = ("steps", "learning_rate", "max_norm", "timesteps", "seed", "eval_draws", "inner_steps")
+OBJECTIVES = ("loss", "key")  # DoRI's denoising loss; the key-targeted search
 
 
 def _is_int(v: Any) -> bool:
@@ -67,6 +68,9 @@ class DoriSpec:
     seed: seeds the search when the call's rng is None.
     eval_draws: K fixed (t, eps) draws per image on which `dori_search` reports the loss before and after
       (>= 1); one draw per step is too noisy to compare.
+    objective: what a query with this spec searches: "loss" (`dori_search`, the paper's) or "key"
+      (`key_search`, the SolidMark key through a short outpainting loop).
+    inner_steps: the key search's DDIM steps per Adam step (>= 1; "key" only).
   """
 
   steps: int = 50
@@ -75,6 +79,8 @@ class DoriSpec:
   timesteps: tuple[int, int] | None = None
   seed: int = 0
   eval_draws: int = 8
+  objective: str = "loss"
+  inner_steps: int = 5
 
   def __post_init__(self):
     if self.timesteps is not None and isinstance(self.timesteps, (list, np.ndarray)):
@@ -100,6 +106,14 @@ class DoriSpec:
       raise ValueError(f"{field}.seed must be an integer >= 0, got {self.seed!r}")
     if not _is_int(self.eval_draws) or self.eval_draws < 1:
       raise ValueError(f"{field}.eval_draws must be an integer >= 1, got {self.eval_draws!r}")
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"{field}.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+    if not _is_int(self.inner_steps) or self.inner_steps < 1:
+      raise ValueError(f"{field}.inner_steps must be an integer >= 1 (DDIM steps of the key search's loop), got "
+                       f"{self.inner_steps!r}")
+    if self.objective == "key" and self.timesteps is not None:
+      raise ValueError(f"{field}.timesteps={self.timesteps} is for the denoising-loss search; the key search runs "
+                       "the whole short DDIM loop, leave it None")
 
   def timestep_range(self, num_train_steps: int) -> tuple[int, int]:
     """[t_lo, t_hi) for a schedule of T = `num_train_steps` levels; a ValueError if it does not fit."""
@@ -115,12 +129,13 @@ class DoriSpec:
     return dataclasses.replace(self, **changes)
 
   @classmethod
-  def from_config(cls, section: Any, field: str = "eval.dori") -> "DoriSpec":
+  def from_config(cls, section: Any, field: str = "eval.dori", objective: str = "loss") -> "DoriSpec":
     """The spec of a config section (`config.eval.dori`: steps, learning_rate, max_norm, seed,
-    eval_draws); bad values are errors naming `field`.<name>."""
+    eval_draws; `config.eval.key_search` with objective "key": steps, learning_rate, max_norm, seed,
+    inner_steps); bad values are errors naming `field`.<name>."""
     items = section_items(section, field, _CONFIG_FIELDS)
     try:
-      return cls(**items)
+      return cls(**items, objective=objective)
     except ValueError as e:
       raise ValueError(str(e).replace("dori.", f"{field}.", 1)) from None
 
@@ -187,21 +202,33 @@ def _rng(rng: jax.Array | None, spec: DoriSpec) -> jax.Array:
 # The paper's search: the denoising loss of the bordered training image.
 
 
+def image_loss(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x: jax.Array, c: jax.Array, t: jax.Array,
+               eps: jax.Array, prediction_type: str = "epsilon") -> jax.Array:
+  """The training loss of one image x [H, W, C] under condition c [...] on K draws (t [K] int32, eps
+  [K, H, W, C]): the mean squared error of the prediction, a scalar. Pure; differentiable in params and c."""
+  k = t.shape[0]
+  xs = jnp.broadcast_to(x, (k, *x.shape))
+  x_t = schedule_lib.q_sample(sched, xs, t, eps)
+  cond = jnp.broadcast_to(c, (k, *c.shape))
+  pred = denoiser(params, x_t, t, cond).astype(jnp.float32)
+  target = schedule_lib.training_target(sched, prediction_type, xs, t, eps)
+  return jnp.mean(jnp.square(pred - target))
+
+
+def loss_draws(key: jax.Array, k: int, shape: tuple[int, ...], t_lo: Any, t_hi: Any) -> tuple[jax.Array, jax.Array]:
+  """K (t, eps) draws for `image_loss`: t [K] uniform on [t_lo, t_hi), eps [K, *shape] standard normal."""
+  k_t, k_eps = jax.random.split(key)
+  return jax.random.randint(k_t, (k,), t_lo, t_hi), jax.random.normal(k_eps, (k, *shape), jnp.float32)
+
+
 def _dori(denoiser, params, sched, x0, c0, rng, ids, hyper, steps: int, eval_draws: int, prediction_type: str):
   lo, hi = hyper["t_lo"], hyper["t_hi"]
 
   def loss(delta, x, c, t, eps):  # x [H, W, C], t [K], eps [K, H, W, C] -> mean over the K draws
-    k = t.shape[0]
-    xs = jnp.broadcast_to(x, (k, *x.shape))
-    x_t = schedule_lib.q_sample(sched, xs, t, eps)
-    cond = jnp.broadcast_to(c + delta, (k, *c.shape))
-    pred = denoiser(params, x_t, t, cond).astype(jnp.float32)
-    target = schedule_lib.training_target(sched, prediction_type, xs, t, eps)
-    return jnp.mean(jnp.square(pred - target))
+    return image_loss(denoiser, params, sched, x, c + delta, t, eps, prediction_type)
 
   def draws(key, k, shape):
-    k_t, k_eps = jax.random.split(key)
-    return jax.random.randint(k_t, (k,), lo, hi), jax.random.normal(k_eps, (k, *shape), jnp.float32)
+    return loss_draws(key, k, shape, lo, hi)
 
   def per_image(x, c, image_id):
     k_train, k_eval = jax.random.split(jax.random.fold_in(rng, image_id))

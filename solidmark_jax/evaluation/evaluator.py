@@ -171,7 +171,8 @@ def local_rows(g: Group, ids: np.ndarray, batch_size: int, conditioner: Conditio
 class Query:
   """How one setting queries the model: the outpainter, the conditions (with a mitigation), the
   augmentation of the known region, and the fixed batch shape (one compilation); with `dori`, each
-  condition perturbed by DoRI's search on the image's own bordered truth first (docs/dori.md)."""
+  condition perturbed first by DoRI's search on the image's own bordered truth (objective "loss") or by
+  the key-targeted search for the image's own key (objective "key"; docs/dori.md)."""
 
   op: Outpainter
   conditioner: Conditioner
@@ -201,16 +202,27 @@ class Query:
     batch = {"known": known, "condition": condition, "ids": mine.astype(np.int32)}
     if hide is not None:
       batch["regions"] = hide(known, mine)
-    if self.dori is not None:
+    search = self.dori
+    if search is not None and search.objective == "loss":
       batch["truth"] = g.read(mine) if not self.augmentation.is_identity else known  # the bordered image
+    if search is not None and search.objective == "key":
+      batch["key"] = g.keys[np.searchsorted(g.ids, mine)].astype(np.float32)  # what the search aims at
     batch = parallel.global_batch(self.mesh, batch)
     condition, found = batch["condition"], {}
-    if self.dori is not None:
-      # the search is seeded by the query's rng and the image's id, like its outpainting noise
+    # a search is seeded by the query's rng and the image's id, like its outpainting noise
+    if search is not None and search.objective == "loss":
       delta, info = dori_lib.dori_search(self.op.denoiser, params, self.op.sched, batch["truth"], condition, rng,
-                                         self.dori, ids=batch["ids"])
-      condition = condition + delta
+                                         search, ids=batch["ids"])
       found = {f"dori_{k}": info[k] for k in ("delta_norm", "loss_initial", "loss_final")}
+    elif search is not None:
+      delta, info = dori_lib.key_search(self.op.denoiser, params, self.op.sched, batch["known"], self.mask,
+                                        condition, batch["key"], rng, search, search.inner_steps, ids=batch["ids"])
+      # the squared key error of the short loop's read-out, under c0 and under c0 + delta
+      found = {"dori_delta_norm": info["delta_norm"],
+               "dori_loss_initial": (info["k_pred_initial"] - batch["key"]) ** 2,
+               "dori_loss_final": (info["k_pred_final"] - batch["key"]) ** 2}
+    if search is not None:
+      condition = condition + delta
     out = self.op(params, batch["known"], self.mask, condition, rng, repeats, ids=batch["ids"],
                   null_condition=self.conditioner.null, return_images=return_images, regions=batch.get("regions"))
     return {k: parallel.to_host(v)[:n] for k, v in {**out, **found}.items()}
@@ -273,6 +285,9 @@ class Evaluator:
       raise ValueError("a DoRI query perturbs text embeddings through the pixel denoiser: it needs a pixel model "
                        f"with model.condition = 'text' (got space {self.config.model.get('space', 'pixel')!r}, "
                        f"condition {self.config.model.condition!r}); latent models are not supported yet")
+    if dori is not None and dori.objective == "key" and self.exp.num_keys > 1:
+      raise ValueError(f"the key-targeted search aims at one key per image; marks.num_keys={self.exp.num_keys} is "
+                       "not supported (use the denoising-loss search, \"+dori\")")
     return Query(self.op, self.conditioner(mitigation), augmentation, self.exp.mask, self.config.eval.batch_size,
                  self.mesh, dori)
 
@@ -280,7 +295,8 @@ class Evaluator:
            dori: dori_lib.DoriSpec | None = None) -> dict:
     """The metadata of one setting's result store and report (DoRI's settings only where a query uses it)."""
     c = self.config.eval
-    ev = {k: v for k, v in c.to_dict().items() if k not in ("num_grid", "thresholds", "score", "dori")}
+    ev = {k: v for k, v in c.to_dict().items() if k not in ("num_grid", "thresholds", "score", "dori", "key_search",
+                                                            "adversarial")}
     if c.guidance_scale == 1.0:  # the noise magnitude is computed with guidance only
       ev.pop("magnitude_steps", None)
     ev["mitigation"] = mitigation.as_record()
