@@ -10,6 +10,8 @@
 - `pruning`: pruning mitigations of the cross-attention keys and values (Wanda, NeMo; docs/pruning.md).
 - `dori`: DoRI's search for a condition perturbation that brings a hidden image back, and a key-targeted
   search (docs/dori.md).
+- `adversarial`: adversarial fine-tuning of the UNet against DoRI's triggers for a targeted set, with a
+  retain set, resumable from Orbax checkpoints (docs/dori.md).
 """
 
 from solidmark_jax.evaluation.evaluator import evaluate
