@@ -215,11 +215,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.dori = ml_collections.ConfigDict({"steps": 50, "learning_rate": 0.01,
                                            "max_norm": ml_collections.config_dict.placeholder(float),
                                            "seed": 0, "eval_draws": 8})
+  # The key-targeted search, for settings marked "+keysearch": Adam on the same perturbation against the
+  # squared error of the key read off a short DDIM outpainting (inner_steps steps, differentiated through).
+  c.eval.key_search = ml_collections.ConfigDict({"steps": 20, "learning_rate": 0.01,
+                                                 "max_norm": ml_collections.config_dict.placeholder(float),
+                                                 "seed": 0, "inner_steps": 5})
+  # Adversarial fine-tuning (evaluation/adversarial.py), for pruning-sweep settings "adversarial:<steps>":
+  # the first `targets` members are fine-tuned away against DoRI's triggers (trigger_* : the inner search),
+  # the other members are the retain set; cap None = the held-out images' loss. Checkpointed (Orbax).
+  c.eval.adversarial = ml_collections.ConfigDict({
+      "learning_rate": 1e-4, "trigger_steps": 10, "trigger_learning_rate": 0.01,
+      "trigger_max_norm": ml_collections.config_dict.placeholder(float), "weight": 1.0,
+      "cap": ml_collections.config_dict.placeholder(float), "draws": 4, "targets": 8, "checkpoint_every": 25,
+      "seed": 0})
   c.eval.generations = generations_section()
 
   # Sweeps (sweep.py, solidmark_jax/evaluation/sweeps.py): several evaluation settings of one checkpoint in one
   # process. kind: "mitigation" (eval.mitigation), "augment" (eval.augment) or "pruning" (a pruned UNet
-  # per setting, "wanda:<sparsity>" / "nemo:<z threshold>", docs/pruning.md); either `name` with
+  # per setting, "wanda:<sparsity>" / "nemo:<z threshold>", docs/pruning.md, or a fine-tuned one,
+  # "adversarial:<steps>"; any setting may end in "+dori", "+keysearch" or "+gni:<sigma>"); either `name` with
   # `values` (strengths, levels or angles) or `settings` as "name:value" strings (e.g. "gni:0.1",
   # "crop:2", "none"). The identity setting ("none") is the baseline row; it is added if missing.
   c.sweep = ml_collections.ConfigDict()

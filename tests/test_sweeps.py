@@ -329,8 +329,15 @@ def _text_config(fashion_dir, settings, **extra):
 
 @pytest.fixture(scope="module")
 def pruning_sweep(fashion_dir, tmp_path_factory):
-  """A text model trained 2 steps, swept over Wanda, NeMo and Wanda + DoRI (3 Adam steps)."""
-  config = _text_config(fashion_dir, ("none", "wanda:0.5", "nemo:0.5", "wanda:0.5+dori"))
+  """A text model trained 2 steps, swept over Wanda, NeMo, Wanda + DoRI (3 Adam steps), Wanda + GNI and
+  adversarial fine-tuning (2 outer steps against 2-step triggers for 4 targeted members), plain and with
+  the key-targeted search (2 Adam steps through 2 DDIM steps)."""
+  config = _text_config(fashion_dir, ("none", "wanda:0.5", "nemo:0.5", "wanda:0.5+dori", "wanda:0.5+gni:0.5",
+                                      "adversarial:2", "adversarial:2+keysearch"),
+                        eval__key_search__steps=2, eval__key_search__inner_steps=2,
+                        eval__key_search__learning_rate=0.05, eval__adversarial__trigger_steps=2,
+                        eval__adversarial__targets=4, eval__adversarial__checkpoint_every=1,
+                        eval__adversarial__learning_rate=1e-3)
   workdir = str(tmp_path_factory.mktemp("pruning") / "wd")
   table = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="prune"), "sweep.json")))
   return config, workdir, table
@@ -339,7 +346,8 @@ def pruning_sweep(fashion_dir, tmp_path_factory):
 def test_pruning_sweep_prunes_each_setting_and_reports_its_loss(pruning_sweep):
   config, workdir, table = pruning_sweep
   rows = {r["setting"]: r for r in table["rows"]}
-  assert list(rows) == ["none", "wanda_0.5", "nemo_0.5", "wanda_0.5+dori"]
+  assert list(rows) == ["none", "wanda_0.5", "nemo_0.5", "wanda_0.5+dori", "wanda_0.5+gni_0.5", "adversarial_2",
+                        "adversarial_2+keysearch"]
   assert rows["none"]["pruning"]["pruned"] == 0
   wanda = rows["wanda_0.5"]["pruning"]
   assert wanda["unit"] == "weights" and 0 < wanda["pruned"] < wanda["of"]
@@ -348,7 +356,7 @@ def test_pruning_sweep_prunes_each_setting_and_reports_its_loss(pruning_sweep):
   k = {}
   for name, r in rows.items():
     loss = r["denoising_loss"]
-    assert set(loss) == {"members", "non_members"} and len(loss["members"]["per_image"]) == 8
+    assert set(loss) == {"members", "non_members", "targeted", "rest"} and len(loss["members"]["per_image"]) == 8
     assert json.load(open(os.path.join(root, name, sweeps.PRUNING_FILE)))["pruning"] == r["pruning"]
     k[name] = report.Results.from_records(_rows(os.path.join(root, name, "results.jsonl"))).select("members").k_pred
   meta = json.load(open(os.path.join(root, "wanda_0.5", "summary.json")))["metadata"]
@@ -367,12 +375,57 @@ def test_pruning_sweep_prunes_each_setting_and_reports_its_loss(pruning_sweep):
   assert np.max(np.abs(k["wanda_0.5+dori"] - k["wanda_0.5"])) > 1e-6
   header = open(os.path.join(root, "wanda_0.5+dori", "per_image.csv")).readline()
   assert "dori_delta_norm" in header and "dori_loss_final" in header
+  # GNI on the pruned model's caption embeddings: the same pruned model, another query
+  assert rows["wanda_0.5+gni_0.5"]["pruning"] == wanda and rows["wanda_0.5+gni_0.5"]["method"] == "wanda+gni"
+  k["wanda_0.5+gni_0.5"] = report.Results.from_records(
+      _rows(os.path.join(root, "wanda_0.5+gni_0.5", "results.jsonl"))).select("members").k_pred
+  assert np.max(np.abs(k["wanda_0.5+gni_0.5"] - k["wanda_0.5"])) > 1e-6
   text = open(os.path.join(workdir, "sweeps", "prune", "table.md")).read()
-  assert "DoRI's search" in text and "| wanda_0.5+dori | members |" in text
-  assert "Pruned models" in text and f"| wanda_0.5 | {wanda['pruned']} of {wanda['of']} weights |" in text
+  assert "Searches (docs/dori.md)" in text and "| wanda_0.5+dori | DoRI, 3 steps" in text
+  assert "Mitigated models" in text and f"| wanda_0.5 | {wanda['pruned']} of {wanda['of']} weights pruned |" in text
   # a re-run reads the finished settings back, pruning records and losses included
   again = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="prune"), "sweep.json")))
   assert again["rows"] == table["rows"]
+
+
+def test_adversarial_rows_split_the_targeted_members_and_keep_their_checkpoints(pruning_sweep):
+  config, workdir, table = pruning_sweep
+  rows = {r["setting"]: r for r in table["rows"]}
+  tuned = rows["adversarial_2"]["pruning"]
+  assert tuned["name"] == "adversarial" and tuned["steps_done"] == 2 and len(tuned["targets"]) == 4
+  assert tuned["spec"]["trigger_steps"] == 2 and tuned["cap"] > 0
+  assert tuned["targets"] == sorted(tuned["targets"])  # the first members by id
+  assert rows["adversarial_2+keysearch"]["pruning"] == tuned  # one fine-tuning, queried twice
+  assert rows["adversarial_2+keysearch"]["method"] == "adversarial+keysearch"
+  ckpts = os.path.join(workdir, "sweeps", sweeps.FINETUNE_DIR, "adversarial_2")
+  assert os.path.isdir(ckpts) and os.listdir(ckpts)
+  for r in rows.values():  # every row scores the targeted members and the rest apart
+    sub = r["subsets"]
+    assert sub["targeted"]["n"] == 4 and sub["rest"]["n"] == 4
+    assert [a + b for a, b in zip(sub["targeted"]["counts"], sub["rest"]["counts"])] == r["counts"]
+  loss = rows["adversarial_2"]["denoising_loss"]
+  assert np.isclose((loss["targeted"]["mean"] + loss["rest"]["mean"]) / 2, loss["members"]["mean"])
+  assert loss["members"]["mean"] != rows["none"]["denoising_loss"]["members"]["mean"]  # the UNet moved
+  found = rows["adversarial_2+keysearch"]["dori"]
+  assert found["spec"]["objective"] == "key" and found["spec"]["inner_steps"] == 2
+  assert found["members"]["delta_norm"] > 0
+  text = open(os.path.join(workdir, "sweeps", "prune", "table.md")).read()
+  assert "Mitigation x query" in text and "key-targeted search" in text and "GNI sigma 0.5" in text
+  assert "| adversarial_2 |" in text and "Targeted members" in text and "fine-tuned 2 steps" in text
+
+
+def test_setting_suffixes_are_parsed_and_bad_ones_named(fashion_dir):
+  settings = sweeps.settings_from_config(_text_config(
+      fashion_dir, ("none", "none+gni:0.2", "nemo:2+keysearch", "adversarial:3+dori")))
+  assert [s.name for s in settings] == ["none", "none+gni_0.2", "nemo_2+keysearch", "adversarial_3+dori"]
+  assert settings[1].mitigation.name == "gni" and settings[1].mitigation.strength == 0.2
+  assert settings[1].is_model_identity and not settings[1].is_identity
+  assert settings[2].dori.objective == "key" and settings[3].dori.objective == "loss"
+  assert settings[3].finetune.steps == 3 and settings[3].method == "adversarial+dori"
+  for bad, match in (("wanda:0.1+gni", "gni:<sigma>"), ("wanda:0.1+keysearch:2", "keysearch"),
+                     ("wanda:0.1+gni:-1", "gni"), ("adversarial:1.5", "integer"), ("adversarial:0", "integer")):
+    with pytest.raises(ValueError, match=match):
+      sweeps.settings_from_config(_text_config(fashion_dir, ("none", bad)))
 
 
 def test_dori_with_learning_rate_zero_reproduces_the_plain_query(pruning_sweep, fashion_dir):

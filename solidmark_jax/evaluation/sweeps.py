@@ -5,9 +5,15 @@ A sweep is a config plus a list of settings (`config.sweep`, see config.py):
   sweep.kind = "mitigation"; sweep.name = "gni"; sweep.values = (0.0, 0.1, 0.5)
   sweep.kind = "augment"; sweep.settings = ("none", "crop:1", "blur:2")
   sweep.kind = "pruning"; sweep.settings = ("none", "wanda:0.05", "nemo:3")  # a pruned UNet per setting
+  sweep.kind = "pruning"; sweep.settings = ("none", "adversarial:100", "wanda:0.2+dori", "nemo:2+keysearch")
 
 A pruning setting prunes the UNet's cross-attention for the members' captions (`pruned_evaluator`,
-docs/pruning.md) and adds the denoising loss of members and non-members (`denoising_losses`).
+docs/pruning.md), or fine-tunes it against DoRI's triggers for the first `eval.adversarial.targets`
+members ("adversarial:<steps>", `finetuned_evaluator`, evaluation/adversarial.py; the table then
+splits the members into the targeted and the rest), and adds the denoising loss of members and
+non-members (`denoising_losses`). Any setting can end in one query-side addition: "+dori" (DoRI's
+search, `eval.dori`), "+keysearch" (the key-targeted search, `eval.key_search`) or "+gni:<sigma>"
+(Gaussian noise on the caption embeddings, a random perturbation beside the searched ones).
 
 `run_sweep` builds the experiment, checkpoint, groups and outpainter once (`evaluation.Evaluator`),
 then scores every setting into its own store under DIR/sweeps/settings/<setting>/ (results.jsonl,
@@ -41,6 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from solidmark_jax import atomic, dirlock, metrics, parallel, report
+from solidmark_jax.evaluation import adversarial
 from solidmark_jax.evaluation import augment as augment_lib
 from solidmark_jax.evaluation import dori, mitigations
 from solidmark_jax.evaluation import pruning as pruning_lib
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("mitigation", "augment", "pruning")
 PRUNING_FILE = "pruning.json"  # a pruning setting's record and denoising losses, in its directory
+FINETUNE_DIR = "finetune"  # DIR/sweeps/finetune/<setting>/: an adversarial fine-tuning's Orbax checkpoints
+ATTACKS = ("dori", "keysearch", "gni")  # what may follow "+" in a setting
 LOSS_DRAWS = 8  # (t, eps) draws per image of the denoising loss
 
 SWEEP_FORMAT = "solidmark-sweep/1"
@@ -68,7 +77,8 @@ class Setting:
     augmentation: `augment.Augmentation`.
     value: the swept strength / level / angle / sparsity / threshold (0 for the identity).
     pruning: `pruning.Pruning` of the UNet's cross-attention (the identity but in a pruning sweep).
-    dori: DoRI's search before each query (a setting written "<setting>+dori"), or None.
+    dori: a search before each query (a setting written "<setting>+dori" or "<setting>+keysearch"), or None.
+    finetune: adversarial fine-tuning of the UNet ("adversarial:<steps>"), or None.
   """
 
   name: str
@@ -77,17 +87,26 @@ class Setting:
   value: float = 0.0
   pruning: pruning_lib.Pruning = pruning_lib.Pruning()
   dori: dori.DoriSpec | None = None
+  finetune: adversarial.AdversarialSpec | None = None
 
   @property
   def is_identity(self) -> bool:
     return (self.mitigation.is_identity and self.augmentation.is_identity and self.pruning.is_identity
-            and self.dori is None)
+            and self.dori is None and self.finetune is None)
 
   @property
   def method(self) -> str:
-    """The mitigation, augmentation or pruning name ("none" for the plain query)."""
-    base = next((n for n in (self.mitigation.name, self.augmentation.name, self.pruning.name) if n != "none"), "none")
-    return base if self.dori is None else f"{base}+dori"
+    """The model's mitigation and the query's, e.g. "none", "gni", "wanda", "wanda+dori", "adversarial+keysearch"."""
+    model = [n for n in (self.pruning.name, "adversarial" if self.finetune else "none") if n != "none"]
+    query = [n for n in (self.augmentation.name, self.mitigation.name) if n != "none"]
+    if self.dori is not None:
+      query.append("dori" if self.dori.objective == "loss" else "keysearch")
+    return "+".join(model + query) or "none"
+
+  @property
+  def is_model_identity(self) -> bool:
+    """The unmodified model (its query may still be mitigated or searched)."""
+    return self.pruning.is_identity and self.finetune is None
 
 
 def _number(text: str, field: str) -> float:
@@ -101,18 +120,20 @@ def _number(text: str, field: str) -> float:
 
 
 def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: str = "sweep",
-                 rt_probability: float = mitigations.RT_PROBABILITY) -> Setting:
+                 rt_probability: float = mitigations.RT_PROBABILITY,
+                 finetune: adversarial.AdversarialSpec | None = None) -> Setting:
   """The setting `name` at `value` of a sweep of `kind`; a clear error naming `field` for bad input.
 
   Args:
     kind: "mitigation" (value: GNI sigma, or RT / CWR / RNA / random_words iterations), "augment"
       (value: crop / blur level 1-4, or rotate angle in degrees) or "pruning" (value: Wanda's sparsity
-      in [0, 1), or NeMo's z-score threshold > 0; docs/pruning.md).
+      in [0, 1), NeMo's z-score threshold > 0 (docs/pruning.md), or the steps of adversarial fine-tuning).
     name: e.g. "gni", "crop", "wanda"; "none" for the plain query (value 0).
     value: strength, level or angle.
     seed: the config's mitigation / augmentation seed.
     field: named in errors, e.g. "sweep.settings[2]".
     rt_probability: RT's per-token replacement probability (the config's eval.mitigation.probability).
+    finetune: the adversarial fine-tuning settings (the config's eval.adversarial) of "adversarial:<steps>".
   """
   if kind not in KINDS:
     raise ValueError(f"sweep.kind must be one of {KINDS}, got {kind!r}")
@@ -129,8 +150,13 @@ def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: st
       extra = {"probability": rt_probability} if name == "rt" else {}
       m, a = mitigations.Mitigation(name, strength, seed, **extra), none_a
     elif kind == "pruning":
+      if name == "adversarial":
+        if value != int(value) or value < 1:
+          raise ValueError(f"adversarial fine-tuning takes its number of steps (an integer >= 1), got {value:g}")
+        spec = (finetune or adversarial.AdversarialSpec()).replace(steps=int(value))
+        return Setting(f"{name}_{value:g}", none_m, none_a, float(value), finetune=spec)
       if name not in pruning_lib.METHODS:
-        raise ValueError(f"unknown pruning method {name!r}; one of {pruning_lib.METHODS[1:]}")
+        raise ValueError(f"unknown pruning method {name!r}; one of {(*pruning_lib.METHODS[1:], 'adversarial')}")
       return Setting(f"{name}_{value:g}", none_m, none_a, float(value), pruning_lib.Pruning(name, float(value)))
     else:
       if name not in augment_lib.AUGMENTATIONS:
@@ -147,6 +173,25 @@ def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: st
   return Setting(f"{name}_{value:g}", m, a, float(value))
 
 
+def _with_attack(setting: Setting, attack: str, field: str, searches: dict[str, dori.DoriSpec], seed: int) -> Setting:
+  """`setting` queried with "+dori", "+keysearch" or "+gni:<sigma>" (GNI on the caption embeddings)."""
+  name, sep, value = attack.partition(":")
+  if name not in ATTACKS or (name == "gni") != bool(sep):
+    raise ValueError(f"{field}: a setting may end in \"+dori\" (DoRI's search), \"+keysearch\" (the key-targeted "
+                     f"search) or \"+gni:<sigma>\" (noise on the caption embeddings), got \"+{attack}\"")
+  if name != "gni":
+    return dataclasses.replace(setting, name=f"{setting.name}+{name}", dori=searches[name])
+  if not setting.mitigation.is_identity or not setting.augmentation.is_identity:
+    raise ValueError(f"{field}: \"+gni\" adds a query mitigation to a model setting (pruning, fine-tuning or "
+                     f"none); {setting.name!r} already changes the query")
+  sigma = _number(value.strip(), field)
+  try:
+    gni = mitigations.Mitigation("gni", sigma, seed)
+  except ValueError as e:
+    raise ValueError(f"{field} (+gni:{value.strip()}): {e}") from None
+  return dataclasses.replace(setting, name=f"{setting.name}+gni_{sigma:g}", mitigation=gni)
+
+
 def settings_from_config(config: ml_collections.ConfigDict) -> list[Setting]:
   """The sweep's settings from `config.sweep`, the baseline (identity) row first.
 
@@ -161,7 +206,9 @@ def settings_from_config(config: ml_collections.ConfigDict) -> list[Setting]:
   probability = config.eval.mitigation.get("probability", mitigations.RT_PROBABILITY)
   probability = mitigations.RT_PROBABILITY if probability is None else float(probability)
   listed, name, values = tuple(s.get("settings") or ()), s.get("name") or "", tuple(s.get("values") or ())
-  search = dori.DoriSpec.from_config(config.eval.get("dori"))
+  searches = {"dori": dori.DoriSpec.from_config(config.eval.get("dori")),
+              "keysearch": dori.DoriSpec.from_config(config.eval.get("key_search"), "eval.key_search", "key")}
+  finetune = adversarial.AdversarialSpec.from_config(config.eval.get("adversarial"))
   if listed and (name or values):
     raise ValueError("sweep: set either sweep.settings (\"name:value\" strings) or sweep.name with sweep.values, "
                      f"not both (settings={listed}, name={name!r}, values={values})")
@@ -172,14 +219,12 @@ def settings_from_config(config: ml_collections.ConfigDict) -> list[Setting]:
       if not isinstance(item, str):
         raise ValueError(f"{field}: expected a \"name:value\" string such as \"gni:0.1\", got {item!r}")
       item, plus, attack = item.partition("+")
-      if plus and attack.strip() != "dori":
-        raise ValueError(f"{field}: the only addition to a setting is \"+dori\" (DoRI's search), got \"+{attack}\"")
       head, sep, tail = item.partition(":")
       if not sep and head.strip() != "none":
         raise ValueError(f"{field}: expected \"name:value\" (e.g. \"gni:0.1\", \"crop:2\") or \"none\", got {item!r}")
       setting = make_setting(kind, head.strip(), _number(tail.strip(), field) if sep else 0.0, seed=seed,
-                             field=field, rt_probability=probability)
-      out.append(dataclasses.replace(setting, name=f"{setting.name}+dori", dori=search) if plus else setting)
+                             field=field, rt_probability=probability, finetune=finetune)
+      out.append(_with_attack(setting, attack.strip(), field, searches, seed) if plus else setting)
   elif name:
     if not values:
       raise ValueError(f"sweep.values: give the strengths / levels of sweep.name={name!r}, e.g. (0.0, 0.1, 0.5)")
@@ -220,13 +265,26 @@ def _dori_outcome(results) -> dict:
   return out
 
 
+def _subsets(results, targets: Sequence[int], thresholds, statistic: str) -> dict:
+  """The members' hits beside exact chance for the targeted ones and for the rest."""
+  ids, pred, keys = _members(results)
+  hit = np.isin(ids, np.asarray(targets))
+  out = {}
+  for label, rows in (("targeted", hit), ("rest", ~hit)):
+    s = metrics.summarize(pred[rows], keys[rows], thresholds, statistic=statistic, num_permutations=0)
+    out[label] = {"n": s["n"], "counts": s["counts"], "chance_expected": s["chance"]["expected"],
+                  "p_value": s["chance"]["p_value"]}
+  return out
+
+
 def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], results: Sequence, *, name: str = "",
-                kind: str = "") -> dict:
+                kind: str = "", targets: Sequence[int] | None = None) -> dict:
   """Rows of a sweep (the baseline first) from each setting's summary and results (same members).
 
   Each row has the members' counts beside their exact chance, and the setting's effect against the
   baseline row on the same images (`metrics.paired_effect`: reduction of the excess over chance with
-  a paired bootstrap interval, McNemar's exact test).
+  a paired bootstrap interval, McNemar's exact test). With `targets` (member ids an adversarial
+  fine-tuning targets), every row also scores the targeted members and the rest apart ("subsets").
   """
   if not len(settings) == len(summaries) == len(results):
     raise ValueError(f"sweep_table: {len(settings)} settings, {len(summaries)} summaries, {len(results)} results")
@@ -256,6 +314,8 @@ def sweep_table(settings: Sequence[Setting], summaries: Sequence[dict], results:
         row[field] = summary[field]
     if setting.dori is not None:
       row["dori"] = {"spec": setting.dori.as_record(), **_dori_outcome(res)}
+    if targets is not None:
+      row["subsets"] = _subsets(res, targets, thresholds, statistic)
     if "duplication" in summary:
       row["duplication"] = {k: {"counts": v["counts"], "n": v["n"], "chance_expected": v["chance"]["expected"]}
                             for k, v in summary["duplication"]["levels"].items()}
@@ -289,6 +349,59 @@ def pruned_evaluator(ev: Evaluator, spec: pruning_lib.Pruning) -> Evaluator:
   return dataclasses.replace(ev, params=params, unet_params=unet, pruning=record)
 
 
+def targeted_ids(ev: Evaluator, spec: adversarial.AdversarialSpec) -> np.ndarray:
+  """The members an adversarial fine-tuning targets: the first `spec.targets` by instance id (the rest
+  of the members are its retain set)."""
+  members = next(g for g in ev.groups if g.name == "members")
+  if not 1 <= spec.targets < len(members.ids):
+    raise ValueError(f"eval.adversarial.targets={spec.targets}: the targeted members must be at least 1 and fewer "
+                     f"than the {len(members.ids)} members (the rest are the retain set)")
+  return np.sort(members.ids)[:spec.targets]
+
+
+def finetuned_evaluator(ev: Evaluator, spec: adversarial.AdversarialSpec, directory: str) -> Evaluator:
+  """`ev` with its UNet fine-tuned against DoRI's triggers for the targeted members (`targeted_ids`),
+  the other members as the retain set (evaluation/adversarial.py). Checkpoints in `directory`: a re-run
+  resumes the fine-tuning (or loads its end). The cap is `spec.cap` or, if None, the held-out
+  non-members' mean denoising loss on the plain model. The record goes into every store's metadata."""
+  if not ev.exp.is_text or ev.exp.is_latent:
+    raise ValueError("adversarial fine-tuning searches triggers in text-embedding space through the pixel denoiser: "
+                     "it needs a pixel model with model.condition = 'text' (got space "
+                     f"{ev.config.model.get('space', 'pixel')!r}, condition {ev.config.model.condition!r})")
+  if jax.process_count() > 1:
+    raise ValueError("adversarial fine-tuning runs in one process (its sets are small and held whole); "
+                     f"this run has {jax.process_count()}")
+  members = next(g for g in ev.groups if g.name == "members")
+  targets = targeted_ids(ev, spec)
+  plain = ev.conditioner(mitigations.Mitigation())
+
+  def images(ids):
+    pos = np.searchsorted(members.ids, ids)
+    captions = [members.captions[p] for p in pos] if members.captions is not None else None
+    return members.read(ids), np.asarray(plain(members.conditions[pos], ids, captions)), ids.astype(np.int32)
+
+  cap = spec.cap
+  if cap is None:
+    cap = denoising_losses(ev)["non_members"]["mean"]
+  rest = np.setdiff1d(members.ids, targets)
+  unet, record = adversarial.finetune(ev.op.denoiser, ev.unet_params, ev.exp.sched, images(targets), images(rest),
+                                      spec, cap=cap, directory=directory, progress=ev.is_main)
+  unet = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), unet, ev.unet_params)
+  params = {name: p if name == "random_init" else outpaint_params(ev.exp, unet, ev.frozen)
+            for name, p in ev.params.items()}
+  info = {"name": "adversarial", "value": float(spec.steps), "targets": [int(i) for i in targets],
+          **adversarial.finetune_record(record)}
+  return dataclasses.replace(ev, params=params, unet_params=unet, pruning=info)
+
+
+def model_evaluator(ev: Evaluator, setting: Setting, layout: Workdir) -> Evaluator:
+  """The evaluator of a setting's model: `ev` itself, pruned, or adversarially fine-tuned."""
+  if setting.finetune is not None:
+    return finetuned_evaluator(ev, setting.finetune, os.path.join(layout.sweeps, FINETUNE_DIR,
+                                                                  setting.name.partition("+")[0]))
+  return pruned_evaluator(ev, setting.pruning)
+
+
 def denoising_losses(ev: Evaluator, draws: int = LOSS_DRAWS) -> dict | None:
   """Each group's training loss under its plain condition (members and held-out non-members; the
   same (t, eps) draws for every setting, seeded by eval.seed and instance id): how much a pruned
@@ -314,6 +427,17 @@ def denoising_losses(ev: Evaluator, draws: int = LOSS_DRAWS) -> dict | None:
     per = np.concatenate(losses)
     out[g.name] = {"mean": float(per.mean()), "per_image": [float(v) for v in per]}
   return out
+
+
+def _split_losses(losses: dict | None, ev: Evaluator, targets: np.ndarray | None) -> dict | None:
+  """`denoising_losses` with the members' mean split into the targeted ones and the rest (a sweep with
+  adversarial fine-tuning)."""
+  if losses is None or targets is None or "members" not in losses:
+    return losses
+  ids = next(g for g in ev.groups if g.name == "members").ids
+  per = np.asarray(losses["members"]["per_image"])
+  hit = np.isin(ids, targets)
+  return {**losses, "targeted": {"mean": float(per[hit].mean())}, "rest": {"mean": float(per[~hit].mean())}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +516,20 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
   dirs = [layout.setting(s.name) for s in settings]
   has_dup = bool(config.data.get("duplicates"))
   pruned = kind == "pruning"
-  # a pruning sweep: each setting its own pruned model (the baseline the unpruned one)
-  evs = [pruned_evaluator(ev, s.pruning) if pruned else ev for s in settings]
+  # a pruning sweep: each setting its own pruned or fine-tuned model (the baseline the plain one), built
+  # once for the settings that share it ("wanda_0.2" and "wanda_0.2+dori")
+  models: dict = {}
+  evs = []
+  for s in settings:
+    if not pruned:
+      evs.append(ev)
+      continue
+    key = (s.pruning, s.finetune)
+    if key not in models:
+      models[key] = model_evaluator(ev, s, layout)
+    evs.append(models[key])
+  finetunes = [s.finetune for s in settings if s.finetune is not None]
+  targets = targeted_ids(ev, finetunes[0]) if finetunes else None
   for s in settings:  # a DoRI setting on a model it cannot search fails before anything runs
     if s.dori is not None:
       ev.query(s.mitigation, s.augmentation, s.dori)
@@ -415,7 +551,7 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
                         write_grid=bool(config.eval.num_grid), dori=setting.dori)
       if pruned:
         extra = {"pruning": e.pruning or {**setting.pruning.as_record(), "pruned": 0},
-                 "denoising_loss": denoising_losses(e)}
+                 "denoising_loss": _split_losses(denoising_losses(e), e, targets)}
         if e.is_main:
           atomic.write_json(os.path.join(d, PRUNING_FILE), extra, indent=2)
           summary.update(extra)
@@ -424,7 +560,7 @@ def _run_sweep(config, workdir: str, *, name: str | None, step: int | None, trai
   bar.close()
   if not ev.is_main:
     return None
-  table = sweep_table(settings, summaries, results, name=name, kind=kind)
+  table = sweep_table(settings, summaries, results, name=name, kind=kind, targets=targets)
   table["outpainter_traces"] = ev.trace_count  # compilations of the outpainter in this process (one per shape)
   out = layout.sweep(name)
   os.makedirs(out, exist_ok=True)

@@ -49,6 +49,10 @@ def sweep_markdown(table: dict) -> str:
       cells.append(f"{percent(e['reduction'][t])}{ci_txt}, {p_value(e['mcnemar_p'][t])} "
                    f"({e['discordant'][t][0]} / {e['discordant'][t][1]})")
     lines.append("| " + " | ".join(cells) + " |")
+  if any("+" in r["setting"] for r in rows):
+    lines += ["", _matrix_markdown(rows, th)]
+  if any("subsets" in r for r in rows):
+    lines += ["", _subsets_markdown(rows, th)]
   if any("pruning" in r for r in rows):
     lines += ["", _pruning_markdown(rows)]
   if any("dori" in r for r in rows):
@@ -56,34 +60,103 @@ def sweep_markdown(table: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _attack_label(attack: str) -> str:
+  return {"": "plain caption", "dori": "DoRI search", "keysearch": "key-targeted search"}.get(
+      attack, attack.replace("gni_", "GNI sigma "))
+
+
+def _matrix_markdown(rows: list[dict], thresholds: list[float]) -> str:
+  """Model mitigation x query (plain, GNI, DoRI, key-targeted): members' hits beside exact chance, and
+  the non-members' (the control), one table per threshold."""
+  models = list(dict.fromkeys(r["setting"].partition("+")[0] for r in rows))
+  attacks = list(dict.fromkeys(r["setting"].partition("+")[2] for r in rows))
+  by = {r["setting"].partition("+")[::2]: r for r in rows}
+  lines = ["Mitigation x query: members' hits / n (exact chance expected); below each, the held-out "
+           "non-members' hits (chance), the control a search must leave at chance."]
+  for t, d in enumerate(thresholds):
+    lines += ["", f"At (l_SM, {d:g}):", "", "| model | " + " | ".join(_attack_label(a) for a in attacks) + " |",
+              "|" + "---|" * (len(attacks) + 1)]
+    for m in models:
+      cells = [m]
+      for a in attacks:
+        r = by.get((m, a))
+        if r is None:
+          cells.append("-")
+          continue
+        cell = f"{r['counts'][t]} / {r['n']} ({r['chance']['expected'][t]:.1f})"
+        nm = r.get("non_members")
+        if nm is not None:
+          cell += f"; non-members {nm['counts'][t]} / {nm['n']} ({nm['chance_expected'][t]:.1f})"
+        cells.append(cell)
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _subsets_markdown(rows: list[dict], thresholds: list[float]) -> str:
+  """The members an adversarial fine-tuning targets, and the rest, apart in every row."""
+  r0 = rows[0]["subsets"]
+  lines = [f"Targeted members (the {r0['targeted']['n']} an adversarial fine-tuning unlearns) and the other "
+           f"{r0['rest']['n']} members (its retain set), in every row: hits beside exact chance, p.", "",
+           "| setting | " + " | ".join(f"targeted (l_SM, {d:g})" for d in thresholds) + " | "
+           + " | ".join(f"rest (l_SM, {d:g})" for d in thresholds) + " |",
+           "|" + "---|" * (2 * len(thresholds) + 1)]
+  for r in rows:
+    sub = r["subsets"]
+    cells = [r["setting"]]
+    for label in ("targeted", "rest"):
+      g = sub[label]
+      cells += [f"{k} / {g['n']}, {e:.2f}, {p_value(p)}"
+                for k, e, p in zip(g["counts"], g["chance_expected"], g["p_value"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def _pruning_markdown(rows: list[dict]) -> str:
   """What each pruned model removed and how its ordinary denoising moved: the training loss of the
   members and of the held-out non-members under their plain captions (the same draws in every row)."""
-  lines = ["Pruned models (docs/pruning.md): what was pruned of the cross-attention, and the denoising loss "
-           "(mean eps-MSE over fixed draws) of members and of held-out non-members under their own captions.", "",
-           "| setting | pruned | loss, members | loss, non-members |", "|---|---|---|---|"]
+  groups = ["members", "non_members"]
+  if any("targeted" in (r.get("denoising_loss") or {}) for r in rows):
+    groups = ["targeted", "rest", "non_members"]
+  lines = ["Mitigated models (docs/pruning.md, docs/dori.md): what was pruned of the cross-attention or how the "
+           "UNet was fine-tuned, and the denoising loss (mean eps-MSE over fixed draws) of members and of held-out "
+           "non-members under their own captions.", "",
+           "| setting | model change | " + " | ".join(f"loss, {g.replace('_', '-')}" for g in groups) + " |",
+           "|" + "---|" * (len(groups) + 2)]
   for r in rows:
     p = r.get("pruning") or {}
-    pruned = f"{p['pruned']} of {p['of']} {p['unit']}" if "of" in p else "-"
+    if p.get("name") == "adversarial":
+      last = p.get("last") or {}
+      change = (f"fine-tuned {p['steps_done']} steps against DoRI's triggers, cap {p['cap']:.4f}; last step: "
+                f"retain {last.get('retain_loss', float('nan')):.4f}, targeted {last.get('forget_loss', float('nan')):.4f}"
+                f" (triggered {last.get('trigger_loss', float('nan')):.4f})")
+    else:
+      change = f"{p['pruned']} of {p['of']} {p['unit']} pruned" if "of" in p else "-"
     loss = r.get("denoising_loss") or {}
-    cells = [r["setting"], pruned] + [f"{loss[g]['mean']:.4f}" if g in loss else "-" for g in ("members", "non_members")]
+    cells = [r["setting"], change] + [f"{loss[g]['mean']:.4f}" if g in loss else "-" for g in groups]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def _dori_markdown(rows: list[dict]) -> str:
-  """DoRI's search per "+dori" setting: the perturbation's size and the denoising loss it reached."""
-  spec = next(r["dori"]["spec"] for r in rows if "dori" in r)
-  lines = [f"DoRI's search (docs/dori.md): per image, Adam on a perturbation delta of its condition embedding "
-           f"against the denoising loss of its bordered image ({spec['steps']} steps, learning rate "
-           f"{spec['learning_rate']:g}, max norm {spec['max_norm']}), then the query with the perturbed "
-           "condition. Means per group; the loss on the same fixed draws under c0 and under c0 + delta.", "",
-           "| setting | group | mean norm of delta | loss under c0 | loss under c0 + delta |", "|---|---|---|---|---|"]
+  """The searches of "+dori" / "+keysearch" settings: the perturbation's size and the objective it reached."""
+  lines = ["Searches (docs/dori.md): per image, Adam on a perturbation delta of its condition embedding, then the "
+           "query with the perturbed condition. DoRI's objective is the denoising loss of the bordered image "
+           "(on the same fixed draws under c0 and c0 + delta); the key-targeted one the squared error of the key a "
+           "short DDIM outpainting reads (on one fixed noise draw). Means per group.", "",
+           "| setting | search | group | mean norm of delta | objective under c0 | under c0 + delta |",
+           "|---|---|---|---|---|---|"]
   for r in rows:
-    for group, o in (r.get("dori") or {}).items():
+    found = r.get("dori") or {}
+    if not found:
+      continue
+    spec = found["spec"]
+    what = (f"{'DoRI' if spec.get('objective', 'loss') == 'loss' else 'key-targeted'}, {spec['steps']} steps, "
+            f"lr {spec['learning_rate']:g}, max norm {spec['max_norm']}"
+            + (f", {spec['inner_steps']} DDIM steps" if spec.get("objective") == "key" else ""))
+    for group, o in found.items():
       if group == "spec":
         continue
-      lines.append(f"| {r['setting']} | {group} | {o['delta_norm']:.3f} | {o['loss_initial']:.4f} | "
+      lines.append(f"| {r['setting']} | {what} | {group} | {o['delta_norm']:.3f} | {o['loss_initial']:.4f} | "
                    f"{o['loss_final']:.4f} |")
   return "\n".join(lines)
 
