@@ -9,6 +9,7 @@ Each row: the members' hits beside exact chance, the paired reduction of the exc
 model, and the denoising loss of members and non-members (how much ordinary denoising moved). Rows
 marked "+dori" first search, per image, a perturbation of its caption embedding that lowers its
 bordered image's denoising loss on that model (DoRI), then query with it: does the pruned key come back?
+configs/paper_dori_table.py adds the key-targeted search, GNI and adversarial fine-tuning.
 
   python sweep.py --config configs/paper_pruning.py --workdir workdirs/paper_text
 """
