@@ -21,23 +21,15 @@ from solidmark_jax.evaluation import adversarial
 from solidmark_jax.evaluation.adversarial import AdversarialSpec, finetune
 from solidmark_jax.evaluation.dori import denoising_loss
 
+from toy_models import tanh_border_model
+
 T = 100
 SCHED = make_schedule("cosine", T)
 SIZE, PAD, D = 8, 2, 4
 MASK = marks.key_mask(SIZE, SIZE, PAD)  # [H, W, 1]
 CONTENT = np.random.default_rng(0).uniform(-1, 1, (SIZE, SIZE, 1)).astype(np.float32)
 
-
-def toy_x0(params, c):
-  """The clean image the toy model knows for conditions c [B, D]: border tanh(w . c), a learnt content."""
-  border = jnp.tanh(c @ params["w"])  # [B]
-  return MASK * border[:, None, None, None] + (1.0 - MASK) * params["content"]
-
-
-def toy_denoiser(params, x_t, t, c):
-  """The oracle eps of toy_x0: eps = (x_t - sqrt(abar_t) x0(c)) / sqrt(1 - abar_t)."""
-  abar_t = SCHED.abar[t][:, None, None, None]
-  return (x_t - jnp.sqrt(abar_t) * toy_x0(params, c)) / jnp.sqrt(1.0 - abar_t)
+toy_x0, toy_denoiser = tanh_border_model(SCHED, MASK)  # border tanh(w . c); eps its oracle
 
 
 def sets():

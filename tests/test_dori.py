@@ -11,6 +11,8 @@ from solidmark_jax.diffusion import make_schedule
 from solidmark_jax.evaluation.dori import DoriSpec, dori_search, key_search, outpaint_perturbed
 from solidmark_jax.outpaint import SamplerSpec, make_outpaint_fn
 
+from toy_models import tanh_border_model
+
 T = 100
 SCHED = make_schedule("cosine", T)
 PAD = 2
@@ -20,17 +22,7 @@ MASK = marks.key_mask(SIZE, SIZE, PAD)  # [H, W, 1]
 PARAMS = {"w": jnp.asarray([0.9, -0.6, 0.4, 0.3], jnp.float32),
           "content": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (SIZE, SIZE, 1)), jnp.float32)}
 
-
-def toy_x0(params, c):
-  """The clean image the toy model knows for condition c [B, D]: border tanh(w . c), a fixed content."""
-  border = jnp.tanh(c @ params["w"])  # [B]
-  return MASK * border[:, None, None, None] + (1.0 - MASK) * params["content"]
-
-
-def toy_denoiser(params, x_t, t, c):
-  """The oracle eps of toy_x0: eps = (x_t - sqrt(abar_t) x0(c)) / sqrt(1 - abar_t)."""
-  abar_t = SCHED.abar[t][:, None, None, None]
-  return (x_t - jnp.sqrt(abar_t) * toy_x0(params, c)) / jnp.sqrt(1.0 - abar_t)
+toy_x0, toy_denoiser = tanh_border_model(SCHED, MASK)  # border tanh(w . c); eps its oracle
 
 
 def model_key(c):
