@@ -212,9 +212,11 @@ def default_config() -> ml_collections.ConfigDict:
   # DoRI's search (docs/dori.md), for sweep settings marked "+dori" (e.g. "wanda:0.1+dori"): per image, Adam
   # on a perturbation of its condition embedding against the bordered image's denoising loss, then the
   # query with the perturbed condition; max_norm None = unbounded. Only the settings that use it record it.
+  # key_blind: the search sees a random grey where the key is and leaves it out of the loss (settings
+  # marked "+dori:blind" set it), so non-members stay at exact chance by construction.
   c.eval.dori = ml_collections.ConfigDict({"steps": 50, "learning_rate": 0.01,
                                            "max_norm": ml_collections.config_dict.placeholder(float),
-                                           "seed": 0, "eval_draws": 8})
+                                           "seed": 0, "eval_draws": 8, "key_blind": False})
   # The key-targeted search, for settings marked "+keysearch": Adam on the same perturbation against the
   # squared error of the key read off a short DDIM outpainting (inner_steps steps, differentiated through).
   c.eval.key_search = ml_collections.ConfigDict({"steps": 20, "learning_rate": 0.01,
@@ -233,7 +235,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Sweeps (sweep.py, solidmark_jax/evaluation/sweeps.py): several evaluation settings of one checkpoint in one
   # process. kind: "mitigation" (eval.mitigation), "augment" (eval.augment) or "pruning" (a pruned UNet
   # per setting, "wanda:<sparsity>" / "nemo:<z threshold>", docs/pruning.md, or a fine-tuned one,
-  # "adversarial:<steps>"; any setting may end in "+dori", "+keysearch" or "+gni:<sigma>"); either `name` with
+  # "adversarial:<steps>"; any setting may end in "+dori", "+dori:blind", "+keysearch" or "+gni:<sigma>");
+  # either `name` with
   # `values` (strengths, levels or angles) or `settings` as "name:value" strings (e.g. "gni:0.1",
   # "crop:2", "none"). The identity setting ("none") is the baseline row; it is added if missing.
   c.sweep = ml_collections.ConfigDict()

@@ -133,6 +133,33 @@ def test_images_are_searched_independently_of_their_batch():
   np.testing.assert_allclose(np.asarray(kinfo_m["losses"])[1], np.asarray(kinfo["losses"])[2], rtol=1e-5, atol=1e-9)
 
 
+def leaky_denoiser(params, x_t, t, c):
+  """The toy model, but its content prediction also reads the noisy border (times a gain set by c): a
+  search that saw the key would move c differently for each key."""
+  abar_t = SCHED.abar[t][:, None, None, None]
+  border_in = jnp.sum(x_t * MASK, axis=(1, 2, 3)) / jnp.sum(MASK)  # [B]
+  gain = jnp.tanh(c @ params["w"])  # [B]
+  x0 = toy_x0(params, c) + 0.5 * (1.0 - MASK) * (border_in * gain)[:, None, None, None]
+  return (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
+
+
+def test_the_key_blind_search_never_sees_the_key():
+  x0, c0, _ = setup([0.2, 0.8], [0.1, 0.1])  # one content, two keys
+  c = np.stack([c0[0], c0[0]])  # one caption
+  spec = DoriSpec(steps=DORI_STEPS, learning_rate=0.03, key_blind=True)
+  rng = jax.random.key(5)
+  blind, info = dori_search(leaky_denoiser, PARAMS, SCHED, x0, c, rng, spec, ids=[0, 0], hidden=MASK)
+  blind = np.asarray(blind)
+  np.testing.assert_array_equal(blind[0], blind[1])  # the same delta bit for bit whatever the key
+  for name in ("loss_initial", "loss_final", "losses"):
+    np.testing.assert_array_equal(np.asarray(info[name])[0], np.asarray(info[name])[1])
+  assert np.linalg.norm(blind[0]) > 1e-3  # it did search: the content loss depends on c
+  assert np.all(np.asarray(info["loss_final"]) < np.asarray(info["loss_initial"]))
+  # the paper's search on the same pair reads the key and moves each caption its own way
+  plain, _ = dori_search(leaky_denoiser, PARAMS, SCHED, x0, c, rng, spec.replace(key_blind=False), ids=[0, 0])
+  assert np.max(np.abs(np.asarray(plain)[0] - np.asarray(plain)[1])) > 1e-3
+
+
 @pytest.mark.parametrize("changes,match", [
     (dict(steps=-1), r"dori\.steps"),
     (dict(steps=2.5), r"dori\.steps"),
@@ -144,6 +171,8 @@ def test_images_are_searched_independently_of_their_batch():
     (dict(timesteps=(-1, 3)), r"dori\.timesteps"),
     (dict(seed=-2), r"dori\.seed"),
     (dict(eval_draws=0), r"dori\.eval_draws"),
+    (dict(key_blind=1), r"dori\.key_blind"),
+    (dict(objective="key", key_blind=True), r"dori\.key_blind is for the denoising-loss search"),
 ])
 def test_bad_specs_are_clear_errors(changes, match):
   with pytest.raises(ValueError, match=match):
@@ -158,6 +187,14 @@ def test_bad_calls_are_clear_errors():
     dori_search(toy_denoiser, PARAMS, SCHED, x0, np.zeros(1, np.int32), None, DoriSpec())
   with pytest.raises(ValueError, match=r"c0 must be \[N, \.\.\.\] with N = 1"):
     dori_search(toy_denoiser, PARAMS, SCHED, x0, np.zeros((2, D), np.float32), None, DoriSpec())
+  with pytest.raises(ValueError, match="needs `hidden`"):
+    dori_search(toy_denoiser, PARAMS, SCHED, x0, c0, None, DoriSpec(key_blind=True))
+  with pytest.raises(ValueError, match="key_blind=False with hidden given"):
+    dori_search(toy_denoiser, PARAMS, SCHED, x0, c0, None, DoriSpec(), hidden=MASK)
+  with pytest.raises(ValueError, match=r"hidden must be \[H, W, 1\]"):
+    dori_search(toy_denoiser, PARAMS, SCHED, x0, c0, None, DoriSpec(key_blind=True), hidden=MASK[:4])
+  with pytest.raises(ValueError, match="the key-targeted search is key_search"):
+    dori_search(toy_denoiser, PARAMS, SCHED, x0, c0, None, DoriSpec(objective="key"))
   with pytest.raises(ValueError, match="timesteps=.* leave it None"):
     key_search(toy_denoiser, PARAMS, SCHED, x0, MASK, c0, keys, None, DoriSpec(timesteps=(0, 10)))
   with pytest.raises(ValueError, match=r"true_key must be \(1,\)"):

@@ -416,14 +416,17 @@ def test_adversarial_rows_split_the_targeted_members_and_keep_their_checkpoints(
 
 def test_setting_suffixes_are_parsed_and_bad_ones_named(fashion_dir):
   settings = sweeps.settings_from_config(_text_config(
-      fashion_dir, ("none", "none+gni:0.2", "nemo:2+keysearch", "adversarial:3+dori")))
-  assert [s.name for s in settings] == ["none", "none+gni_0.2", "nemo_2+keysearch", "adversarial_3+dori"]
+      fashion_dir, ("none", "none+gni:0.2", "nemo:2+keysearch", "adversarial:3+dori", "wanda:0.1+dori:blind")))
+  assert [s.name for s in settings] == ["none", "none+gni_0.2", "nemo_2+keysearch", "adversarial_3+dori",
+                                        "wanda_0.1+dori_blind"]
+  assert settings[4].dori.key_blind and not settings[3].dori.key_blind and settings[4].method == "wanda+dori_blind"
   assert settings[1].mitigation.name == "gni" and settings[1].mitigation.strength == 0.2
   assert settings[1].is_model_identity and not settings[1].is_identity
   assert settings[2].dori.objective == "key" and settings[3].dori.objective == "loss"
   assert settings[3].finetune.steps == 3 and settings[3].method == "adversarial+dori"
   for bad, match in (("wanda:0.1+gni", "gni:<sigma>"), ("wanda:0.1+keysearch:2", "keysearch"),
-                     ("wanda:0.1+gni:-1", "gni"), ("adversarial:1.5", "integer"), ("adversarial:0", "integer")):
+                     ("wanda:0.1+gni:-1", "gni"), ("adversarial:1.5", "integer"), ("adversarial:0", "integer"),
+                     ("none+dori:open", "dori:blind")):
     with pytest.raises(ValueError, match=match):
       sweeps.settings_from_config(_text_config(fashion_dir, ("none", bad)))
 
@@ -437,6 +440,24 @@ def test_dori_with_learning_rate_zero_reproduces_the_plain_query(pruning_sweep, 
   plain, searched = read("none"), read("none+dori")
   assert np.array_equal(plain.k_pred, searched.k_pred)  # delta is exactly 0: bit for bit
   assert np.all(searched.extras["dori_delta_norm"] == 0)
+
+
+def test_the_key_blind_search_runs_in_a_sweep_and_says_so(pruning_sweep, fashion_dir):
+  config, workdir, _ = pruning_sweep
+  config = _text_config(fashion_dir, ("none", "none+dori", "none+dori:blind"))
+  table = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="blind"), "sweep.json")))
+  rows = {r["setting"]: r for r in table["rows"]}
+  assert rows["none+dori_blind"]["method"] == "dori_blind" and rows["none+dori_blind"]["dori"]["spec"]["key_blind"]
+  assert "key_blind" not in rows["none+dori"]["dori"]["spec"]  # a plain search's record is as before
+  root = os.path.join(workdir, "sweeps", "settings")
+  meta = json.load(open(os.path.join(root, "none+dori_blind", "summary.json")))["metadata"]
+  assert meta["dori"]["key_blind"] is True
+  read = lambda name: report.Results.from_records(_rows(os.path.join(root, name, "results.jsonl")))
+  blind, plain = read("none+dori_blind"), read("none+dori")
+  assert np.all(blind.extras["dori_delta_norm"] > 0)
+  assert not np.allclose(blind.extras["dori_delta_norm"], plain.extras["dori_delta_norm"])  # another search
+  text = open(os.path.join(workdir, "sweeps", "blind", "table.md")).read()
+  assert "DoRI search, key hidden" in text and "| none+dori_blind | DoRI, key-blind, 3 steps" in text
 
 
 def test_pruning_sweeps_need_a_text_model_and_valid_values(fashion_dir, interrupted):

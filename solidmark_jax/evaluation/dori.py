@@ -6,7 +6,9 @@ one fresh (t, eps) draw per step, the denoising loss of the image on the (mitiga
 L(delta) = E || eps_theta(q_sample(x0, t, eps), t, c0 + delta) - eps ||^2. Here x0 is the *bordered*
 image, and the SolidMark question is whether the key read off an outpainting with c0 + delta is its key.
 
-- `dori_search`: the paper's objective; `denoising_loss`: the same loss without a search.
+- `dori_search`: the paper's objective; `denoising_loss`: the same loss without a search. Key-blind
+  (`DoriSpec.key_blind`): the key region is a fresh random grey each step and out of the loss, so the
+  search cannot write the key; non-members stay at exact chance by construction.
 - `key_search`: beyond the paper, (k_pred - key)^2 differentiated through a short DDIM outpainting loop
   (`jax.checkpoint` on its body), fresh noise every Adam step.
 
@@ -35,7 +37,7 @@ from solidmark_jax.diffusion.schedule import NoiseSchedule
 from solidmark_jax.outpaint.repaint import Outpainter
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-_CONFIG_FIELDS = ("steps", "learning_rate", "max_norm", "timesteps", "seed", "eval_draws", "inner_steps")
+_CONFIG_FIELDS = ("steps", "learning_rate", "max_norm", "timesteps", "seed", "eval_draws", "inner_steps", "key_blind")
 OBJECTIVES = ("loss", "key")  # DoRI's denoising loss; the key-targeted search
 
 
@@ -71,6 +73,11 @@ class DoriSpec:
     objective: what a query with this spec searches: "loss" (`dori_search`, the paper's) or "key"
       (`key_search`, the SolidMark key through a short outpainting loop).
     inner_steps: the key search's DDIM steps per Adam step (>= 1; "key" only).
+    key_blind: "loss" only: the search never sees the key. The key region (`dori_search`'s `hidden`)
+      is filled with a fresh uniform random grey at every step and left out of the loss, so delta is a
+      function of the image's content alone and a non-member's outpainted key is independent of its
+      true key: its hits are at exact chance by construction. False: the paper's loss on the whole
+      bordered image, key included (a large enough delta can then write any key).
   """
 
   steps: int = 50
@@ -81,6 +88,7 @@ class DoriSpec:
   eval_draws: int = 8
   objective: str = "loss"
   inner_steps: int = 5
+  key_blind: bool = False
 
   def __post_init__(self):
     if self.timesteps is not None and isinstance(self.timesteps, (list, np.ndarray)):
@@ -111,6 +119,10 @@ class DoriSpec:
     if not _is_int(self.inner_steps) or self.inner_steps < 1:
       raise ValueError(f"{field}.inner_steps must be an integer >= 1 (DDIM steps of the key search's loop), got "
                        f"{self.inner_steps!r}")
+    if not isinstance(self.key_blind, (bool, np.bool_)):
+      raise ValueError(f"{field}.key_blind must be True or False, got {self.key_blind!r}")
+    if self.objective == "key" and self.key_blind:
+      raise ValueError(f"{field}.key_blind is for the denoising-loss search; the key search aims at the key itself")
     if self.objective == "key" and self.timesteps is not None:
       raise ValueError(f"{field}.timesteps={self.timesteps} is for the denoising-loss search; the key search runs "
                        "the whole short DDIM loop, leave it None")
@@ -140,7 +152,12 @@ class DoriSpec:
       raise ValueError(str(e).replace("dori.", f"{field}.", 1)) from None
 
   def as_record(self) -> dict:
-    return dataclasses.asdict(self)
+    """The spec as stored beside a setting's results; key_blind only when set, so the stores of plain
+    searches written before it existed still match."""
+    record = dataclasses.asdict(self)
+    if not self.key_blind:
+      del record["key_blind"]
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,16 +220,21 @@ def _rng(rng: jax.Array | None, spec: DoriSpec) -> jax.Array:
 
 
 def image_loss(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x: jax.Array, c: jax.Array, t: jax.Array,
-               eps: jax.Array, prediction_type: str = "epsilon") -> jax.Array:
+               eps: jax.Array, prediction_type: str = "epsilon", weight: jax.Array | None = None) -> jax.Array:
   """The training loss of one image x [H, W, C] under condition c [...] on K draws (t [K] int32, eps
-  [K, H, W, C]): the mean squared error of the prediction, a scalar. Pure; differentiable in params and c."""
+  [K, H, W, C]): the mean squared error of the prediction, a scalar. Pure; differentiable in params and c.
+  `weight` [H, W, 1|C] (>= 0, not all 0): the weighted mean over pixels instead (0 leaves a pixel out)."""
   k = t.shape[0]
   xs = jnp.broadcast_to(x, (k, *x.shape))
   x_t = schedule_lib.q_sample(sched, xs, t, eps)
   cond = jnp.broadcast_to(c, (k, *c.shape))
   pred = denoiser(params, x_t, t, cond).astype(jnp.float32)
   target = schedule_lib.training_target(sched, prediction_type, xs, t, eps)
-  return jnp.mean(jnp.square(pred - target))
+  sq = jnp.square(pred - target)
+  if weight is None:
+    return jnp.mean(sq)
+  w = jnp.broadcast_to(weight, sq.shape)
+  return jnp.sum(w * sq) / jnp.sum(w)
 
 
 def loss_draws(key: jax.Array, k: int, shape: tuple[int, ...], t_lo: Any, t_hi: Any) -> tuple[jax.Array, jax.Array]:
@@ -221,22 +243,36 @@ def loss_draws(key: jax.Array, k: int, shape: tuple[int, ...], t_lo: Any, t_hi: 
   return jax.random.randint(k_t, (k,), t_lo, t_hi), jax.random.normal(k_eps, (k, *shape), jnp.float32)
 
 
-def _dori(denoiser, params, sched, x0, c0, rng, ids, hyper, steps: int, eval_draws: int, prediction_type: str):
+def _dori(denoiser, params, sched, x0, c0, rng, ids, hyper, hidden, steps: int, eval_draws: int,
+          prediction_type: str):
   lo, hi = hyper["t_lo"], hyper["t_hi"]
+  weight = None if hidden is None else 1.0 - hidden  # a key-blind search's loss leaves the key region out
 
   def loss(delta, x, c, t, eps):  # x [H, W, C], t [K], eps [K, H, W, C] -> mean over the K draws
-    return image_loss(denoiser, params, sched, x, c + delta, t, eps, prediction_type)
+    return image_loss(denoiser, params, sched, x, c + delta, t, eps, prediction_type, weight)
 
   def draws(key, k, shape):
     return loss_draws(key, k, shape, lo, hi)
 
+  def seen(x, key):
+    """The image the search sees: key-blind, its key region a uniform random grey (model space 2u - 1)."""
+    if hidden is None:
+      return x, key
+    k_fill, key = jax.random.split(key)
+    return hidden * (2.0 * jax.random.uniform(k_fill, ()) - 1.0) + (1.0 - hidden) * x, key
+
+  def step_loss(delta, x, c, key):  # one fresh (t, eps) per step, and a fresh grey if key-blind
+    x, key = seen(x, key)
+    return loss(delta, x, c, *draws(key, 1, x.shape))
+
   def per_image(x, c, image_id):
     k_train, k_eval = jax.random.split(jax.random.fold_in(rng, image_id))
-    objective = lambda delta, key: loss(delta, x, c, *draws(key, 1, x.shape))  # one fresh (t, eps) per step
-    delta, losses = _adam_scan(objective, jnp.zeros_like(c), k_train, hyper, steps)
+    delta, losses = _adam_scan(lambda delta, key: step_loss(delta, x, c, key), jnp.zeros_like(c), k_train, hyper,
+                               steps)
+    x_eval, k_eval = seen(x, k_eval)
     t_eval, eps_eval = draws(k_eval, eval_draws, x.shape)
-    info = {"loss_initial": loss(jnp.zeros_like(c), x, c, t_eval, eps_eval),
-            "loss_final": loss(delta, x, c, t_eval, eps_eval),
+    info = {"loss_initial": loss(jnp.zeros_like(c), x_eval, c, t_eval, eps_eval),
+            "loss_final": loss(delta, x_eval, c, t_eval, eps_eval),
             "losses": losses,
             "delta_norm": jnp.sqrt(jnp.sum(jnp.square(delta)))}
     return delta, info
@@ -248,7 +284,7 @@ _dori_jit = jax.jit(_dori, static_argnames=("denoiser", "steps", "eval_draws", "
 
 
 def dori_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0: Any, c0: Any, rng: jax.Array | None,
-                spec: DoriSpec, *, ids: Any = None,
+                spec: DoriSpec, *, ids: Any = None, hidden: Any = None,
                 prediction_type: str = "epsilon") -> tuple[jax.Array, dict[str, jax.Array]]:
   """DoRI's search: per image, the delta minimising the denoising loss of x0 under c0 + delta.
 
@@ -264,11 +300,14 @@ def dori_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0: Any, 
     spec: the search settings.
     ids: [N] ids seeding each image's draws, fold_in(rng, id) (default the row index): with ids, an
       image's result does not depend on the rest of its batch.
+    hidden: [H, W, 1], 1 on the key region, for a `spec.key_blind` search (required then, refused
+      otherwise): x0 is read only where hidden == 0, so the marked or the known image will do.
     prediction_type: "epsilon", or "v_prediction" (the loss is then on v, as in training).
 
   Returns:
     delta [N, ...] like c0 (float32), and info: "loss_initial" / "loss_final" [N], the mean loss under
-    c0 and under c0 + delta on the same `spec.eval_draws` fixed draws per image; "losses" [N, steps],
+    c0 and under c0 + delta on the same `spec.eval_draws` fixed draws per image (key-blind: on the
+    content, with one fixed random grey in the key region); "losses" [N, steps],
     the loss of each Adam step on its own fresh draw ([:, 0] is under c0); "delta_norm" [N], ||delta||_2.
   """
   schedule_lib.check_prediction_type(prediction_type)
@@ -276,9 +315,20 @@ def dori_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0: Any, 
     raise TypeError(f"dori_search: spec must be a DoriSpec, got {type(spec).__name__}")
   lo, hi = spec.timestep_range(sched.num_steps)
   x0, c0, ids = _check_inputs("dori_search", x0, c0, ids)
+  if spec.objective != "loss":
+    raise ValueError(f"dori_search: spec.objective={spec.objective!r}; the key-targeted search is key_search")
+  if spec.key_blind != (hidden is not None):
+    raise ValueError("dori_search: a key-blind search (spec.key_blind) needs `hidden`, the [H, W, 1] key region it "
+                     "must not see, and only a key-blind one takes it; got key_blind="
+                     f"{spec.key_blind} with hidden {'given' if hidden is not None else 'None'}")
+  if hidden is not None:
+    hidden = jnp.asarray(hidden, jnp.float32)
+    if hidden.shape != (*x0.shape[1:3], 1):
+      raise ValueError(f"dori_search: hidden must be [H, W, 1] = {(*x0.shape[1:3], 1)} (1 on the key region), got "
+                       f"{hidden.shape}")
   hyper = {**_hyper(spec), "t_lo": jnp.int32(lo), "t_hi": jnp.int32(hi)}
-  return _dori_jit(denoiser, params, sched, x0, c0, _rng(rng, spec), ids, hyper, spec.steps, spec.eval_draws,
-                   prediction_type)
+  return _dori_jit(denoiser, params, sched, x0, c0, _rng(rng, spec), ids, hyper, hidden, spec.steps,
+                   spec.eval_draws, prediction_type)
 
 
 def denoising_loss(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0: Any, c: Any, rng: jax.Array,

@@ -12,7 +12,8 @@ docs/pruning.md), or fine-tunes it against DoRI's triggers for the first `eval.a
 members ("adversarial:<steps>", `finetuned_evaluator`, evaluation/adversarial.py; the table then
 splits the members into the targeted and the rest), and adds the denoising loss of members and
 non-members (`denoising_losses`). Any setting can end in one query-side addition: "+dori" (DoRI's
-search, `eval.dori`), "+keysearch" (the key-targeted search, `eval.key_search`) or "+gni:<sigma>"
+search, `eval.dori`), "+dori:blind" (the same search blind to the key: a random grey in the key region,
+left out of the loss), "+keysearch" (the key-targeted search, `eval.key_search`) or "+gni:<sigma>"
 (Gaussian noise on the caption embeddings, a random perturbation beside the searched ones).
 
 `run_sweep` builds the experiment, checkpoint, groups and outpainter once (`evaluation.Evaluator`),
@@ -100,7 +101,7 @@ class Setting:
     model = [n for n in (self.pruning.name, "adversarial" if self.finetune else "none") if n != "none"]
     query = [n for n in (self.augmentation.name, self.mitigation.name) if n != "none"]
     if self.dori is not None:
-      query.append("dori" if self.dori.objective == "loss" else "keysearch")
+      query.append(("dori_blind" if self.dori.key_blind else "dori") if self.dori.objective == "loss" else "keysearch")
     return "+".join(model + query) or "none"
 
   @property
@@ -174,21 +175,28 @@ def make_setting(kind: str, name: str, value: float, *, seed: int = 0, field: st
 
 
 def _with_attack(setting: Setting, attack: str, field: str, searches: dict[str, dori.DoriSpec], seed: int) -> Setting:
-  """`setting` queried with "+dori", "+keysearch" or "+gni:<sigma>" (GNI on the caption embeddings)."""
+  """`setting` queried with "+dori", "+dori:blind" (DoRI's search blind to the key), "+keysearch" or
+  "+gni:<sigma>" (GNI on the caption embeddings)."""
   name, sep, value = attack.partition(":")
-  if name not in ATTACKS or (name == "gni") != bool(sep):
-    raise ValueError(f"{field}: a setting may end in \"+dori\" (DoRI's search), \"+keysearch\" (the key-targeted "
-                     f"search) or \"+gni:<sigma>\" (noise on the caption embeddings), got \"+{attack}\"")
+  value = value.strip()
+  if (name not in ATTACKS or (name == "gni" and not sep) or (name == "keysearch" and sep)
+      or (name == "dori" and sep and value != "blind")):
+    raise ValueError(f"{field}: a setting may end in \"+dori\" (DoRI's search), \"+dori:blind\" (the search blind "
+                     f"to the key), \"+keysearch\" (the key-targeted search) or \"+gni:<sigma>\" (noise on the "
+                     f"caption embeddings), got \"+{attack}\"")
+  if name == "dori" and sep:
+    return dataclasses.replace(setting, name=f"{setting.name}+dori_blind",
+                               dori=searches["dori"].replace(key_blind=True))
   if name != "gni":
     return dataclasses.replace(setting, name=f"{setting.name}+{name}", dori=searches[name])
   if not setting.mitigation.is_identity or not setting.augmentation.is_identity:
     raise ValueError(f"{field}: \"+gni\" adds a query mitigation to a model setting (pruning, fine-tuning or "
                      f"none); {setting.name!r} already changes the query")
-  sigma = _number(value.strip(), field)
+  sigma = _number(value, field)
   try:
     gni = mitigations.Mitigation("gni", sigma, seed)
   except ValueError as e:
-    raise ValueError(f"{field} (+gni:{value.strip()}): {e}") from None
+    raise ValueError(f"{field} (+gni:{value}): {e}") from None
   return dataclasses.replace(setting, name=f"{setting.name}+gni_{sigma:g}", mitigation=gni)
 
 

@@ -61,7 +61,8 @@ def sweep_markdown(table: dict) -> str:
 
 
 def _attack_label(attack: str) -> str:
-  return {"": "plain caption", "dori": "DoRI search", "keysearch": "key-targeted search"}.get(
+  return {"": "plain caption", "dori": "DoRI search", "dori_blind": "DoRI search, key hidden",
+          "keysearch": "key-targeted search"}.get(
       attack, attack.replace("gni_", "GNI sigma "))
 
 
@@ -141,7 +142,8 @@ def _dori_markdown(rows: list[dict]) -> str:
   """The searches of "+dori" / "+keysearch" settings: the perturbation's size and the objective it reached."""
   lines = ["Searches (docs/dori.md): per image, Adam on a perturbation delta of its condition embedding, then the "
            "query with the perturbed condition. DoRI's objective is the denoising loss of the bordered image "
-           "(on the same fixed draws under c0 and c0 + delta); the key-targeted one the squared error of the key a "
+           "(on the same fixed draws under c0 and c0 + delta; key-blind: of its content, a random grey in the key "
+           "region); the key-targeted one the squared error of the key a "
            "short DDIM outpainting reads (on one fixed noise draw). Means per group.", "",
            "| setting | search | group | mean norm of delta | objective under c0 | under c0 + delta |",
            "|---|---|---|---|---|---|"]
@@ -150,7 +152,9 @@ def _dori_markdown(rows: list[dict]) -> str:
     if not found:
       continue
     spec = found["spec"]
-    what = (f"{'DoRI' if spec.get('objective', 'loss') == 'loss' else 'key-targeted'}, {spec['steps']} steps, "
+    kind = ("key-targeted" if spec.get("objective") == "key"
+            else "DoRI, key-blind" if spec.get("key_blind") else "DoRI")
+    what = (f"{kind}, {spec['steps']} steps, "
             f"lr {spec['learning_rate']:g}, max norm {spec['max_norm']}"
             + (f", {spec['inner_steps']} DDIM steps" if spec.get("objective") == "key" else ""))
     for group, o in found.items():
