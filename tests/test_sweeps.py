@@ -444,20 +444,23 @@ def test_dori_with_learning_rate_zero_reproduces_the_plain_query(pruning_sweep, 
 
 def test_the_key_blind_search_runs_in_a_sweep_and_says_so(pruning_sweep, fashion_dir):
   config, workdir, _ = pruning_sweep
-  config = _text_config(fashion_dir, ("none", "none+dori", "none+dori:blind"))
+  # the fixture's settings as they are ("wanda_0.5+dori" is read back), beside the key-blind search
+  config = _text_config(fashion_dir, ("none", "wanda:0.5+dori", "wanda:0.5+dori:blind"))
   table = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="blind"), "sweep.json")))
   rows = {r["setting"]: r for r in table["rows"]}
-  assert rows["none+dori_blind"]["method"] == "dori_blind" and rows["none+dori_blind"]["dori"]["spec"]["key_blind"]
-  assert "key_blind" not in rows["none+dori"]["dori"]["spec"]  # a plain search's record is as before
+  blind_row = rows["wanda_0.5+dori_blind"]
+  assert blind_row["method"] == "wanda+dori_blind" and blind_row["dori"]["spec"]["key_blind"]
+  assert blind_row["pruning"] == rows["wanda_0.5+dori"]["pruning"]  # the same pruned model
+  assert "key_blind" not in rows["wanda_0.5+dori"]["dori"]["spec"]  # a plain search's record is as before
   root = os.path.join(workdir, "sweeps", "settings")
-  meta = json.load(open(os.path.join(root, "none+dori_blind", "summary.json")))["metadata"]
+  meta = json.load(open(os.path.join(root, "wanda_0.5+dori_blind", "summary.json")))["metadata"]
   assert meta["dori"]["key_blind"] is True
   read = lambda name: report.Results.from_records(_rows(os.path.join(root, name, "results.jsonl")))
-  blind, plain = read("none+dori_blind"), read("none+dori")
+  blind, plain = read("wanda_0.5+dori_blind"), read("wanda_0.5+dori")
   assert np.all(blind.extras["dori_delta_norm"] > 0)
   assert not np.allclose(blind.extras["dori_delta_norm"], plain.extras["dori_delta_norm"])  # another search
   text = open(os.path.join(workdir, "sweeps", "blind", "table.md")).read()
-  assert "DoRI search, key hidden" in text and "| none+dori_blind | DoRI, key-blind, 3 steps" in text
+  assert "DoRI search, key hidden" in text and "| wanda_0.5+dori_blind | DoRI, key-blind, 3 steps" in text
 
 
 def test_pruning_sweeps_need_a_text_model_and_valid_values(fashion_dir, interrupted):
