@@ -236,9 +236,8 @@ def default_config() -> ml_collections.ConfigDict:
   # process. kind: "mitigation" (eval.mitigation), "augment" (eval.augment) or "pruning" (a pruned UNet
   # per setting, "wanda:<sparsity>" / "nemo:<z threshold>", docs/pruning.md, or a fine-tuned one,
   # "adversarial:<steps>"; any setting may end in "+dori", "+dori:blind", "+keysearch" or "+gni:<sigma>");
-  # either `name` with
-  # `values` (strengths, levels or angles) or `settings` as "name:value" strings (e.g. "gni:0.1",
-  # "crop:2", "none"). The identity setting ("none") is the baseline row; it is added if missing.
+  # either `name` with `values` (strengths, levels or angles) or `settings` as "name:value" strings (e.g.
+  # "gni:0.1", "crop:2", "none"). The identity setting ("none") is the baseline row; it is added if missing.
   c.sweep = ml_collections.ConfigDict()
   c.sweep.kind = "mitigation"
   c.sweep.name = ""

@@ -172,8 +172,8 @@ class Query:
   """How one setting queries the model: the outpainter, the conditions (with a mitigation), the
   augmentation of the known region, and the fixed batch shape (one compilation); with `dori`, each
   condition perturbed first by DoRI's search on the image's own bordered truth (objective "loss"; key-blind:
-  on its known region only) or by
-  the key-targeted search for the image's own key (objective "key"; docs/dori.md)."""
+  on its known region only) or by the key-targeted search for the image's own key (objective "key";
+  docs/dori.md)."""
 
   op: Outpainter
   conditioner: Conditioner
@@ -213,10 +213,9 @@ class Query:
     # a search is seeded by the query's rng and the image's id, like its outpainting noise
     if search is not None and search.objective == "loss":
       # key-blind: the search reads the known image outside the key region only (dori.py)
-      hidden = self.mask if search.key_blind else None
-      delta, info = dori_lib.dori_search(self.op.denoiser, params, self.op.sched,
-                                         batch["known"] if search.key_blind else batch["truth"], condition, rng,
-                                         search, ids=batch["ids"], hidden=hidden)
+      x, hidden = (batch["known"], self.mask) if search.key_blind else (batch["truth"], None)
+      delta, info = dori_lib.dori_search(self.op.denoiser, params, self.op.sched, x, condition, rng, search,
+                                         ids=batch["ids"], hidden=hidden)
       found = {f"dori_{k}": info[k] for k in ("delta_norm", "loss_initial", "loss_final")}
     elif search is not None:
       delta, info = dori_lib.key_search(self.op.denoiser, params, self.op.sched, batch["known"], self.mask,

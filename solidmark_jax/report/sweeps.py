@@ -61,9 +61,9 @@ def sweep_markdown(table: dict) -> str:
 
 
 def _attack_label(attack: str) -> str:
-  return {"": "plain caption", "dori": "DoRI search", "dori_blind": "DoRI search, key hidden",
-          "keysearch": "key-targeted search"}.get(
-      attack, attack.replace("gni_", "GNI sigma "))
+  labels = {"": "plain caption", "dori": "DoRI search", "dori_blind": "DoRI search, key hidden",
+            "keysearch": "key-targeted search"}
+  return labels.get(attack, attack.replace("gni_", "GNI sigma "))
 
 
 def _matrix_markdown(rows: list[dict], thresholds: list[float]) -> str:
@@ -143,8 +143,8 @@ def _dori_markdown(rows: list[dict]) -> str:
   lines = ["Searches (docs/dori.md): per image, Adam on a perturbation delta of its condition embedding, then the "
            "query with the perturbed condition. DoRI's objective is the denoising loss of the bordered image "
            "(on the same fixed draws under c0 and c0 + delta; key-blind: of its content, a random grey in the key "
-           "region); the key-targeted one the squared error of the key a "
-           "short DDIM outpainting reads (on one fixed noise draw). Means per group.", "",
+           "region); the key-targeted one the squared error of the key a short DDIM outpainting reads (on one "
+           "fixed noise draw). Means per group.", "",
            "| setting | search | group | mean norm of delta | objective under c0 | under c0 + delta |",
            "|---|---|---|---|---|---|"]
   for r in rows:
