@@ -437,6 +437,9 @@ def table(result: dict) -> None:
   print(f"| latent outpainting (bf16) | {fmt(best.get('jax'))} | {fmt(best.get('torch'))} |")
   if result["skipped"]:
     print(f"skipped (time budget): {result['skipped']}")
+  if result["smoke"]:
+    print(f"smoke mode: a {result['args']['matmul']}^3 matmul, far below any chip's peak, so MFU against it "
+          "means nothing; it checks the script, the real run measures")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 
   python benchmarks/bench_conv_grad.py
 
-Prints GFLOP/s of each and writes benchmarks/results/conv_grad.json. Without torch installed only the
+Prints GFLOP/s of each and writes benchmarks/results/conv_grad.json; a backward rate is the gradient
+call's time minus the forward call's, null ("n/a") where that is not positive. Without torch installed only the
 XLA columns are measured. `--smoke` (run by the test suite): one small shape, one repeat, `--out`.
 """
 
@@ -31,6 +32,17 @@ def _time(fn, n):
     fn()
     out.append(time.perf_counter() - t)
   return statistics.median(out)
+
+
+def backward_gflops(flops: float, gradient_s: float, forward_s: float) -> float | None:
+  """GFLOP/s of a gradient call's backward half, timed as the gradient call minus the forward call; None
+  where that difference is not positive (timing noise at tiny shapes): no rate was measured then."""
+  dt = gradient_s - forward_s
+  return flops / dt / 1e9 if dt > 0 else None
+
+
+def _fmt(gflops: float | None) -> str:
+  return "   n/a" if gflops is None else f"{gflops:6.1f}"
 
 
 def main(argv=None):
@@ -68,14 +80,14 @@ def main(argv=None):
     for name, t in timings:
       row[f"{name}_gflops"] = {
           "forward": flops / t["forward"] / 1e9,
-          "grad_input_backward_only": flops / max(t["grad_input"] - t["forward"], 1e-9) / 1e9,
-          "grad_kernel_backward_only": flops / max(t["grad_kernel"] - t["forward"], 1e-9) / 1e9,
+          "grad_input_backward_only": backward_gflops(flops, t["grad_input"], t["forward"]),
+          "grad_kernel_backward_only": backward_gflops(flops, t["grad_kernel"], t["forward"]),
       }
     rows.append(row)
     print(f"[{b},{h},{w},{c}] GFLOP/s " + " | ".join(
-        f"{name}: forward {row[name + '_gflops']['forward']:6.1f} d/dx "
-        f"{row[name + '_gflops']['grad_input_backward_only']:6.1f} d/dk "
-        f"{row[name + '_gflops']['grad_kernel_backward_only']:6.1f}" for name, _ in timings), flush=True)
+        f"{name}: forward {_fmt(row[name + '_gflops']['forward'])} d/dx "
+        f"{_fmt(row[name + '_gflops']['grad_input_backward_only'])} d/dk "
+        f"{_fmt(row[name + '_gflops']['grad_kernel_backward_only'])}" for name, _ in timings), flush=True)
   out = {"rows": rows, "loadavg": os.getloadavg(), "smoke": bool(args.smoke), "jax": jax.__version__}
   if torch is not None:
     out.update({"torch_threads": torch.get_num_threads(), "torch": torch.__version__})

@@ -61,9 +61,19 @@ def test_conv_grad_smoke(tmp_path):
   out = run("bench_conv_grad.py", "--out", str(tmp_path / "conv.json"))
   row = json.loads((tmp_path / "conv.json").read_text())["rows"][0]
   assert row["jax_gflops"]["forward"] > 0
+  for name in ("grad_input_backward_only", "grad_kernel_backward_only"):  # a rate, or null where not resolved
+    assert row["jax_gflops"][name] is None or row["jax_gflops"][name] > 0
   assert ("torch_gflops" in row) == HAS_TORCH
   if not HAS_TORCH:
     assert "XLA columns only" in out
+
+
+def test_conv_grad_backward_rate_is_null_where_the_gradient_call_is_not_slower():
+  spec = importlib.util.spec_from_file_location("bench_conv_grad", os.path.join(ROOT, "benchmarks", "bench_conv_grad.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.backward_gflops(3e9, 2.0, 0.5) == 2.0  # 3 GFLOP in the 1.5 s the backward half took
+  assert module.backward_gflops(3e9, 0.5, 0.5) is None and module.backward_gflops(3e9, 0.4, 0.5) is None
 
 
 @pytest.mark.slow
@@ -86,3 +96,4 @@ def test_accelerator_check_smoke(tmp_path):
   if HAS_TORCH:
     assert train["torch_bfloat16"]["images_per_s"] > 0 and best["torch"]["keys_per_s"] > 0
   assert "| train step bfloat16 |" in out and not result["skipped"]
+  assert "smoke mode: a 128^3 matmul" in out  # its MFU is labelled as meaningless
