@@ -15,7 +15,7 @@ import pytest
 
 from configs import paper_table3_mitigations, tiny
 from solidmark_jax import marks, report
-from solidmark_jax.evaluation import mitigations
+from solidmark_jax.evaluation import dori, mitigations
 from solidmark_jax.evaluation.evaluator import build_evaluator
 from solidmark_jax.metrics import chance, memorisation
 from solidmark_jax.evaluation import sweeps
@@ -481,3 +481,26 @@ def test_pruning_sweeps_need_a_text_model_and_valid_values(fashion_dir, interrup
   dori_on_classes.sweep.settings, dori_on_classes.sweep.name, dori_on_classes.sweep.values = ("none+dori",), "", ()
   with pytest.raises(ValueError, match="DoRI query"):
     sweeps.run_sweep(dori_on_classes, interrupted["workdir"], name="dori", evaluator=class_model)
+
+
+def test_both_dori_searches_read_the_training_image_not_the_augmented_query(pruning_sweep, fashion_dir, monkeypatch):
+  """Under an augmentation setting the query's known region is augmented; DoRI's searches, plain and
+  key-blind, both search on the bordered training image (the blind one with its key region hidden)."""
+  config, workdir, _ = pruning_sweep
+  config = _text_config(fashion_dir, ("none", "crop:2+dori", "crop:2+dori:blind"), sweep__kind="augment",
+                        eval__dori__steps=1)
+  searched, real = {}, dori.dori_search
+
+  def recording(denoiser, params, sched, x0, c0, rng, spec, **kwargs):
+    searched.setdefault(spec.key_blind, []).append(np.asarray(jax.device_get(x0)))
+    return real(denoiser, params, sched, x0, c0, rng, spec, **kwargs)
+
+  monkeypatch.setattr(dori, "dori_search", recording)
+  ev = build_evaluator(config, workdir)
+  sweeps.run_sweep(config, workdir, name="augmented_dori", evaluator=ev)
+  assert len(searched[False]) == len(searched[True]) == 2  # members and non-members, a batch each
+  for plain, blind in zip(searched[False], searched[True]):
+    np.testing.assert_array_equal(blind, plain)
+  members = ev.groups[0]
+  assert members.name == "members"
+  np.testing.assert_array_equal(searched[True][0][:len(members.ids)], members.read(members.ids))

@@ -172,8 +172,8 @@ class Query:
   """How one setting queries the model: the outpainter, the conditions (with a mitigation), the
   augmentation of the known region, and the fixed batch shape (one compilation); with `dori`, each
   condition perturbed first by DoRI's search on the image's own bordered truth (objective "loss"; key-blind:
-  on its known region only) or by the key-targeted search for the image's own key (objective "key";
-  docs/dori.md)."""
+  the same image with its key region hidden) or by the key-targeted search for the image's own key
+  (objective "key"; docs/dori.md)."""
 
   op: Outpainter
   conditioner: Conditioner
@@ -204,7 +204,7 @@ class Query:
     if hide is not None:
       batch["regions"] = hide(known, mine)
     search = self.dori
-    if search is not None and search.objective == "loss" and not search.key_blind:
+    if search is not None and search.objective == "loss":
       batch["truth"] = g.read(mine) if not self.augmentation.is_identity else known  # the bordered image
     if search is not None and search.objective == "key":
       batch["key"] = g.keys[np.searchsorted(g.ids, mine)].astype(np.float32)  # what the search aims at
@@ -212,10 +212,10 @@ class Query:
     condition, found = batch["condition"], {}
     # a search is seeded by the query's rng and the image's id, like its outpainting noise
     if search is not None and search.objective == "loss":
-      # key-blind: the search reads the known image outside the key region only (dori.py)
-      x, hidden = (batch["known"], self.mask) if search.key_blind else (batch["truth"], None)
-      delta, info = dori_lib.dori_search(self.op.denoiser, params, self.op.sched, x, condition, rng, search,
-                                         ids=batch["ids"], hidden=hidden)
+      # key-blind: the search never reads the truth's key region (dori.py)
+      hidden = self.mask if search.key_blind else None
+      delta, info = dori_lib.dori_search(self.op.denoiser, params, self.op.sched, batch["truth"], condition, rng,
+                                         search, ids=batch["ids"], hidden=hidden)
       found = {f"dori_{k}": info[k] for k in ("delta_norm", "loss_initial", "loss_final")}
     elif search is not None:
       delta, info = dori_lib.key_search(self.op.denoiser, params, self.op.sched, batch["known"], self.mask,
