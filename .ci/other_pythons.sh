@@ -10,10 +10,10 @@
 #   .ci/other_pythons.sh --install              # the venvs only (.ci/run builds them beside its other installs)
 #   .ci/other_pythons.sh --test                 # the tests only, in the venvs built before
 set -euo pipefail
-PHASES="install test"
+install=true tests=true
 case "${1:-}" in
-  --install) PHASES="install"; shift ;;
-  --test) PHASES="test"; shift ;;
+  --install) tests=false; shift ;;
+  --test) install=false; shift ;;
 esac
 cd "$(dirname "$0")/.."
 
@@ -52,7 +52,7 @@ else
 fi
 
 # Fashion-MNIST prepared once for all versions (the same TFDS release reads it), removed at the end
-if [[ " $PHASES " == *" test "* ]] && [ -z "${SOLIDMARK_TEST_TFDS_DIR:-}" ]; then
+if $tests && [ -z "${SOLIDMARK_TEST_TFDS_DIR:-}" ]; then
   tfds_tmp="$(mktemp -d)"
   trap 'rm -rf "$tfds_tmp"' EXIT
   export SOLIDMARK_TEST_TFDS_DIR="$tfds_tmp/tfds"
@@ -62,7 +62,7 @@ for py in "${PYTHONS[@]}"; do
   v="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
   venv="${VENVS:-.}/.venv-$v"
   start=$SECONDS
-  if [[ " $PHASES " == *" install "* ]]; then
+  if $install; then
     echo "== Python $v ($py): install into $venv"
     if [ ! -x "$venv/bin/python" ]; then "$py" -m venv "$venv"; fi  # an existing one is reused
     "$venv/bin/python" -m pip install -q --upgrade pip
@@ -70,7 +70,7 @@ for py in "${PYTHONS[@]}"; do
     "$venv/bin/python" -m pip list 2>/dev/null | grep -E -i '^(jax|jaxlib|flax|optax|orbax-checkpoint|diffusers|transformers|tensorflow[-_]cpu|tensorflow-datasets) '
     echo "== Python $v: install took $((SECONDS - start)) s"
   fi
-  if [[ " $PHASES " == *" test "* ]]; then
+  if $tests; then
     if [ ! -x "$venv/bin/python" ]; then echo "other_pythons.sh: no venv at $venv: run --install first" >&2; exit 1; fi
     echo "== Python $v: tests"
     "$venv/bin/python" -m pytest "${TESTS[@]}" -p no:cacheprovider

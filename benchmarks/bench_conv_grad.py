@@ -4,8 +4,8 @@
   python benchmarks/bench_conv_grad.py
 
 Prints GFLOP/s of each and writes benchmarks/results/conv_grad.json; a backward rate is the gradient
-call's time minus the forward call's, null ("n/a") where that is not positive. Without torch installed only the
-XLA columns are measured. `--smoke` (run by the test suite): one small shape, one repeat, `--out`.
+call's time minus the forward call's, null ("n/a") where that is not positive. Without torch installed
+only the XLA columns are measured. `--smoke` (run by the test suite): one small shape, one repeat, `--out`.
 """
 
 import argparse
