@@ -214,14 +214,16 @@ def default_config() -> ml_collections.ConfigDict:
   # query with the perturbed condition; max_norm None = unbounded. Only the settings that use it record it.
   # key_blind: the search sees a random grey where the key is and leaves it out of the loss (settings
   # marked "+dori:blind" set it), so non-members stay at exact chance by construction.
-  c.eval.dori = ml_collections.ConfigDict({"steps": 50, "learning_rate": 0.01,
+  # The defaults are the paper's: 50 steps at learning rate 0.1, 8 fresh (t, eps) draws per step, unbounded.
+  c.eval.dori = ml_collections.ConfigDict({"steps": 50, "learning_rate": 0.1,
                                            "max_norm": ml_collections.config_dict.placeholder(float),
-                                           "seed": 0, "eval_draws": 8, "key_blind": False})
+                                           "seed": 0, "draws": 8, "eval_draws": 8, "key_blind": False})
   # The key-targeted search, for settings marked "+keysearch": Adam on the same perturbation against the
-  # squared error of the key read off a short DDIM outpainting (inner_steps steps, differentiated through).
+  # squared error of the key read off a short DDIM outpainting (inner_steps steps, differentiated through;
+  # draws: outpaintings averaged per Adam step). No paper has it: the defaults are this project's.
   c.eval.key_search = ml_collections.ConfigDict({"steps": 20, "learning_rate": 0.01,
                                                  "max_norm": ml_collections.config_dict.placeholder(float),
-                                                 "seed": 0, "inner_steps": 5})
+                                                 "seed": 0, "draws": 1, "inner_steps": 5})
   # Adversarial fine-tuning (evaluation/adversarial.py), for pruning-sweep settings "adversarial:<steps>":
   # the first `targets` members are fine-tuned away against DoRI's triggers (trigger_* : the inner search),
   # the other members are the retain set; cap None = the held-out images' loss. Checkpointed (Orbax).

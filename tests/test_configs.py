@@ -52,7 +52,7 @@ def test_config_chain_is_at_most_two_files(name):
 def test_text_miniatures_share_one_checkpoint():
   """The text sweeps train the same model on the same data: one workdir serves them all."""
   names = ("paper_table3_mitigations", "paper_gni_figure", "paper_table4_augment", "paper_pruning",
-           "paper_dori_table")
+           "paper_dori_table", "paper_dori_defaults")
   prints = {checkpoint.config_fingerprint(importlib.import_module(f"configs.{n}").get_config()) for n in names}
   assert len(prints) == 1
   texts = [importlib.import_module(f"configs.{n}").get_config().text.to_dict() for n in names]

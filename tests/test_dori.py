@@ -133,6 +133,42 @@ def test_images_are_searched_independently_of_their_batch():
   np.testing.assert_allclose(np.asarray(kinfo_m["losses"])[1], np.asarray(kinfo["losses"])[2], rtol=1e-5, atol=1e-9)
 
 
+def noisy_border_denoiser(params, x_t, t, c):
+  """The toy model, but its border prediction also reads the noisy border: its outpainted key depends on the
+  outpainting's noise."""
+  abar_t = SCHED.abar[t][:, None, None, None]
+  border_in = jnp.sum(x_t * MASK, axis=(1, 2, 3)) / jnp.sum(MASK)  # [B]
+  x0 = toy_x0(params, c) + 0.3 * MASK * jnp.tanh(border_in)[:, None, None, None]
+  return (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
+
+
+def test_each_adam_step_averages_its_own_batch_of_draws():
+  """The paper's batch of (t, eps) draws per step: at learning rate 0 the step losses are means over `draws`
+  fresh draws, so their spread falls (by about 1 / sqrt(draws) for the key search's mean over outpaintings)."""
+  x0, c0, keys = setup(KEYS, MISS)
+  rng = jax.random.key(6)
+  spread = {}
+  for k in (1, 8):
+    _, info = dori_search(toy_denoiser, PARAMS, SCHED, x0, c0, rng, DoriSpec(steps=DORI_STEPS, learning_rate=0.0,
+                                                                              draws=k))
+    spread[k] = np.std(np.log(np.asarray(info["losses"])), axis=1)  # [N], over the steps (heavy-tailed in t)
+  assert np.all(spread[8] < 0.7 * spread[1]), spread  # measured 0.46-0.51; the same draws give 1
+  key_spread = {}  # the oracle's outpainted key ignores the noise: a model whose border reads x_t does not
+  for k in (1, 8):
+    _, info = key_search(noisy_border_denoiser, PARAMS, SCHED, x0, MASK, c0, keys, rng,
+                         DoriSpec(steps=40, learning_rate=0.0, draws=k), INNER)
+    key_spread[k] = np.std(np.asarray(info["losses"]), axis=1)
+  assert np.all(key_spread[8] < 0.6 * key_spread[1]), key_spread
+
+
+def test_the_defaults_are_the_papers_and_records_keep_older_stores():
+  spec = DoriSpec()
+  assert (spec.steps, spec.learning_rate, spec.draws, spec.max_norm, spec.timesteps) == (50, 0.1, 8, None, None)
+  assert spec.as_record()["draws"] == 8
+  one = spec.replace(learning_rate=0.01, draws=1).as_record()  # a search of before `draws`: the same record
+  assert "draws" not in one and "key_blind" not in one and one["learning_rate"] == 0.01
+
+
 def leaky_denoiser(params, x_t, t, c):
   """The toy model, but its content prediction also reads the noisy border (times a gain set by c): a
   search that saw the key would move c differently for each key."""
@@ -171,6 +207,8 @@ def test_the_key_blind_search_never_sees_the_key():
     (dict(timesteps=(-1, 3)), r"dori\.timesteps"),
     (dict(seed=-2), r"dori\.seed"),
     (dict(eval_draws=0), r"dori\.eval_draws"),
+    (dict(draws=0), r"dori\.draws"),
+    (dict(draws=2.0), r"dori\.draws"),
     (dict(key_blind=1), r"dori\.key_blind"),
     (dict(objective="key", key_blind=True), r"dori\.key_blind is for the denoising-loss search"),
 ])

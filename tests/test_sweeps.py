@@ -381,7 +381,7 @@ def test_pruning_sweep_prunes_each_setting_and_reports_its_loss(pruning_sweep):
       _rows(os.path.join(root, "wanda_0.5+gni_0.5", "results.jsonl"))).select("members").k_pred
   assert np.max(np.abs(k["wanda_0.5+gni_0.5"] - k["wanda_0.5"])) > 1e-6
   text = open(os.path.join(workdir, "sweeps", "prune", "table.md")).read()
-  assert "Searches (docs/dori.md)" in text and "| wanda_0.5+dori | DoRI, 3 steps" in text
+  assert "Searches (docs/dori.md)" in text and "| wanda_0.5+dori | DoRI, 3 steps x 8 draws" in text
   assert "Mitigated models" in text and f"| wanda_0.5 | {wanda['pruned']} of {wanda['of']} weights pruned |" in text
   # a re-run reads the finished settings back, pruning records and losses included
   again = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="prune"), "sweep.json")))

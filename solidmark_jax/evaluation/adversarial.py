@@ -65,7 +65,8 @@ class AdversarialSpec:
   Attributes:
     steps: outer (fine-tuning) steps, >= 1.
     learning_rate: Adam's step size for the UNet, > 0.
-    trigger_steps: Adam steps of each outer step's trigger search (DoRI's), >= 1.
+    trigger_steps: Adam steps of each outer step's trigger search (DoRI's, one (t, eps) draw per Adam
+      step: the outer step repeats the search anyway), >= 1.
     trigger_learning_rate: the trigger search's step size, > 0.
     trigger_max_norm: the l2 bound of a trigger (> 0) or None (unbounded, as the evaluation's DoRI search).
     weight: the weight of the targeted images' hinge against the retain loss, > 0.
@@ -114,7 +115,7 @@ class AdversarialSpec:
   def trigger(self) -> dori.DoriSpec:
     """The inner search: DoRI's denoising-loss search with this spec's steps, rate and bound."""
     return dori.DoriSpec(steps=self.trigger_steps, learning_rate=self.trigger_learning_rate,
-                         max_norm=self.trigger_max_norm, seed=self.seed, eval_draws=1)
+                         max_norm=self.trigger_max_norm, seed=self.seed, draws=1, eval_draws=1)
 
   def replace(self, **changes) -> "AdversarialSpec":
     return dataclasses.replace(self, **changes)

@@ -2,7 +2,7 @@
 
 DoRI (Kowalczuk, Hintersdorf, Struppek et al., arXiv 2507.16880) asks whether a mitigation removed a
 memorised image or only hid it: from the (mitigated) condition embedding c0 it minimises, with Adam and
-one fresh (t, eps) draw per step, the denoising loss of the image on the (mitigated) model,
+a fresh batch of (t, eps) draws every step, the denoising loss of the image on the (mitigated) model,
 L(delta) = E || eps_theta(q_sample(x0, t, eps), t, c0 + delta) - eps ||^2. Here x0 is the *bordered*
 image, and the SolidMark question is whether the key read off an outpainting with c0 + delta is its key.
 
@@ -37,7 +37,8 @@ from solidmark_jax.diffusion.schedule import NoiseSchedule
 from solidmark_jax.outpaint.repaint import Outpainter
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-_CONFIG_FIELDS = ("steps", "learning_rate", "max_norm", "timesteps", "seed", "eval_draws", "inner_steps", "key_blind")
+_CONFIG_FIELDS = ("steps", "learning_rate", "max_norm", "timesteps", "seed", "draws", "eval_draws", "inner_steps",
+                  "key_blind")
 OBJECTIVES = ("loss", "key")  # DoRI's denoising loss; the key-targeted search
 
 
@@ -53,12 +54,10 @@ def _is_number(v: Any) -> bool:
 class DoriSpec:
   """The settings of one DoRI search.
 
-  The defaults are this implementation's choices, not values read from the paper (whose experimental
-  details could not be consulted when this was written): 50 Adam steps at learning rate 0.01 move each
-  embedding coordinate by at most about 0.5 (Adam's step is about `learning_rate` per coordinate), a
-  small perturbation on the scale of CLIP text embeddings, as the paper's "small perturbations" are;
-  the full timestep range and no norm bound follow the plain denoising loss the paper describes.
-  Check them against the paper before quoting results as its setting.
+  The defaults of the search are the paper's: 50 Adam steps at learning rate 0.1, a batch of 8 fresh
+  (t, eps) draws per step, t uniform over all training timesteps, no norm bound.
+  Adam moves each coordinate by about `learning_rate` per step, so the scale of the condition
+  embeddings decides how far that reaches: compare `delta_norm` with ||c0|| (docs/dori.md).
 
   Attributes:
     steps: Adam steps (>= 0; 0 leaves delta at zero).
@@ -68,6 +67,8 @@ class DoriSpec:
     timesteps: (t_lo, t_hi): each step's t is drawn uniformly from the training timesteps [t_lo, t_hi)
       (half-open, like training's draw from [0, T)); None: the full range [0, T). `dori_search` only.
     seed: seeds the search when the call's rng is None.
+    draws: fresh draws per Adam step (>= 1), averaged in its objective: `dori_search`'s (t, eps) pairs
+      (the paper's batch of 8), `key_search`'s outpainting noises.
     eval_draws: K fixed (t, eps) draws per image on which `dori_search` reports the loss before and after
       (>= 1); one draw per step is too noisy to compare.
     objective: what a query with this spec searches: "loss" (`dori_search`, the paper's) or "key"
@@ -81,10 +82,11 @@ class DoriSpec:
   """
 
   steps: int = 50
-  learning_rate: float = 0.01
+  learning_rate: float = 0.1
   max_norm: float | None = None
   timesteps: tuple[int, int] | None = None
   seed: int = 0
+  draws: int = 8
   eval_draws: int = 8
   objective: str = "loss"
   inner_steps: int = 5
@@ -112,6 +114,8 @@ class DoriSpec:
                          f"with 0 <= t_lo < t_hi, the half-open range t is drawn from, got {ts!r}")
     if not _is_int(self.seed) or self.seed < 0:
       raise ValueError(f"{field}.seed must be an integer >= 0, got {self.seed!r}")
+    if not _is_int(self.draws) or self.draws < 1:
+      raise ValueError(f"{field}.draws must be an integer >= 1 (fresh draws per Adam step), got {self.draws!r}")
     if not _is_int(self.eval_draws) or self.eval_draws < 1:
       raise ValueError(f"{field}.eval_draws must be an integer >= 1, got {self.eval_draws!r}")
     if self.objective not in OBJECTIVES:
@@ -152,11 +156,13 @@ class DoriSpec:
       raise ValueError(str(e).replace("dori.", f"{field}.", 1)) from None
 
   def as_record(self) -> dict:
-    """The spec as stored beside a setting's results; key_blind only when set, so the stores of plain
-    searches written before it existed still match."""
+    """The spec as stored beside a setting's results; key_blind only when set and draws only when not 1,
+    so the stores of searches written before those fields existed (one draw per step) still match."""
     record = dataclasses.asdict(self)
     if not self.key_blind:
       del record["key_blind"]
+    if self.draws == 1:
+      del record["draws"]
     return record
 
 
@@ -243,8 +249,8 @@ def loss_draws(key: jax.Array, k: int, shape: tuple[int, ...], t_lo: Any, t_hi: 
   return jax.random.randint(k_t, (k,), t_lo, t_hi), jax.random.normal(k_eps, (k, *shape), jnp.float32)
 
 
-def _dori(denoiser, params, sched, x0, c0, rng, ids, hyper, hidden, steps: int, eval_draws: int,
-          prediction_type: str):
+def _dori(denoiser, params, sched, x0, c0, rng, ids, hyper, hidden, steps: int, draws_per_step: int,
+          eval_draws: int, prediction_type: str):
   lo, hi = hyper["t_lo"], hyper["t_hi"]
   weight = None if hidden is None else 1.0 - hidden  # a key-blind search's loss leaves the key region out
 
@@ -261,9 +267,9 @@ def _dori(denoiser, params, sched, x0, c0, rng, ids, hyper, hidden, steps: int, 
     k_fill, key = jax.random.split(key)
     return hidden * (2.0 * jax.random.uniform(k_fill, ()) - 1.0) + (1.0 - hidden) * x, key
 
-  def step_loss(delta, x, c, key):  # one fresh (t, eps) per step, and a fresh grey if key-blind
+  def step_loss(delta, x, c, key):  # a fresh batch of (t, eps) per step, and a fresh grey if key-blind
     x, key = seen(x, key)
-    return loss(delta, x, c, *draws(key, 1, x.shape))
+    return loss(delta, x, c, *draws(key, draws_per_step, x.shape))
 
   def per_image(x, c, image_id):
     k_train, k_eval = jax.random.split(jax.random.fold_in(rng, image_id))
@@ -280,7 +286,7 @@ def _dori(denoiser, params, sched, x0, c0, rng, ids, hyper, hidden, steps: int, 
   return jax.vmap(per_image)(x0, c0, ids)
 
 
-_dori_jit = jax.jit(_dori, static_argnames=("denoiser", "steps", "eval_draws", "prediction_type"))
+_dori_jit = jax.jit(_dori, static_argnames=("denoiser", "steps", "draws_per_step", "eval_draws", "prediction_type"))
 
 
 def dori_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0: Any, c0: Any, rng: jax.Array | None,
@@ -308,7 +314,8 @@ def dori_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0: Any, 
     delta [N, ...] like c0 (float32), and info: "loss_initial" / "loss_final" [N], the mean loss under
     c0 and under c0 + delta on the same `spec.eval_draws` fixed draws per image (key-blind: on the
     content, with one fixed random grey in the key region); "losses" [N, steps],
-    the loss of each Adam step on its own fresh draw ([:, 0] is under c0); "delta_norm" [N], ||delta||_2.
+    the loss of each Adam step on its own fresh `spec.draws` draws ([:, 0] is under c0); "delta_norm" [N],
+    ||delta||_2.
   """
   schedule_lib.check_prediction_type(prediction_type)
   if not isinstance(spec, DoriSpec):
@@ -327,7 +334,7 @@ def dori_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0: Any, 
       raise ValueError(f"dori_search: hidden must be [H, W, 1] = {(*x0.shape[1:3], 1)} (1 on the key region), got "
                        f"{hidden.shape}")
   hyper = {**_hyper(spec), "t_lo": jnp.int32(lo), "t_hi": jnp.int32(hi)}
-  return _dori_jit(denoiser, params, sched, x0, c0, _rng(rng, spec), ids, hyper, hidden, spec.steps,
+  return _dori_jit(denoiser, params, sched, x0, c0, _rng(rng, spec), ids, hyper, hidden, spec.steps, spec.draws,
                    spec.eval_draws, prediction_type)
 
 
@@ -335,7 +342,7 @@ def denoising_loss(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0: An
                    *, draws: int = 8, ids: Any = None, prediction_type: str = "epsilon") -> jax.Array:
   """The training loss of each image x0 [N, H, W, C] under condition c [N, ...]: the mean over `draws`
   (t, eps) draws seeded by fold_in(rng, id) (the same draws for any params: paired across models). [N]."""
-  spec = DoriSpec(steps=0, eval_draws=draws)
+  spec = DoriSpec(steps=0, draws=1, eval_draws=draws)
   _, info = dori_search(denoiser, params, sched, x0, c, rng, spec, ids=ids, prediction_type=prediction_type)
   return info["loss_initial"]
 
@@ -376,7 +383,7 @@ def _short_outpaint(denoiser, params, sched, rows, x0_known, mask, key_mask, con
 
 
 def _key(denoiser, params, sched, x0_known, mask, key_mask, c0, true_key, rng, ids, hyper, steps: int,
-         num_steps_inner: int, eta: float, prediction_type: str):
+         draws_per_step: int, num_steps_inner: int, eta: float, prediction_type: str):
   rows = _ddim_rows(sched.num_steps, num_steps_inner)
   denoiser = schedule_lib.eps_denoiser(denoiser, sched, prediction_type)  # v_hat -> eps_hat, inside the trace
 
@@ -385,7 +392,11 @@ def _key(denoiser, params, sched, x0_known, mask, key_mask, c0, true_key, rng, i
 
   def per_image(x, c, k, image_id):
     k_train, k_eval = jax.random.split(jax.random.fold_in(rng, image_id))
-    objective = lambda delta, key: jnp.mean(jnp.square(k_pred(delta, x, c, key) - k))  # fresh noise per step
+    def objective(delta, key):  # the squared key error, averaged over fresh outpainting noises each step
+      if draws_per_step == 1:  # the step's key itself, as before `draws` existed: stored searches still match
+        return jnp.mean(jnp.square(k_pred(delta, x, c, key) - k))
+      k_hat = jax.vmap(lambda kk: k_pred(delta, x, c, kk))(jax.random.split(key, draws_per_step))
+      return jnp.mean(jnp.square(k_hat - k))
     delta, losses = _adam_scan(objective, jnp.zeros_like(c), k_train, hyper, steps)
     info = {"k_pred_initial": k_pred(jnp.zeros_like(c), x, c, k_eval),
             "k_pred_final": k_pred(delta, x, c, k_eval),
@@ -396,7 +407,8 @@ def _key(denoiser, params, sched, x0_known, mask, key_mask, c0, true_key, rng, i
   return jax.vmap(per_image)(x0_known, c0, true_key, ids)
 
 
-_key_jit = jax.jit(_key, static_argnames=("denoiser", "steps", "num_steps_inner", "eta", "prediction_type"))
+_key_jit = jax.jit(_key, static_argnames=("denoiser", "steps", "draws_per_step", "num_steps_inner", "eta",
+                                          "prediction_type"))
 
 
 def key_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0_known: Any, mask: Any, c0: Any,
@@ -405,9 +417,9 @@ def key_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0_known: 
                prediction_type: str = "epsilon") -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per image, the delta whose short outpainting reads the true key: min (k_pred(c0 + delta) - key)^2.
 
-  Each Adam step outpaints once (fresh noise) with `num_steps_inner` strided DDIM steps and
-  differentiates k_pred through the whole loop; spec.timesteps is not used (the loop runs the full
-  strided sequence).
+  Each Adam step outpaints `spec.draws` times (fresh noise each) with `num_steps_inner` strided DDIM
+  steps and differentiates the mean squared key error through the whole loop; spec.timesteps is not
+  used (the loop runs the full strided sequence).
 
   Args:
     denoiser: `(params, x_t [B, H, W, C], t [B] int32, condition [B, ...]) -> eps_hat` (or v_hat); a jit
@@ -419,7 +431,7 @@ def key_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0_known: 
     c0: [N, D] or [N, L, D] float condition embeddings.
     true_key: [N] keys in [0, 1]; [N, m] with m key regions (`key_masks`).
     rng: a PRNG key; None: `jax.random.key(spec.seed)`.
-    spec: steps, learning_rate, max_norm, seed.
+    spec: steps, learning_rate, max_norm, seed, draws (outpaintings per Adam step).
     num_steps_inner: S, DDIM steps of the differentiated loop (static; memory grows with S images, time
       with S denoiser calls forward and backward per Adam step).
     key_masks: [m, H, W, 1|C] key regions (`marks.key_masks`) for m keys per image; None: one key read
@@ -431,7 +443,7 @@ def key_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0_known: 
   Returns:
     delta [N, ...] like c0, and info: "k_pred_initial" / "k_pred_final" [N] (or [N, m]), the key the
     loop reads under c0 and under c0 + delta on one fixed noise draw per image; "losses" [N, steps], each
-    step's squared key error on its own noise; "delta_norm" [N].
+    step's mean squared key error on its own noises; "delta_norm" [N].
   """
   if not isinstance(spec, DoriSpec):
     raise TypeError(f"key_search: spec must be a DoriSpec, got {type(spec).__name__}")
@@ -456,7 +468,7 @@ def key_search(denoiser: Denoiser, params: Any, sched: NoiseSchedule, x0_known: 
     what = "one key per image" if key_masks is None else "one key per image and key region"
     raise ValueError(f"key_search: true_key must be {want} ({what}), got {true_key.shape}")
   return _key_jit(denoiser, params, sched, x0_known, mask, regions, c0, true_key, _rng(rng, spec), ids,
-                  _hyper(spec), spec.steps, int(num_steps_inner), float(eta),
+                  _hyper(spec), spec.steps, spec.draws, int(num_steps_inner), float(eta),
                   schedule_lib.check_prediction_type(prediction_type))
 
 

@@ -154,7 +154,7 @@ def _dori_markdown(rows: list[dict]) -> str:
     spec = found["spec"]
     kind = ("key-targeted" if spec.get("objective") == "key"
             else "DoRI, key-blind" if spec.get("key_blind") else "DoRI")
-    what = (f"{kind}, {spec['steps']} steps, "
+    what = (f"{kind}, {spec['steps']} steps x {spec.get('draws', 1)} draws, "
             f"lr {spec['learning_rate']:g}, max norm {spec['max_norm']}"
             + (f", {spec['inner_steps']} DDIM steps" if spec.get("objective") == "key" else ""))
     for group, o in found.items():
