@@ -10,6 +10,14 @@ eps-MSE, AdamW, EMA) is lowered from ShapeDtypeStructs (nothing allocated) and c
 `compiled.memory_analysis()` gives its temporaries (activations kept for the backward pass and
 scratch), arguments (the state and the batch) and outputs. Remat is applied per down / up block
 (models/fast_layers.py).
+
+Beside the compiled figures, each row has what the policy itself decides, independent of any backend:
+the activations autodiff keeps for the backward pass (`residual_bytes`: the UNet's saved residuals,
+parameters and inputs left out) and the convolutions of the lowered and of the compiled program (the
+recomputed ones are extra convolutions; a backend that merges them back with the forward ones, or
+schedules them before the backward pass needs them, keeps the memory of no remat). On XLA:CPU the
+compiled temporaries do not fall (docs/performance.md); the residuals say what a backend that follows
+the policy keeps.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -45,6 +54,34 @@ def model_config(shape: dict):
     model.update(down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (levels - 1),
                  up_block_types=("UpBlock2D",) * (levels - 1) + ("CrossAttnUpBlock2D",))
   return cfg, ml_collections.ConfigDict(model)
+
+
+def recompute_schedule(compiled_text: str) -> dict:
+  """Where XLA placed the recomputation: of the convolutions JAX marks as recomputed
+  ("rematted_computation" in their op name), how many run before the first backward convolution."""
+  entry = compiled_text[compiled_text.index("ENTRY"):]  # its instructions in the order they run
+  names = [n for n in re.findall(r'op_name="([^"]*)"', entry) if "conv_general_dilated" in n]  # incl. fusions
+  recomputed = [i for i, n in enumerate(names) if "rematted_computation" in n]
+  backward = [i for i, n in enumerate(names) if "transpose(" in n and "rematted_computation" not in n]
+  first = backward[0] if backward else len(names)
+  return {"recomputed_convolutions": len(recomputed),
+          "recomputed_before_backward": sum(i < first for i in recomputed)}
+
+
+def residual_bytes(denoiser, params, image, condition) -> int:
+  """Bytes of the activations autodiff keeps for the backward pass of the UNet's loss (its saved
+  residuals, the parameters and inputs left out): what the remat policy sets, whatever the backend."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
+  # (jax.ad_checkpoint.print_saved_residuals prints this list; the list itself is not public API)
+
+  t = jax.ShapeDtypeStruct((image.shape[0],), jnp.int32)
+  loss = lambda p, x, t, c: jnp.mean(jnp.square(denoiser(p, x, t, c)))
+  return sum(int(np.prod(aval.shape)) * aval.dtype.itemsize
+             for aval, what in saved_residuals(loss, params, image, t, condition)
+             if not what.startswith("from the argument"))
 
 
 def main(argv=None):
@@ -92,17 +129,27 @@ def main(argv=None):
     batch = {"image": jax.ShapeDtypeStruct((b, side, side, ch), jnp.float32),
              "condition": jax.ShapeDtypeStruct((b, L, D), jnp.float32)}
     for policy in args.policies:
-      step = make_train_step(models.as_denoiser(models.with_remat(model, policy)), sched, tx,
-                             ema_decay=cfg.train.ema_decay, cond_dropout=cfg.train.cond_dropout, prepare=prepare)
+      denoiser = models.as_denoiser(models.with_remat(model, policy))
+      step = make_train_step(denoiser, sched, tx, ema_decay=cfg.train.ema_decay,
+                             cond_dropout=cfg.train.cond_dropout, prepare=prepare)
       t0 = time.perf_counter()
-      compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch, jax.random.key(0)).compile()
+      lowered = jax.jit(step, donate_argnums=(0,)).lower(state, batch, jax.random.key(0))
+      compiled = lowered.compile()
       mem = compiled.memory_analysis()
       row = {"batch": b, "remat": policy, "compile_s": time.perf_counter() - t0,
              "temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
-             "output_bytes": int(mem.output_size_in_bytes)}
+             "output_bytes": int(mem.output_size_in_bytes),
+             "residual_bytes": residual_bytes(denoiser, params, batch["image"], batch["condition"]),
+             "convolutions_lowered": lowered.as_text().count("stablehlo.convolution"),
+             "convolutions_compiled": compiled.as_text().count("convolution("),
+             **recompute_schedule(compiled.as_text())}
       rows.append(row)
       print(f"batch {b:3d}  remat {policy:18s} temporaries {row['temp_bytes'] / 2**20:8.1f} MiB  arguments "
-            f"{row['argument_bytes'] / 2**20:7.1f} MiB  compile {row['compile_s']:.1f} s", flush=True)
+            f"{row['argument_bytes'] / 2**20:7.1f} MiB  residuals {row['residual_bytes'] / 2**20:7.1f} MiB  "
+            f"convolutions {row['convolutions_lowered']} lowered, {row['convolutions_compiled']} compiled, "
+            f"{row['recomputed_before_backward']} of {row['recomputed_convolutions']} recomputed before the "
+            f"backward pass  "
+            f"compile {row['compile_s']:.1f} s", flush=True)
       out["loadavg_end"] = list(os.getloadavg())
       with open(args.out, "w") as f:  # after every row: a long run keeps what it measured
         json.dump(out, f, indent=1)

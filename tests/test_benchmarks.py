@@ -82,6 +82,11 @@ def test_remat_memory_smoke(tmp_path):
   rows = json.loads((tmp_path / "remat.json").read_text())["rows"]
   assert {r["remat"] for r in rows} == {"none", "nothing_saveable"}
   assert all(r["temp_bytes"] > 0 and r["argument_bytes"] > 0 for r in rows)
+  plain, remat = sorted(rows, key=lambda r: r["remat"] != "none")
+  # the policy's own effect, whatever the backend does with it: fewer activations kept, convolutions recomputed
+  assert 0 < remat["residual_bytes"] < 0.5 * plain["residual_bytes"], rows
+  assert remat["convolutions_lowered"] > plain["convolutions_lowered"], rows
+  assert remat["recomputed_convolutions"] > 0 == plain["recomputed_convolutions"], rows  # found in the schedule
 
 
 @pytest.mark.slow

@@ -128,6 +128,14 @@ def test_attention_choice_by_backend_and_bad_names():
     models.with_remat(_tiny_model(), "dots")
 
 
+def test_remat_on_the_cpu_backend_warns_that_it_saves_no_memory(caplog):
+  with caplog.at_level("WARNING", logger="solidmark_jax.models.unet"):
+    models.with_remat(_tiny_model(), "none")
+    assert not caplog.records
+    models.with_remat(_tiny_model(), "nothing_saveable")
+  assert len(caplog.records) == 1 and "recomputes without saving memory" in caplog.records[0].getMessage()
+
+
 @pytest.mark.parametrize("context_len", [None, 7])
 def test_dot_product_attention_equals_diffusers(context_len):
   rng = np.random.default_rng(3)

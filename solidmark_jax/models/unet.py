@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -45,6 +46,8 @@ from solidmark_jax.models import weights
 from solidmark_jax.models._diffusers import FlaxUNet2DConditionModel
 from solidmark_jax.models.fast_layers import ATTENTION, REMAT, fast_layers
 from solidmark_jax.models.weights import pipeline_folder
+
+log = logging.getLogger(__name__)
 
 CONDITIONS = ("class", "image", "text", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype: the compute dtype
@@ -167,6 +170,9 @@ def with_remat(model: "ConditionedUNet", remat: str) -> "ConditionedUNet":
   """
   if remat not in REMAT:
     raise ValueError(f"train.remat must be one of {REMAT}, got {remat!r}")
+  if remat != "none" and jax.default_backend() == "cpu":
+    log.warning("train.remat=%r on the CPU backend recomputes without saving memory: XLA:CPU schedules the "
+                "recomputed blocks in the forward pass (docs/performance.md, \"Rematerialisation\")", remat)
   return model.clone(remat=remat)
 
 
