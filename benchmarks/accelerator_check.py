@@ -15,11 +15,14 @@ Measures, on the first device JAX sees (meant for one GPU; budget: under 6 minut
    the best reported;
 4. the same work in PyTorch diffusers (`UNet2DConditionModel`, `AutoencoderKL`, fp32 and bf16
    autocast training with fp32 weights; the outpainting loop with the same UNet and VAE calls),
-   where torch is installed.
+   where torch is installed;
+5. memory, from compilation alone (nothing more runs): the bf16 train step's compiled temporaries at
+   two batches, so per image, and the largest batch that fits the device's memory; the same step under
+   `train.remat` "nothing_saveable"; the largest outpainting batch from the peaks of section 3.
 
 Weights are random (speed does not depend on them). Sections that would start after `--budget-s`
-are skipped and recorded as such. Writes one JSON (default benchmarks/results/accelerator_check.json)
-and prints a table.
+are skipped and recorded as such. The JSON (default benchmarks/results/accelerator_check.json) is
+written after every section, so a run cut off keeps what it measured; a table is printed at the end.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from bench_remat import SMOKE as SMOKE_UNET_SHAPE, model_config  # noqa: E402  p
 from sd21_flops import SD21_VAE, SMOKE_VAE  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-SECTIONS = ("matmul", "train", "outpaint")
+SECTIONS = ("matmul", "train", "outpaint", "memory")
 
 
 def parse_args(argv=None):
@@ -136,6 +139,22 @@ def device_peak_bytes():
   return stats.get("peak_bytes_in_use")
 
 
+def device_limit_bytes():
+  """The memory the allocator may use on the first device (None where the backend does not say: CPU)."""
+  import jax
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def largest_batch(b1: int, bytes1: float, b2: int, bytes2: float, limit: float | None,
+                  fill: float = 0.9) -> int | None:
+  """The largest batch whose bytes fit `fill` of `limit`, on the line through (b1, bytes1), (b2, bytes2)."""
+  if not limit or b2 == b1 or bytes2 <= bytes1:
+    return None
+  per = (bytes2 - bytes1) / (b2 - b1)
+  return max(int((fill * limit - (bytes1 - per * b1)) // per), 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # JAX
 
@@ -152,7 +171,8 @@ def jax_matmul(n: int, repeats: int) -> dict:
   return out  # TFLOP/s
 
 
-def jax_train(sh: dict, dtype: str, batch: int, repeats: int, peak_tflops: float) -> dict:
+def train_setup(sh: dict, dtype: str, remat: str = "none"):
+  """(train step, optimizer, abstract parameters, condition width) of the SD-shaped UNet."""
   import jax
   import jax.numpy as jnp
   from solidmark_jax import models
@@ -166,14 +186,51 @@ def jax_train(sh: dict, dtype: str, batch: int, repeats: int, peak_tflops: float
   model = models.build(model_cfg, side, 4, 0)
   D = model.cross_attention_dim
   tx = make_optimizer(cfg.train)
-  params = random_params(models.abstract_params(model, side, 4))
+  abstract = models.abstract_params(model, side, 4)
+  null = jnp.zeros((L, D), jnp.float32)
+  step = make_train_step(models.as_denoiser(models.with_remat(model, remat)),
+                         make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps), tx,
+                         ema_decay=cfg.train.ema_decay, cond_dropout=cfg.train.cond_dropout,
+                         prepare=lambda frozen, b, r: (b["image"], b["condition"], null))
+  return step, tx, abstract, D
+
+
+def jax_train_memory(sh: dict, batches: list[int], remat: str = "none", dtype: str = "bfloat16") -> dict:
+  """Compiled memory of the train step at each batch (lowered from shapes: nothing is allocated or run)."""
+  import jax
+  import jax.numpy as jnp
+  from solidmark_jax.training.state import init_state
+
+  step, tx, abstract, D = train_setup(sh, dtype, remat)
+  state = jax.eval_shape(lambda p: init_state(p, tx), abstract)
+  side, L = sh["latent"], sh["tokens"]
+  rows = {}
+  for b in batches:
+    batch = {"image": jax.ShapeDtypeStruct((b, side, side, 4), jnp.float32),
+             "condition": jax.ShapeDtypeStruct((b, L, D), jnp.float32)}
+    t0 = time.perf_counter()
+    mem = jax.jit(step, donate_argnums=(0,)).lower(state, batch, jax.random.key(0)).compile().memory_analysis()
+    rows[b] = {"temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
+               "compile_s": time.perf_counter() - t0}
+  (b1, r1), (b2, r2) = sorted(rows.items())[0], sorted(rows.items())[-1]
+  limit = device_limit_bytes()
+  return {"dtype": dtype, "remat": remat, "batches": {str(b): r for b, r in rows.items()},
+          "temp_bytes_per_image": (r2["temp_bytes"] - r1["temp_bytes"]) / (b2 - b1) if b2 > b1 else None,
+          "device_limit_bytes": limit,
+          "largest_batch": largest_batch(b1, r1["temp_bytes"] + r1["argument_bytes"], b2,
+                                         r2["temp_bytes"] + r2["argument_bytes"], limit)}
+
+
+def jax_train(sh: dict, dtype: str, batch: int, repeats: int, peak_tflops: float) -> dict:
+  import jax
+  from solidmark_jax.training.state import init_state
+
+  side, L = sh["latent"], sh["tokens"]
+  step, tx, abstract, D = train_setup(sh, dtype)
+  params = random_params(abstract)
   n_params = sum(a.size for a in jax.tree.leaves(params))
   state = jax.jit(lambda p: init_state(p, tx))(params)
   del params
-  null = jnp.zeros((L, D), jnp.float32)
-  step = make_train_step(models.as_denoiser(model), make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps),
-                         tx, ema_decay=cfg.train.ema_decay, cond_dropout=cfg.train.cond_dropout,
-                         prepare=lambda frozen, b, r: (b["image"], b["condition"], null))
   key = jax.random.key(1)
   b = {"image": jax.random.normal(key, (batch, side, side, 4)), "condition": jax.random.normal(key, (batch, L, D))}
   t0 = time.perf_counter()
@@ -379,6 +436,13 @@ def main(argv=None):
     result["torch_device"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
   sec = result["sections"]
   sh = shapes(args.smoke)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+  def save():  # after every section: a run cut off keeps what it measured
+    result["elapsed_s"] = budget.elapsed()
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1, default=lambda o: float(o) if isinstance(o, np.floating) else str(o))
+
   print(f"backend {result['backend']} ({result['device']}), jax {jax.__version__}, python {result['python']}",
         flush=True)
 
@@ -386,33 +450,43 @@ def main(argv=None):
     sec["matmul_tflops"] = {"jax": jax_matmul(args.matmul, args.repeats)}
     if with_torch:
       sec["matmul_tflops"]["torch"] = torch_matmul(args.matmul, args.repeats, device)
+    save()
   peak = sec.get("matmul_tflops", {}).get("jax", {}).get("bfloat16", float("nan"))
   sec["train"] = {}
   for dtype in ("bfloat16", "float32") if "train" in args.sections else ():
     if budget.allows(f"train jax {dtype}"):
       sec["train"][f"jax_{dtype}"] = jax_train(sh, dtype, args.train_batch, args.repeats, peak)
+      save()
   sec["outpaint"] = {}
   for b in args.outpaint_batches if "outpaint" in args.sections else ():
     if budget.allows(f"outpaint jax batch {b}"):
       sec["outpaint"][f"jax_{b}"] = jax_outpaint(sh, b, args)
+      save()
   if with_torch:
     for dtype in ("bfloat16", "float32") if "train" in args.sections else ():
       if budget.allows(f"train torch {dtype}"):
         sec["train"][f"torch_{dtype}"] = torch_train(sh, dtype, args.train_batch, args.repeats, device)
+        save()
     for b in args.outpaint_batches if "outpaint" in args.sections else ():
       if budget.allows(f"outpaint torch batch {b}"):
         sec["outpaint"][f"torch_{b}"] = torch_outpaint(sh, b, args, device)
-  best = {}
+        save()
+  sec["outpaint_best"] = {}
   for fw in ("jax", "torch"):
     rows = [v for k, v in sec["outpaint"].items() if k.startswith(fw)]
     if rows:
-      best[fw] = max(rows, key=lambda r: r["keys_per_s"])
-  sec["outpaint_best"] = best
-  result["elapsed_s"] = budget.elapsed()
+      sec["outpaint_best"][fw] = best = max(rows, key=lambda r: r["keys_per_s"])
+      lo, hi = min(rows, key=lambda r: r["batch"]), max(rows, key=lambda r: r["batch"])
+      best["largest_batch"] = largest_batch(lo["batch"], lo["device_peak_bytes"] or 0, hi["batch"],
+                                            hi["device_peak_bytes"] or 0, device_limit_bytes())
+  sec["memory"] = {}
+  batches = [args.train_batch, 2 * args.train_batch]
+  for remat in ("none", "nothing_saveable") if "memory" in args.sections else ():
+    if budget.allows(f"memory train bf16 remat {remat}"):
+      sec["memory"][f"train_bfloat16_{remat}"] = jax_train_memory(sh, batches, remat)
+      save()
+  save()
   table(result)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1, default=lambda o: float(o) if isinstance(o, np.floating) else str(o))
   print(f"wrote {args.out} ({result['elapsed_s']:.0f} s)")
   return result
 
@@ -435,6 +509,10 @@ def table(result: dict) -> None:
   fmt = lambda r: f"{r['keys_per_s']:.2f} keys/s at batch {r['batch']}, peak {gib(r['device_peak_bytes'])} GiB" \
       if r else "skipped"
   print(f"| latent outpainting (bf16) | {fmt(best.get('jax'))} | {fmt(best.get('torch'))} |")
+  for name, m in sec.get("memory", {}).items():
+    per = m["temp_bytes_per_image"]
+    print(f"| {name}: compiled temporaries per image, largest batch | "
+          f"{'-' if per is None else f'{per / 2**20:.1f} MiB'}, {m['largest_batch'] or '-'} | |")
   if result["skipped"]:
     print(f"skipped (time budget): {result['skipped']}")
   if result["smoke"]:

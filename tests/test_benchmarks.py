@@ -68,10 +68,16 @@ def test_conv_grad_smoke(tmp_path):
     assert "XLA columns only" in out
 
 
-def test_conv_grad_backward_rate_is_null_where_the_gradient_call_is_not_slower():
-  spec = importlib.util.spec_from_file_location("bench_conv_grad", os.path.join(ROOT, "benchmarks", "bench_conv_grad.py"))
+def _load(script: str):
+  """benchmarks/<script> imported as a module."""
+  spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, "benchmarks", script))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def test_conv_grad_backward_rate_is_null_where_the_gradient_call_is_not_slower():
+  module = _load("bench_conv_grad.py")
   assert module.backward_gflops(3e9, 2.0, 0.5) == 2.0  # 3 GFLOP in the 1.5 s the backward half took
   assert module.backward_gflops(3e9, 0.5, 0.5) is None and module.backward_gflops(3e9, 0.4, 0.5) is None
 
@@ -102,3 +108,24 @@ def test_accelerator_check_smoke(tmp_path):
     assert train["torch_bfloat16"]["images_per_s"] > 0 and best["torch"]["keys_per_s"] > 0
   assert "| train step bfloat16 |" in out and not result["skipped"]
   assert "smoke mode: a 128^3 matmul" in out  # its MFU is labelled as meaningless
+  for remat in ("none", "nothing_saveable"):  # compiled at two batches: memory per image
+    memory = result["sections"]["memory"][f"train_bfloat16_{remat}"]
+    assert memory["temp_bytes_per_image"] > 0 and set(memory["batches"]) == {"2", "4"}
+    assert memory["largest_batch"] is None  # the CPU backend reports no memory limit to fit
+
+
+def test_a_cut_off_accelerator_check_keeps_what_it_measured(tmp_path):
+  """The JSON is written after every section, so a run stopped by its time limit keeps the rest."""
+  module = _load("accelerator_check.py")
+  assert module.largest_batch(16, 10e9, 32, 14e9, 80e9) == int((0.9 * 80e9 - 6e9) // 0.25e9)  # 264
+  assert module.largest_batch(16, 10e9, 16, 10e9, 80e9) is None and module.largest_batch(16, 1, 32, 2, None) is None
+  out = tmp_path / "acc.json"
+  real = module.jax_train_memory
+  module.jax_train_memory = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)  # killed in the last section
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      module.main(["--smoke", "--sections", "matmul", "memory", "--only", "jax", "--out", str(out)])
+  finally:
+    module.jax_train_memory = real
+  kept = json.loads(out.read_text())
+  assert kept["sections"]["matmul_tflops"]["jax"]["float32"] > 0 and "memory" not in kept["sections"]
