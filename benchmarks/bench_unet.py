@@ -508,10 +508,14 @@ def main(argv=None):
         + f"; ours {result['train']['jax_gflops']:.0f} GFLOP/s", flush=True)
   if args.trace:
     jax_step()  # compiled already: the trace holds one step's execution only
-    with jax.profiler.trace(args.trace):
+    with jax.profiler.trace(args.trace, create_perfetto_trace=True):
       jax_step()
     result["train"]["trace_dir"] = args.trace
-    print(f"wrote a jax.profiler trace of one train step to {args.trace}", flush=True)
+    result["train"]["trace_ops"] = trace_op_kinds(args.trace)
+    print(f"wrote a jax.profiler trace of one train step to {args.trace}; where its time went, by XLA op kind:",
+          flush=True)
+    for row in result["train"]["trace_ops"][:12]:
+      print(f"  {row['op']:32s} {row['ms']:9.2f} ms  {100 * row['share']:5.1f}%  ({row['count']} ops)")
   if args.profile:
     result["train_phases"] = profile_train_step(
         model, sched, params, images, labels, mesh, args.repeats,
@@ -541,6 +545,33 @@ def main(argv=None):
   name = args.name or f"{config_name}_{len(jax.devices())}dev"
   _write(args.out_dir, name, result)
   return result
+
+
+def trace_op_kinds(trace_dir: str) -> list[dict]:
+  """The XLA ops of a jax.profiler trace (its Perfetto JSON), their time summed by kind ("fusion.12" and
+  "fusion.3" are one kind), largest first: [{"op", "ms", "share", "count"}]. Times of ops that ran on
+  several devices or threads at once add up, so a share is of the ops' summed time, not of the wall; a
+  collective's time includes waiting for the other devices."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+  if not paths:
+    return []
+  with gzip.open(paths[-1], "rt") as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    op = (e.get("args") or {}).get("hlo_op")  # XLA's executor marks its ops; Python and runtime events lack it
+    if e.get("ph") == "X" and op:
+      kind = re.sub(r"\.\d+$", "", op)
+      total[kind] += e.get("dur", 0) / 1e3
+      count[kind] += 1
+  whole = sum(total.values()) or 1.0
+  return [{"op": k, "ms": v, "share": v / whole, "count": count[k]} for k, v in total.most_common()]
 
 
 def profile_train_step(model, sched, params, images, labels, mesh, repeats, peer=None) -> dict:
