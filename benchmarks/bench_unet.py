@@ -488,7 +488,8 @@ def main(argv=None):
   labels = rs.randint(0, max(num_cond, 1), tb).astype(np.int32)
   batch = parallel.global_batch(mesh, {"image": images, "condition": labels})
   frozen = {}  # pixel models with condition ids have no frozen parameters
-  train_flops = flops_of(step.lower(state, batch, jax.random.key(2), frozen).compile())
+  train_compiled = step.lower(state, batch, jax.random.key(2), frozen).compile()
+  train_flops = flops_of(train_compiled)
   holder = {"state": state}
 
   def jax_step():
@@ -512,10 +513,14 @@ def main(argv=None):
       jax_step()
     result["train"]["trace_dir"] = args.trace
     result["train"]["trace_ops"] = trace_op_kinds(args.trace)
+    result["train"]["trace_sources"] = trace_op_kinds(args.trace, train_compiled.as_text())
     print(f"wrote a jax.profiler trace of one train step to {args.trace}; where its time went, by XLA op kind:",
           flush=True)
     for row in result["train"]["trace_ops"][:12]:
       print(f"  {row['op']:32s} {row['ms']:9.2f} ms  {100 * row['share']:5.1f}%  ({row['count']} ops)")
+    print("by the JAX operation each op computes (its root's), forward / backward (transposed) / update:")
+    for row in result["train"]["trace_sources"][:16]:
+      print(f"  {row['op']:48s} {row['ms']:9.2f} ms  {100 * row['share']:5.1f}%  ({row['count']} ops)")
   if args.profile:
     result["train_phases"] = profile_train_step(
         model, sched, params, images, labels, mesh, args.repeats,
@@ -547,11 +552,18 @@ def main(argv=None):
   return result
 
 
-def trace_op_kinds(trace_dir: str) -> list[dict]:
+def trace_op_kinds(trace_dir: str, hlo_text: str | None = None) -> list[dict]:
   """The XLA ops of a jax.profiler trace (its Perfetto JSON), their time summed by kind ("fusion.12" and
   "fusion.3" are one kind), largest first: [{"op", "ms", "share", "count"}]. Times of ops that ran on
   several devices or threads at once add up, so a share is of the ops' summed time, not of the wall; a
-  collective's time includes waiting for the other devices."""
+  collective's time includes waiting for the other devices.
+
+  With `hlo_text` (the compiled program the trace ran), ops are summed by the JAX operation their
+  metadata names instead ("backward conv_general_dilated": a fusion whose root is a convolution of the
+  transposed, i.e. backward, pass; "forward", "update" for the optimizer's work after the gradient), and
+  ops without one by kind ("(no source) ynn_fusion": on XLA:CPU, among others the convolutions that give
+  the kernels' gradients).
+  """
   import collections  # pylint: disable=g-import-not-at-top
   import glob  # pylint: disable=g-import-not-at-top
   import gzip  # pylint: disable=g-import-not-at-top
@@ -563,11 +575,19 @@ def trace_op_kinds(trace_dir: str) -> list[dict]:
   with gzip.open(paths[-1], "rt") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
+  source = {}
+  if hlo_text is not None:
+    for name, op_name in re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*op_name="([^"]*)"', hlo_text, re.M):
+      primitive = re.sub(r"\[.*$", "", op_name.rsplit("/", 1)[-1])
+      phase = ("backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update")
+      source[name] = f"{phase} {primitive}"
   total, count = collections.Counter(), collections.Counter()
   for e in events:
     op = (e.get("args") or {}).get("hlo_op")  # XLA's executor marks its ops; Python and runtime events lack it
     if e.get("ph") == "X" and op:
       kind = re.sub(r"\.\d+$", "", op)
+      if hlo_text is not None:  # ops XLA made without a source (layout copies, some fusions) by their kind
+        kind = source.get(op, f"(no source) {kind}")
       total[kind] += e.get("dur", 0) / 1e3
       count[kind] += 1
   whole = sum(total.values()) or 1.0
