@@ -41,6 +41,8 @@ def test_bench_unet_smoke(tmp_path):
   assert any(files for _, _, files in os.walk(tmp_path / "trace"))  # the profiler wrote a trace
   ops = result["train"]["trace_ops"]  # the trace's XLA ops, summed by kind
   assert ops and abs(sum(r["share"] for r in ops) - 1.0) < 1e-6 and all(r["ms"] > 0 for r in ops)
+  sources = {r["op"] for r in result["train"]["trace_sources"]}  # the same ops by the JAX operation they compute
+  assert {"forward conv_general_dilated", "backward conv_general_dilated"} <= sources, sources
   if HAS_TORCH:
     assert result["with_torch"] and result["equality"]["max_abs_diff_eps"] < 1e-3
     assert "torch" in result["train"]["images_per_s"]
