@@ -162,8 +162,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.9995
   c.train.cond_dropout = 0.1  # null condition rate, for classifier-free guidance
   # Rematerialisation of the UNet's down / up blocks in the backward pass: "none" or a
-  # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...; models/fast_layers.REMAT). For GPU and
-  # TPU: XLA:CPU schedules the recomputation in the forward pass, so on a CPU it saves no memory (docs/performance.md)
+  # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...; models/fast_layers.REMAT). Meant for GPU
+  # and TPU: XLA:CPU schedules the recomputation in the forward pass, so on a CPU it saves no memory (docs/performance.md)
   c.train.remat = "none"
   c.train.log_every = 50
   c.train.checkpoint_every = 500
