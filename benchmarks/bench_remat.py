@@ -56,11 +56,17 @@ def model_config(shape: dict):
   return cfg, ml_collections.ConfigDict(model)
 
 
+def op_names(hlo_text: str) -> dict[str, str]:
+  """The JAX op name (metadata op_name) of each HLO instruction that has one, in the text's order: a
+  fusion carries its root's."""
+  return dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*op_name="([^"]*)"', hlo_text, re.M))
+
+
 def recompute_schedule(compiled_text: str) -> dict:
   """Where XLA placed the recomputation: of the convolutions JAX marks as recomputed
   ("rematted_computation" in their op name), how many run before the first backward convolution."""
   entry = compiled_text[compiled_text.index("ENTRY"):]  # its instructions in the order they run
-  names = [n for n in re.findall(r'op_name="([^"]*)"', entry) if "conv_general_dilated" in n]  # incl. fusions
+  names = [n for n in op_names(entry).values() if "conv_general_dilated" in n]  # incl. fusions
   recomputed = [i for i, n in enumerate(names) if "rematted_computation" in n]
   backward = [i for i, n in enumerate(names) if "transpose(" in n and "rematted_computation" not in n]
   first = backward[0] if backward else len(names)
@@ -135,14 +141,13 @@ def main(argv=None):
       t0 = time.perf_counter()
       lowered = jax.jit(step, donate_argnums=(0,)).lower(state, batch, jax.random.key(0))
       compiled = lowered.compile()
-      mem = compiled.memory_analysis()
+      mem, text = compiled.memory_analysis(), compiled.as_text()
       row = {"batch": b, "remat": policy, "compile_s": time.perf_counter() - t0,
              "temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
              "output_bytes": int(mem.output_size_in_bytes),
              "residual_bytes": residual_bytes(denoiser, params, batch["image"], batch["condition"]),
              "convolutions_lowered": lowered.as_text().count("stablehlo.convolution"),
-             "convolutions_compiled": compiled.as_text().count("convolution("),
-             **recompute_schedule(compiled.as_text())}
+             "convolutions_compiled": text.count("convolution("), **recompute_schedule(text)}
       rows.append(row)
       print(f"batch {b:3d}  remat {policy:18s} temporaries {row['temp_bytes'] / 2**20:8.1f} MiB  arguments "
             f"{row['argument_bytes'] / 2**20:7.1f} MiB  residuals {row['residual_bytes'] / 2**20:7.1f} MiB  "

@@ -512,8 +512,8 @@ def main(argv=None):
     with jax.profiler.trace(args.trace, create_perfetto_trace=True):
       jax_step()
     result["train"]["trace_dir"] = args.trace
-    result["train"]["trace_ops"] = trace_op_kinds(args.trace)
-    result["train"]["trace_sources"] = trace_op_kinds(args.trace, train_compiled.as_text())
+    times = trace_op_times(args.trace, train_compiled.as_text())
+    result["train"]["trace_ops"], result["train"]["trace_sources"] = times["by_kind"], times["by_source"]
     print(f"wrote a jax.profiler trace of one train step to {args.trace}; where its time went, by XLA op kind:",
           flush=True)
     for row in result["train"]["trace_ops"][:12]:
@@ -552,46 +552,50 @@ def main(argv=None):
   return result
 
 
-def trace_op_kinds(trace_dir: str, hlo_text: str | None = None) -> list[dict]:
-  """The XLA ops of a jax.profiler trace (its Perfetto JSON), their time summed by kind ("fusion.12" and
-  "fusion.3" are one kind), largest first: [{"op", "ms", "share", "count"}]. Times of ops that ran on
-  several devices or threads at once add up, so a share is of the ops' summed time, not of the wall; a
-  collective's time includes waiting for the other devices.
+def trace_op_times(trace_dir: str, hlo_text: str) -> dict[str, list[dict]]:
+  """The XLA ops of a jax.profiler trace (its Perfetto JSON), their time summed two ways, largest first,
+  as [{"op", "ms", "share", "count"}]. Times of ops that ran on several devices or threads at once add
+  up, so a share is of the ops' summed time, not of the wall; a collective's time includes waiting for
+  the other devices.
 
-  With `hlo_text` (the compiled program the trace ran), ops are summed by the JAX operation their
-  metadata names instead ("backward conv_general_dilated": a fusion whose root is a convolution of the
-  transposed, i.e. backward, pass; "forward", "update" for the optimizer's work after the gradient), and
-  ops without one by kind ("(no source) ynn_fusion": on XLA:CPU, among others the convolutions that give
-  the kernels' gradients).
+  "by_kind": by op kind ("fusion.12" and "fusion.3" are one kind). "by_source": by the JAX operation
+  their metadata in `hlo_text` (the compiled program the trace ran) names ("backward
+  conv_general_dilated": a fusion whose root is a convolution of the transposed, i.e. backward, pass;
+  "forward", "update" for the optimizer's work after the gradient), and ops without one by kind ("(no
+  source) ynn_fusion": on XLA:CPU, among others the convolutions that give the kernels' gradients).
   """
   import collections  # pylint: disable=g-import-not-at-top
   import glob  # pylint: disable=g-import-not-at-top
   import gzip  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
+  from bench_remat import op_names  # pylint: disable=g-import-not-at-top
 
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
   if not paths:
-    return []
+    return {"by_kind": [], "by_source": []}
   with gzip.open(paths[-1], "rt") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
   source = {}
-  if hlo_text is not None:
-    for name, op_name in re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*op_name="([^"]*)"', hlo_text, re.M):
-      primitive = re.sub(r"\[.*$", "", op_name.rsplit("/", 1)[-1])
-      phase = ("backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update")
-      source[name] = f"{phase} {primitive}"
-  total, count = collections.Counter(), collections.Counter()
+  for name, op_name in op_names(hlo_text).items():
+    primitive = re.sub(r"\[.*$", "", op_name.rsplit("/", 1)[-1])
+    phase = ("backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update")
+    source[name] = f"{phase} {primitive}"
+  totals = {"by_kind": collections.Counter(), "by_source": collections.Counter()}
+  counts = {"by_kind": collections.Counter(), "by_source": collections.Counter()}
   for e in events:
     op = (e.get("args") or {}).get("hlo_op")  # XLA's executor marks its ops; Python and runtime events lack it
     if e.get("ph") == "X" and op:
       kind = re.sub(r"\.\d+$", "", op)
-      if hlo_text is not None:  # ops XLA made without a source (layout copies, some fusions) by their kind
-        kind = source.get(op, f"(no source) {kind}")
-      total[kind] += e.get("dur", 0) / 1e3
-      count[kind] += 1
-  whole = sum(total.values()) or 1.0
-  return [{"op": k, "ms": v, "share": v / whole, "count": count[k]} for k, v in total.most_common()]
+      # ops XLA made without a source (layout copies, some fusions) by their kind
+      for way, key in (("by_kind", kind), ("by_source", source.get(op, f"(no source) {kind}"))):
+        totals[way][key] += e.get("dur", 0) / 1e3
+        counts[way][key] += 1
+  out = {}
+  for way, total in totals.items():
+    whole = sum(total.values()) or 1.0
+    out[way] = [{"op": k, "ms": v, "share": v / whole, "count": counts[way][k]} for k, v in total.most_common()]
+  return out
 
 
 def profile_train_step(model, sched, params, images, labels, mesh, repeats, peer=None) -> dict:
