@@ -60,9 +60,11 @@ def parse_args(argv=None):
   p.add_argument("--only", choices=("all", "jax"), default="all", help="'jax' skips PyTorch")
   p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                  help="what to measure (default: everything; e.g. a rerun of what the budget skipped)")
-  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accelerator_check.json"))
+  p.add_argument("--out", help="JSON output (default: benchmarks/results/accelerator_check.json; "
+                 "with --smoke, benchmarks/results/smoke/, git-ignored)")
   p.add_argument("--smoke", action="store_true", help="a tiny SD-shaped model, batch 2, one repeat (any CPU)")
   args = p.parse_args(argv)
+  args.out = args.out or os.path.join(ROOT, "benchmarks", "results", *["smoke"] * args.smoke, "accelerator_check.json")
   if args.smoke:
     args.train_batch, args.outpaint_batches, args.outpaint_steps, args.remask_every = 2, [2], 2, 1
     args.repeats, args.matmul = 1, 128

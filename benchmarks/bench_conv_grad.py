@@ -47,9 +47,12 @@ def _fmt(gflops: float | None) -> str:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "conv_grad.json"))
+  p.add_argument("--out", help="JSON output (default: benchmarks/results/conv_grad.json; "
+                 "with --smoke, benchmarks/results/smoke/, git-ignored)")
   p.add_argument("--smoke", action="store_true", help="one small shape, one repeat (checks the script)")
   args = p.parse_args(argv)
+  results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  args.out = args.out or os.path.join(results, *["smoke"] * args.smoke, "conv_grad.json")
   shapes, repeats = ([(2, 8, 8, 8)], 1) if args.smoke else (SHAPES, REPEATS)
   torch = None
   if importlib.util.find_spec("torch") is not None:

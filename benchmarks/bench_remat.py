@@ -95,9 +95,11 @@ def main(argv=None):
   p.add_argument("--policies", nargs="+", default=["none", "dots_saveable", "nothing_saveable"])
   p.add_argument("--batches", type=int, nargs="+", default=[4])
   p.add_argument("--dtype", default="float32", help="model.dtype of the UNet")
-  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "remat_memory.json"))
+  p.add_argument("--out", help="JSON output (default: benchmarks/results/remat_memory.json; "
+                 "with --smoke, benchmarks/results/smoke/, git-ignored)")
   p.add_argument("--smoke", action="store_true", help="a 1-level UNet at 8 x 8, batch 1, two policies")
   args = p.parse_args(argv)
+  args.out = args.out or os.path.join(ROOT, "benchmarks", "results", *["smoke"] * args.smoke, "remat_memory.json")
   os.environ.setdefault("USE_TF", "0")
   shape = SMOKE if args.smoke else REDUCED
   if args.smoke:

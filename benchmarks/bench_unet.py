@@ -72,7 +72,8 @@ def parse_args(argv=None):
   p.add_argument("--sweep", default=None,
                  help="comma-separated outpainting batch sizes: throughput and compiled memory of ours only")
   p.add_argument("--name", default=None, help="results/<name>.json (default: <config>_<devices>dev[_sweep])")
-  p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+  p.add_argument("--out-dir",
+                 help="default: benchmarks/results; with --smoke, benchmarks/results/smoke (git-ignored)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="model.dtype of our UNet (compute dtype; the PyTorch peer stays fp32)")
   p.add_argument("--profile", action="store_true",
@@ -89,6 +90,7 @@ def parse_args(argv=None):
     args.devices = min(args.devices or 2, 2)
     args.profile = True
     args.name = args.name or "smoke"
+  args.out_dir = args.out_dir or os.path.join(ROOT, "benchmarks", "results", *["smoke"] * args.smoke)
   return args
 
 

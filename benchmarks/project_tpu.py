@@ -43,9 +43,11 @@ def main(argv=None):
   p.add_argument("--mfu", type=float, nargs="+", default=[0.3, 0.45, 0.6])
   p.add_argument("--chips", type=int, nargs="+", default=[1, 32, 256])
   p.add_argument("--keys", type=int, default=10_000, help="evaluation size for the time column (paper: 5k-10k)")
-  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "tpu_projection.json"))
+  p.add_argument("--out", help="JSON output (default: benchmarks/results/tpu_projection.json; "
+                 "with --smoke, benchmarks/results/smoke/, git-ignored)")
   p.add_argument("--smoke", action="store_true", help="one chip count at one MFU (checks the script)")
   args = p.parse_args(argv)
+  args.out = args.out or os.path.join(ROOT, "benchmarks", "results", *["smoke"] * args.smoke, "tpu_projection.json")
   if args.smoke:
     args.mfu, args.chips = [0.45], [1]
   with open(args.flops) as f:

@@ -52,9 +52,11 @@ SMOKE_TOKENS = 8
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--latent", type=int, nargs="+", default=[64, 96], help="latent sides (64: 512 px, 96: 768 px)")
-  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "sd21_flops.json"))
+  p.add_argument("--out", help="JSON output (default: benchmarks/results/sd21_flops.json; "
+                 "with --smoke, benchmarks/results/smoke/, git-ignored)")
   p.add_argument("--smoke", action="store_true", help="a reduced UNet and VAE at an 8 x 8 latent (checks the script)")
   args = p.parse_args(argv)
+  args.out = args.out or os.path.join(ROOT, "benchmarks", "results", *["smoke"] * args.smoke, "sd21_flops.json")
   unet_cfg, vae_cfg, tokens = SD21_UNET, SD21_VAE, TEXT_TOKENS
   if args.smoke:
     unet_cfg, vae_cfg, tokens, args.latent = SMOKE_UNET, SMOKE_VAE, SMOKE_TOKENS, [8]

@@ -60,6 +60,21 @@ def test_flops_and_projection_smoke(tmp_path):
   assert rows and all(r["keys_per_s"][0] > 0 for r in rows)
 
 
+def test_a_smoke_run_leaves_the_recorded_results_alone():
+  """Without --out a smoke run writes under benchmarks/results/smoke/ (git-ignored), not over the file a
+  full run recorded (here the committed projection, which it would otherwise replace with one row)."""
+  recorded = os.path.join(ROOT, "benchmarks", "results", "tpu_projection.json")
+  with open(recorded) as f:
+    before = f.read()
+  out = run("project_tpu.py")
+  smoke = os.path.join(ROOT, "benchmarks", "results", "smoke", "tpu_projection.json")
+  assert f"wrote {smoke}" in out
+  with open(recorded) as f:
+    assert f.read() == before
+  with open(smoke) as f:
+    assert len(json.load(f)["rows"]) < len(json.loads(before)["rows"])
+
+
 @pytest.mark.slow
 def test_conv_grad_smoke(tmp_path):
   out = run("bench_conv_grad.py", "--out", str(tmp_path / "conv.json"))
