@@ -317,9 +317,11 @@ def test_rt_sweeps_use_the_configured_probability():
 
 
 def _text_config(fashion_dir, settings, **extra):
+  # DoRI: 2 draws per step, not the paper's 8 (the draws' effect is tested in test_dori; here the sweep's
+  # plumbing, 45 s less of it)
   c = _config(fashion_dir, **{"sweep__name": "", "sweep__values": (), "sweep__kind": "pruning",
                               "sweep__settings": settings, "eval__repeats": 1, "eval__dori__steps": 3,
-                              "eval__dori__learning_rate": 0.05, **extra})
+                              "eval__dori__draws": 2, "eval__dori__learning_rate": 0.05, **extra})
   c.update_from_flattened_dict({
       "data.name": "captioned_fashion_mnist", "data.train_split": "train[:32]", "data.eval_split": "test[:16]",
       "model.condition": "text", "text.hidden_size": 32, "text.num_layers": 1, "text.num_heads": 2,
@@ -381,7 +383,7 @@ def test_pruning_sweep_prunes_each_setting_and_reports_its_loss(pruning_sweep):
       _rows(os.path.join(root, "wanda_0.5+gni_0.5", "results.jsonl"))).select("members").k_pred
   assert np.max(np.abs(k["wanda_0.5+gni_0.5"] - k["wanda_0.5"])) > 1e-6
   text = open(os.path.join(workdir, "sweeps", "prune", "table.md")).read()
-  assert "Searches (docs/dori.md)" in text and "| wanda_0.5+dori | DoRI, 3 steps x 8 draws" in text
+  assert "Searches (docs/dori.md)" in text and "| wanda_0.5+dori | DoRI, 3 steps x 2 draws" in text
   assert "Mitigated models" in text and f"| wanda_0.5 | {wanda['pruned']} of {wanda['of']} weights pruned |" in text
   # a re-run reads the finished settings back, pruning records and losses included
   again = json.load(open(os.path.join(sweeps.run_sweep(config, workdir, name="prune"), "sweep.json")))
