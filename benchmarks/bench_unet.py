@@ -588,10 +588,10 @@ def trace_op_times(trace_dir: str, hlo_text: str) -> dict[str, list[dict]]:
   for e in events:
     op = (e.get("args") or {}).get("hlo_op")  # XLA's executor marks its ops; Python and runtime events lack it
     if e.get("ph") == "X" and op:
-      kind = re.sub(r"\.\d+$", "", op)
+      kind, ms = re.sub(r"\.\d+$", "", op), e.get("dur", 0) / 1e3
       # ops XLA made without a source (layout copies, some fusions) by their kind
       for way, key in (("by_kind", kind), ("by_source", source.get(op, f"(no source) {kind}"))):
-        totals[way][key] += e.get("dur", 0) / 1e3
+        totals[way][key] += ms
         counts[way][key] += 1
   out = {}
   for way, total in totals.items():
