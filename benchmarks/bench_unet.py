@@ -554,6 +554,9 @@ def main(argv=None):
   return result
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
 def trace_op_times(trace_dir: str, hlo_text: str) -> dict[str, list[dict]]:
   """The XLA ops of a jax.profiler trace (its Perfetto JSON), their time summed two ways, largest first,
   as [{"op", "ms", "share", "count"}]. Times of ops that ran on several devices or threads at once add
@@ -563,8 +566,9 @@ def trace_op_times(trace_dir: str, hlo_text: str) -> dict[str, list[dict]]:
   "by_kind": by op kind ("fusion.12" and "fusion.3" are one kind). "by_source": by the JAX operation
   their metadata in `hlo_text` (the compiled program the trace ran) names ("backward
   conv_general_dilated": a fusion whose root is a convolution of the transposed, i.e. backward, pass;
-  "forward", "update" for the optimizer's work after the gradient), and ops without one by kind ("(no
-  source) ynn_fusion": on XLA:CPU, among others the convolutions that give the kernels' gradients).
+  "forward", "update" for the optimizer's work after the gradient; a collective by its own kind, "backward
+  all-reduce"), and ops without one by kind ("(no source) ynn_fusion": on XLA:CPU, among others the
+  convolutions that give the kernels' gradients).
   """
   import collections  # pylint: disable=g-import-not-at-top
   import glob  # pylint: disable=g-import-not-at-top
@@ -580,7 +584,10 @@ def trace_op_times(trace_dir: str, hlo_text: str) -> dict[str, list[dict]]:
   events = data["traceEvents"] if isinstance(data, dict) else data
   source = {}
   for name, op_name in op_names(hlo_text).items():
-    primitive = re.sub(r"\[.*$", "", op_name.rsplit("/", 1)[-1])
+    # the name's last part, without its parameters ("[...]") or the scopes it closes ("reduce_sum)")
+    primitive = re.sub(r"[\[)].*$", "", op_name.rsplit("/", 1)[-1])
+    if name.startswith(COLLECTIVES):  # the gradients' all-reduce is named for the reduce_sum it implements
+      primitive = re.sub(r"\.\d+$", "", name)
     phase = ("backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update")
     source[name] = f"{phase} {primitive}"
   totals = {"by_kind": collections.Counter(), "by_source": collections.Counter()}

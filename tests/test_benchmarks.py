@@ -43,6 +43,7 @@ def test_bench_unet_smoke(tmp_path):
   assert ops and abs(sum(r["share"] for r in ops) - 1.0) < 1e-6 and all(r["ms"] > 0 for r in ops)
   sources = {r["op"] for r in result["train"]["trace_sources"]}  # the same ops by the JAX operation they compute
   assert {"forward conv_general_dilated", "backward conv_general_dilated"} <= sources, sources
+  assert "backward all-reduce" in sources and not any(s.endswith(")") for s in sources), sources  # 2 devices
   if HAS_TORCH:
     assert result["with_torch"] and result["equality"]["max_abs_diff_eps"] < 1e-3
     assert "torch" in result["train"]["images_per_s"]
